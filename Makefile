@@ -1,0 +1,29 @@
+# `make run` and `make test` set everything up on a fresh machine (a .venv from requirements.txt).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+RUN_ARGS ?= trainer.epochs=6 trainer.batch_size=64
+
+.PHONY: setup run test test-slow sweep clean
+
+$(VENV)/.installed: requirements.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup  ## the main job: fine-tune on the embedded default dataset, offline
+	$(PY) train.py $(RUN_ARGS)
+
+test: setup  ## the default (fast) test suite
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+sweep: setup  ## every method on the small model and embedded data
+	$(PY) train.py -m method=vanilla,wsi,asi,wasi $(RUN_ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,1 @@
+"""Everything Hydra-facing: builds model, data and method from a config, trains, measures, logs."""

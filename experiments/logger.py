@@ -1,0 +1,71 @@
+"""Weights & Biases logging (offline by default) and the run's results.json."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def write_results(path: Path, results: dict) -> None:
+    """One flat JSON object; written to a temp file first so a crash never leaves half a file."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in results.items()}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+class WandbLogger:
+    """Thin wrapper over one W&B run; `logger.mode=disabled` turns it into a no-op."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, config: dict):
+        self.run = None
+        if cfg.logger.mode == "disabled":
+            return
+        import wandb
+
+        settings = dict(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            tags=list(cfg.logger.tags),
+            dir=str(run_dir),
+            config=config,
+            name=f"{cfg.method.name}-{cfg.model.name}-{cfg.dataset.name}",
+            reinit="finish_previous",
+        )
+        try:
+            self.run = wandb.init(mode=cfg.logger.mode, **settings)
+        except Exception as err:  # no login, no network: keep the run, log offline
+            if cfg.logger.mode != "online":
+                raise
+            log.warning("W&B online init failed (%s); logging offline instead. Sync later with `wandb sync`.", err)
+            self.run = wandb.init(mode="offline", **settings)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def finish(self, results: dict) -> None:
+        if self.run is not None:
+            self.run.summary.update(results)
+            self.run.finish()
+
+
+def resolved_config(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
