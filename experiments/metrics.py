@@ -1,0 +1,305 @@
+"""Cost metrics of a model and of one training step: FLOPs, memory, time, parameter counts.
+
+Every number a run reports about cost comes from exactly one function here. A ``step_fn`` is a
+zero-argument callable that runs one full training step (forward, backward, optimizer step).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from wasi import factored_layers
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "inference_flops",
+    "train_step_flops",
+    "activation_bytes",
+    "weight_bytes",
+    "peak_bytes",
+    "median_time",
+    "count_parameters",
+]
+
+
+def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """fvcore handle for ``aten::scaled_dot_product_attention``: ``q kᵀ`` plus ``attn v``.
+
+    q: (..., N, D), k: (..., M, D), v: (..., M, Dv) -> ``prod(...)·N·M·(D + Dv)`` MACs.
+    """
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k, v = (get_shape(t) for t in inputs[:3])
+    return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def inference_flops(model: nn.Module, image_size: int, device: str | torch.device = "cpu") -> int:
+    """FLOPs of one eval-mode forward pass on one image ``(1, 3, image_size, image_size)``.
+
+    Counted with fvcore's ``FlopCountAnalysis``, which counts one fused multiply-add as one
+    flop (a linear ``(*, I) -> (*, O)`` is ``prod(*)·O·I``, bias not counted). We report
+    ``FLOPs = 2 × fvcore's count`` so the unit matches ``torch.utils.flop_counter`` (a
+    multiply-add is two FLOPs). Beyond fvcore's defaults, ``aten::scaled_dot_product_attention``
+    is counted as its two matmuls (timm's fused attention would otherwise be skipped).
+    Elementwise ops are not counted; operators fvcore skips are listed at debug level.
+    The model's train/eval mode is restored afterwards.
+    """
+    with warnings.catch_warnings():  # fvcore.nn's import scripts a loss with deprecated torch.jit.script
+        warnings.simplefilter("ignore", FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+
+    was_training = model.training
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    x = torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype)
+    try:
+        model.eval()
+        analysis = FlopCountAnalysis(model, (x,))
+        analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            macs = analysis.total()
+        skipped = analysis.unsupported_ops()
+        if skipped:
+            _logger.debug("fvcore skipped operators (not counted): %s", dict(skipped))
+    finally:
+        model.train(was_training)
+    return 2 * int(macs)
+
+
+def train_step_flops(step_fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``step_fn`` (forward + backward + optimizer step).
+
+    Counted by ``torch.utils.flop_counter.FlopCounterMode``: matmuls (``mm``, ``addmm``,
+    ``bmm``, ``baddbmm``), convolutions and attention kernels, forward and backward, with a
+    multiply-add as two FLOPs. It does not count elementwise ops (activations, norms, softmax,
+    the optimizer's updates), reductions, or decompositions such as QR/SVD/eigh, so the
+    subspace iterations of WSI/ASI contribute only their matmuls.
+    """
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step_fn()
+    return int(counter.get_total_flops())
+
+
+def _model_state_tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters (trainable or frozen) and buffers of ``model``."""
+    return [*model.parameters(), *model.buffers()]
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _unique_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Sum of ``untyped_storage().nbytes()`` over tensors, each storage counted once."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def activation_bytes(step_fn: Callable[[], Any], model: nn.Module | None = None) -> int:
+    """Bytes of the tensors autograd saves for backward during ``step_fn``.
+
+    Every tensor packed through ``torch.autograd.graph.saved_tensors_hooks`` (built-in ops and
+    custom ``autograd.Function``s alike) is mapped to its untyped storage; each storage is
+    counted once at its full ``nbytes`` (a ReLU output that the next linear saves again counts
+    once). Weights are not activations: a saved ``nn.Parameter``, or any saved tensor sharing
+    storage with a parameter or buffer of ``model`` (e.g. the ``Wᵀ`` view a linear saves), is
+    excluded. The counted storages are kept alive until ``step_fn`` returns so that a freed
+    address reused by a later allocation is not mistaken for the same storage.
+    """
+    excluded = {_storage_key(t) for t in _model_state_tensors(model)} if model is not None else set()
+    saved: dict[int, torch.UntypedStorage] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if not isinstance(t, nn.Parameter):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in excluded:
+                saved.setdefault(storage.data_ptr(), storage)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step_fn()
+    return sum(s.nbytes() for s in saved.values())
+
+
+def _factored_grads(model: nn.Module) -> list[torch.Tensor]:
+    """``(G, P)`` factors of ``∇W = G Pᵀ`` held by WSI/WASI layers after backward."""
+    return [t for _, layer in factored_layers(model) if layer.factored_grad is not None
+            for t in layer.factored_grad]
+
+
+def _optimizer_state_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    if optimizer is None:
+        return []
+    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+
+
+def weight_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """Bytes of trainable parameters, their ``.grad``, optimizer state and factored gradients.
+
+    Frozen parameters and buffers are not counted. Optimizer state is every tensor in
+    ``optimizer.state`` (e.g. SGD ``momentum_buffer``; AdamW ``exp_avg``, ``exp_avg_sq``,
+    ``step``). Factored gradients are the ``(G, P)`` of ``wasi.factored_layers(model)``.
+    Memory is counted per storage, each once at its full size, so a view costs what its storage
+    holds (e.g. a ``P`` that views the saved layer input) and an expanded tensor costs its storage.
+    """
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad for p in trainable if p.grad is not None]
+    tensors = [*trainable, *grads, *_optimizer_state_tensors(optimizer), *_factored_grads(model)]
+    return _unique_storage_bytes(tensors)
+
+
+class _LiveStorageTracker(TorchDispatchMode):
+    """Tracks live bytes of storages produced by dispatched ops; records their peak.
+
+    An op output is a new storage when its storage is neither among the op's inputs (views,
+    in-place and ``out=`` ops) nor already tracked. ``aten.lift_fresh`` outputs are new: they
+    wrap tensors built from Python data (``torch.tensor``) outside dispatch. A storage leaves
+    the count when it is freed (``weakref.finalize`` on the untyped storage).
+    """
+
+    def __init__(self, resident: Iterable[torch.Tensor]) -> None:
+        super().__init__()
+        self.live: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+        self._finalizers: list[weakref.finalize] = []
+        for t in resident:
+            self._track(t.untyped_storage())
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes == 0 or key in self.live:
+            return
+        self.live[key] = nbytes
+        self.current += nbytes
+        self.peak = max(self.peak, self.current)
+        self._finalizers.append(weakref.finalize(storage, self._release, key))
+
+    def _release(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def detach(self) -> None:
+        """Stop following storages still alive."""
+        for fin in self._finalizers:
+            fin.detach()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        fresh = func is torch.ops.aten.lift_fresh.default
+        inputs = set() if fresh else {_storage_key(t) for t in _dense_tensors((args, kwargs))}
+        for t in _dense_tensors(out):
+            if _storage_key(t) not in inputs:
+                self._track(t.untyped_storage())
+        return out
+
+
+def _dense_tensors(tree: Any) -> list[torch.Tensor]:
+    """Strided (storage-backed) tensors among the leaves of a pytree."""
+    return [t for t in tree_leaves(tree) if isinstance(t, torch.Tensor) and t.layout is torch.strided]
+
+
+def _resident_tensors(model: nn.Module | None, optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """Model parameters, buffers, ``.grad`` and factored gradients, and optimizer state."""
+    tensors = _optimizer_state_tensors(optimizer)
+    if model is not None:
+        tensors += _model_state_tensors(model)
+        tensors += [p.grad for p in model.parameters() if p.grad is not None]
+        tensors += _factored_grads(model)
+    return tensors
+
+
+def peak_bytes(
+    step_fn: Callable[[], Any],
+    device: str | torch.device,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> int:
+    """Peak bytes of memory in use during ``step_fn``, including what was resident before.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` (everything the
+    caching allocator has handed out, model, batch and workspaces included).
+
+    CPU has no allocator statistic, so live storages are followed instead: the count starts at
+    the bytes already resident (parameters, buffers, ``.grad`` and factored gradients of
+    ``model``, state of ``optimizer``, each storage once); a ``TorchDispatchMode`` adds every new
+    storage an op returns during ``step_fn`` (forward, backward and optimizer ops all pass the
+    dispatcher), a ``weakref.finalize`` on each storage (resident ones too, e.g. grads dropped
+    by ``zero_grad``) subtracts it when freed, and the maximum is returned. Views and in-place
+    results share a counted storage and add nothing. Limits: scratch buffers a kernel frees
+    before returning, storages made outside dispatch (``torch.from_numpy``, data loading) and
+    tensors alive before the call that are not model/optimizer state (e.g. a batch built
+    outside ``step_fn``) are not counted; allocator overhead and fragmentation are not modelled.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step_fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    tracker = _LiveStorageTracker(_resident_tensors(model, optimizer))
+    try:
+        with tracker:
+            step_fn()
+    finally:
+        tracker.detach()
+    return tracker.peak
+
+
+def median_time(
+    fn: Callable[[], Any],
+    warmup: int = 2,
+    repeats: int = 5,
+    device: str | torch.device = "cpu",
+    timer: Callable[[], float] = time.perf_counter,
+) -> float:
+    """Median wall-clock seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls.
+
+    On CUDA the device is synchronized before reading the clock, so queued kernels are timed.
+    """
+    device = torch.device(device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        fn()
+    durations = []
+    for _ in range(repeats):
+        sync()
+        start = timer()
+        fn()
+        sync()
+        durations.append(timer() - start)
+    return statistics.median(durations)
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """``{"total": all parameter elements, "trainable": those with requires_grad}``."""
+    params = list(model.parameters())
+    return {
+        "total": sum(p.numel() for p in params),
+        "trainable": sum(p.numel() for p in params if p.requires_grad),
+    }

@@ -1,0 +1,247 @@
+"""experiments.metrics against hand counts: analytic FLOPs, autograd's saved tensors, tensor sizes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from experiments import metrics
+
+from wasi import WSILinear
+
+F32 = 4  # bytes per float32 element
+
+
+def _mlp(i: int, h: int, o: int) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(i, h), nn.ReLU(), nn.Linear(h, o))
+
+
+def _param_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def _sgd_step(model: nn.Module, x: torch.Tensor, opt: torch.optim.Optimizer) -> Callable[[], None]:
+    def step() -> None:
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+
+    return step
+
+
+# ----------------------------------------------------------------------------- inference_flops
+
+
+class _TokensLinear(nn.Module):
+    """Image (1, 3, H, W) -> tokens (1, N, I) -> Linear(I, O); the reshape costs no flops."""
+
+    def __init__(self, n: int, i: int, o: int):
+        super().__init__()
+        self.n, self.i = n, i
+        self.fc = nn.Linear(i, o)  # bias on: fvcore does not count it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.reshape(1, self.n, self.i))
+
+
+def test_inference_flops_linear_is_two_n_o_i_without_bias():
+    n, i, o = 16, 12, 5  # 3 * 8 * 8 image elements = n * i
+    model = _TokensLinear(n, i, o)
+    assert metrics.inference_flops(model, 8) == 2 * n * o * i
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_inference_flops_restores_mode(training):
+    model = _TokensLinear(16, 12, 5).train(training)
+    metrics.inference_flops(model, 8)
+    assert all(m.training is training for m in model.modules())
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+def test_inference_flops_tiny_vit_matches_analytic_count(fused_attn):
+    dim, depth, heads, mlp, classes, img, patch = 192, 2, 3, 768, 10, 32, 8
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img, patch_size=patch,
+                              depth=depth, num_classes=classes)
+    for block in model.blocks:  # fused: aten::scaled_dot_product_attention; else q @ kᵀ, attn @ v
+        block.attn.fused_attn = fused_attn
+    patches = (img // patch) ** 2
+    tokens = patches + 1  # + class token
+    linears = depth * tokens * (dim * 3 * dim + dim * dim + dim * mlp + mlp * dim) + dim * classes
+    attention = depth * heads * tokens * tokens * 2 * (dim // heads)  # q kᵀ and attn v
+    patch_embed = patches * dim * 3 * patch * patch
+    layer_norms = (2 * depth + 1) * tokens * dim * 5  # fvcore: 5 per element for an affine norm
+    macs = linears + attention + patch_embed + layer_norms
+    assert metrics.inference_flops(model, img) == 2 * macs
+    assert linears > 0.9 * macs  # the linear layers dominate: the analytic part that matters
+
+
+# ----------------------------------------------------------------------------- train_step_flops
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+def test_train_step_flops_mlp_hand_count(input_grad):
+    b, i, h, o = 8, 6, 10, 4
+    model = _mlp(i, h, o)
+    x = torch.randn(b, i, requires_grad=input_grad)
+    step = _sgd_step(model, x, torch.optim.SGD(model.parameters(), lr=0.1))
+    forward = 2 * b * i * h + 2 * b * h * o
+    # backward: fc2 input grad + fc2 weight grad; fc1 weight grad, fc1 input grad only if x needs it
+    backward = 2 * b * h * o + 2 * b * h * o + 2 * b * i * h + (2 * b * i * h if input_grad else 0)
+    assert metrics.train_step_flops(step) == forward + backward
+
+
+def test_train_step_flops_skips_qr():
+    a = torch.randn(32, 8)
+    assert metrics.train_step_flops(lambda: torch.linalg.qr(a)) == 0
+
+
+# ----------------------------------------------------------------------------- activation_bytes
+
+
+def test_activation_bytes_mlp_hand_count():
+    b, i, h, o = 8, 6, 10, 4
+    model = _mlp(i, h, o)
+    x = torch.randn(b, i)
+    step = _sgd_step(model, x, torch.optim.SGD(model.parameters(), lr=0.1))
+    # autograd saves: x (fc1 weight grad), ReLU output (ReLU backward) and the same tensor again as
+    # fc2's input (fc2 weight grad), fc2.weightᵀ (fc2 input grad). x needs no grad, so fc1.weight
+    # is not saved. The ReLU output counts once; fc2.weightᵀ is a weight, not an activation.
+    assert metrics.activation_bytes(step, model) == F32 * (b * i + b * h)
+    # Without the model, the Wᵀ view (not an nn.Parameter instance) cannot be told apart.
+    assert metrics.activation_bytes(step) == F32 * (b * i + b * h + h * o)
+
+
+def test_activation_bytes_counts_shared_storage_once():
+    base = torch.randn(6, 5, requires_grad=True)
+
+    def step() -> None:
+        first, second = base[:2], base[2:]  # two views of one storage
+        (first * first).sum().backward()  # saves `first` twice
+        (first.sum(0) * second).sum().backward()  # saves views of base again, and first.sum(0)
+
+    assert metrics.activation_bytes(step) == F32 * (6 * 5 + 5)  # whole base storage once + the sum
+
+
+# ----------------------------------------------------------------------------- weight_bytes
+
+
+def _frozen_first_layer() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    return model
+
+
+TRAINABLE = 3 * 2 + 2  # second layer's weight and bias; the frozen first layer is excluded
+
+
+@pytest.mark.parametrize(
+    ("make_opt", "state_elements"),
+    [
+        (lambda p: torch.optim.SGD(p, lr=0.1), 0),
+        (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), TRAINABLE),  # momentum_buffer
+        (lambda p: torch.optim.AdamW(p, lr=0.1), 2 * TRAINABLE + 2),  # exp_avg, exp_avg_sq, step × 2
+    ],
+    ids=["sgd", "sgd_momentum", "adamw"],
+)
+def test_weight_bytes_hand_count(make_opt, state_elements):
+    model = _frozen_first_layer()
+    opt = make_opt([p for p in model.parameters() if p.requires_grad])
+    assert metrics.weight_bytes(model, opt) == F32 * TRAINABLE  # no grads, no state yet
+    _sgd_step(model, torch.randn(5, 4), opt)()
+    assert metrics.weight_bytes(model, opt) == F32 * (2 * TRAINABLE + state_elements)
+
+
+def test_weight_bytes_counts_wasi_factored_grads():
+    torch.manual_seed(0)
+    layer = WSILinear.from_linear(nn.Linear(8, 6), epsilon=0.9)
+    model = nn.Sequential(layer)
+    (model(torch.randn(2, 3, 8)) * torch.randn(2, 3, 6)).sum().backward()  # dense dy: (2, 3, 6)
+    g, p = layer.factored_grad
+    k, r = layer.rank, g.shape[1]
+    assert g.shape == (6, r) and p.shape == (8, r)
+    # L, R, bias, bias.grad, G, P; L.grad and R.grad stay empty in factored mode
+    expected = 6 * k + k * 8 + 6 + 6 + 6 * r + 8 * r
+    assert metrics.weight_bytes(model, None) == F32 * expected
+
+
+# ----------------------------------------------------------------------------- peak_bytes
+
+
+def test_peak_bytes_cpu_known_allocations():
+    mib = 2**20
+
+    def step() -> None:
+        four = torch.empty(mib)  # float32: 4 MiB
+        eight = torch.ones(2 * mib)  # 8 MiB
+        del four, eight  # 12 MiB live at once, then freed
+        torch.empty(mib)  # 4 MiB afterwards does not raise the peak
+
+    assert metrics.peak_bytes(step, "cpu") == 12 * mib
+    model = _mlp(6, 10, 4)
+    assert metrics.peak_bytes(step, "cpu", model) == _param_bytes(model) + 12 * mib
+
+
+def test_peak_bytes_cpu_counts_tensors_from_python_data():
+    assert metrics.peak_bytes(lambda: torch.tensor([0.5] * 256), "cpu") == 256 * F32
+
+
+def test_peak_bytes_cpu_sees_backward_and_freed_grads():
+    model = nn.Linear(512, 512)  # 1 MiB weight
+    weight = _param_bytes(model)
+    x = torch.randn(2, 512)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert metrics.peak_bytes(lambda: model(x).sum(), "cpu", model, opt) < 1.1 * weight  # forward only
+    step = _sgd_step(model, x, opt)  # zero_grad sets grads to None; backward allocates new ones
+    assert metrics.peak_bytes(step, "cpu", model, opt) >= 2 * weight  # backward's grads are seen
+    # Grads resident at start are freed by zero_grad before the new ones exist: no double count.
+    assert metrics.peak_bytes(step, "cpu", model, opt) < 2.1 * weight
+
+
+def test_peak_bytes_cpu_mlp_step_bounds():
+    b, i, h, o = 16, 32, 64, 8
+    model = _mlp(i, h, o)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step() -> None:  # grads kept between steps, batch made inside the step
+        opt.zero_grad(set_to_none=False)
+        model(torch.randn(b, i)).sum().backward()
+        opt.step()
+
+    step()
+    params = _param_bytes(model)
+    saved = F32 * (b * i + b * h)  # x and the ReLU output (see the activation_bytes hand count)
+    peak = metrics.peak_bytes(step, "cpu", model, opt)
+    assert 2 * params + saved <= peak <= 2 * params + 3 * (params + saved)
+    assert peak >= 2 * params + metrics.activation_bytes(step, model)
+
+
+# ----------------------------------------------------------------------------- median_time, counts
+
+
+def test_median_time_uses_recorded_durations():
+    durations = [5.0, 1.0, 3.0, 9.0, 2.0]
+    ticks = iter([t for d in durations for t in (100.0, 100.0 + d)])
+    calls = []
+    result = metrics.median_time(lambda: calls.append(1), warmup=2, repeats=5, timer=lambda: next(ticks))
+    assert result == 3.0
+    assert len(calls) == 7
+
+
+def test_median_time_real_clock_lower_bound():
+    assert metrics.median_time(lambda: time.sleep(0.002), warmup=0, repeats=3) >= 0.002
+
+
+def test_count_parameters_shared_and_frozen():
+    model = _frozen_first_layer()  # Linear(4, 3) frozen, Linear(3, 2) trainable
+    model.append(nn.Linear(2, 2))
+    model.append(nn.Linear(2, 2))
+    model[3].weight = model[2].weight  # tied: counted once
+    frozen, trainable = 4 * 3 + 3, (3 * 2 + 2) + (2 * 2 + 2) + 2
+    assert metrics.count_parameters(model) == {"total": frozen + trainable, "trainable": trainable}
