@@ -1,22 +1,32 @@
 """Fine-tuning methods as config-instantiated objects: `conf/method/<name>.yaml` names a class here.
 
-A method does two things to a freshly built model: `apply` (convert layers, freeze parameters,
-return a JSON-able summary) and `build_optimizer`. Adding a method is a new class and a YAML file.
+A method does three things to a freshly built model: `apply` (convert layers, freeze parameters,
+return a JSON-able summary; it may read calibration batches from the training loader),
+`build_optimizer`, and `inference_model` (what is deployed, e.g. LoRA merged). Adding a method
+is a new class and a YAML file.
 """
 from __future__ import annotations
 
+import copy
 import functools
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import wasi
+from wasi import svd_llm
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def first_batch(loader: Iterable[Batch], device: torch.device) -> Batch:
+    x, y = next(iter(loader))
+    return x.to(device), y.to(device)
 
 
 def freeze_except(model: nn.Module, trainable: list[str]) -> None:
@@ -33,13 +43,16 @@ class Vanilla:
     def __init__(self, name: str = "vanilla", targets: str = "mlp", last_n: int | None = None):
         self.name, self.targets, self.last_n = name, targets, last_n
 
-    def apply(self, model: nn.Module, calibration: Batch) -> dict:
+    def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
         if self.last_n is not None:
             freeze_except(model, wasi.find_targets(model, self.targets, self.last_n))
         return {}
 
     def build_optimizer(self, model: nn.Module, optimizer: functools.partial) -> torch.optim.Optimizer:
         return optimizer([p for p in model.parameters() if p.requires_grad])
+
+    def inference_model(self, model: nn.Module) -> nn.Module:
+        return model
 
 
 class Subspace(Vanilla):
@@ -81,9 +94,9 @@ class Subspace(Vanilla):
         )
         self.rank_table_path = Path(rank_table) if rank_table else None
 
-    def apply(self, model: nn.Module, calibration: Batch) -> dict:
+    def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
         table = self._cached_rank_table()
-        summary = wasi.inject(model, self.config, calibration=calibration, rank_table=table)
+        summary = wasi.inject(model, self.config, calibration=first_batch(loader, device), rank_table=table)
         if summary.rank_table is not None and table is None and self.rank_table_path is not None:
             self.rank_table_path.parent.mkdir(parents=True, exist_ok=True)
             self.rank_table_path.write_text(summary.rank_table.to_json())
@@ -107,3 +120,128 @@ class Subspace(Vanilla):
                 f"wasi-method.md section 2, so it needs optimizer=sgd (got {optimizer.func.__name__})."
             )
         return wasi.SubspaceSGD(model, **optimizer.keywords)
+
+
+class Lora(Vanilla):
+    """Hugging Face PEFT LoRA on the target linears (frozen dense W + rank-r adapters) and the head."""
+
+    def __init__(self, name: str = "lora", r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 targets: str = "mlp", last_n: int | None = None):
+        super().__init__(name, targets, last_n)
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+
+    def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
+        names = wasi.find_targets(model, self.targets, self.last_n)
+        self.add_adapters(model, names)
+        return {"lora/r": self.r, "lora/alpha": self.alpha, "lora/targets": names}
+
+    def add_adapters(self, model: nn.Module, names: list[str]) -> None:
+        """PEFT LoRA on the named linears, in place; only adapters and the head stay trainable."""
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=names)
+        inject_adapter_in_model(config, model)  # freezes everything but the adapters
+        for p in model.get_classifier().parameters():
+            p.requires_grad_(True)
+
+    def inference_model(self, model: nn.Module) -> nn.Module:
+        """A copy with every adapter merged into its dense weight (what one deploys)."""
+        from peft.tuners.lora import LoraLayer
+
+        merged = copy.deepcopy(model)
+        for module in merged.modules():
+            if isinstance(module, LoraLayer):
+                module.merge()
+        return merged
+
+
+def factor_linear(linear: nn.Linear, w_u: torch.Tensor, w_v: torch.Tensor) -> nn.Sequential:
+    """nn.Linear(I, O) -> Sequential(Linear(I, k, no bias) = W_v, Linear(k, O) = W_u, bias)."""
+    k = w_v.shape[0]
+    down = nn.Linear(linear.in_features, k, bias=False)
+    up = nn.Linear(k, linear.out_features, bias=linear.bias is not None)
+    with torch.no_grad():
+        down.weight.copy_(w_v)
+        up.weight.copy_(w_u)
+        if linear.bias is not None:
+            up.bias.copy_(linear.bias)
+    return nn.Sequential(down, up).to(linear.weight.device)
+
+
+class SvdLlm(Vanilla):
+    """SVD-LLM truncation-aware whitening init (wasi-method.md section 6), then fine-tuning.
+
+    Each target W becomes W_u W_v at rank k from the parameter ratio `ratio` or, if `ratio` is
+    null, from WASI's weight `epsilon` (equal size to WSI/WASI). `finetune`: "lora" (PEFT LoRA on
+    both factors, the paper's baseline) or "factors" (plain training of W_u, W_v). The whitening
+    matrices C are cached at `cache` (safetensors) per model, dataset and calibration size.
+    """
+
+    def __init__(self, name: str = "svd_llm", ratio: float | None = None, epsilon: float = 0.8,
+                 calib_samples: int = 256, finetune: str = "lora", r: int = 8, alpha: float = 16,
+                 targets: str = "mlp", last_n: int | None = None, cache: str | None = None):
+        super().__init__(name, targets, last_n)
+        if finetune not in ("lora", "factors"):
+            raise ValueError(f"method.finetune must be 'lora' or 'factors', got {finetune!r}")
+        if ratio is not None and not 0 < ratio <= 1:
+            raise ValueError(f"method.ratio must be in (0, 1] or null (rank from method.epsilon), got {ratio}")
+        self.ratio, self.epsilon, self.calib_samples, self.finetune = ratio, epsilon, calib_samples, finetune
+        self.lora = Lora(r=r, alpha=alpha)
+        self.cache = Path(cache) if cache else None
+
+    def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
+        names = wasi.find_targets(model, self.targets, self.last_n)
+        whitening = self._whitening(model, names, loader, device)
+        ranks = {}
+        for name in names:
+            linear = model.get_submodule(name)
+            w = linear.weight.detach()
+            o, i = w.shape
+            k = (svd_llm.rank_from_ratio(o, i, self.ratio) if self.ratio is not None
+                 else svd_llm.rank_from_epsilon(w, self.epsilon))
+            w_u, w_v = svd_llm.svd_llm_factors(w, whitening[name], k)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, factor_linear(linear, w_u, w_v))
+            ranks[name] = k
+        factors = [f"{name}.{j}" for name in names for j in (0, 1)]
+        if self.finetune == "lora":
+            self.lora.add_adapters(model, factors)
+        else:
+            freeze_except(model, factors)
+        return {"svd_llm/rank": ranks, "svd_llm/finetune": self.finetune}
+
+    def inference_model(self, model: nn.Module) -> nn.Module:
+        return self.lora.inference_model(model) if self.finetune == "lora" else model
+
+    @torch.no_grad()
+    def _whitening(self, model: nn.Module, names: list[str], loader: Iterable[Batch],
+                   device: torch.device) -> dict[str, torch.Tensor]:
+        """C per target layer from Σ xᵀx over `calib_samples` training images (cached on disk)."""
+        from safetensors.torch import load_file, save_file
+
+        if self.cache is not None and self.cache.is_file():
+            cached = load_file(str(self.cache))
+            if set(cached) == set(names):
+                log.info("reusing SVD-LLM whitening from %s", self.cache)
+                return cached
+        grams = {n: svd_llm.GramAccumulator(model.get_submodule(n).in_features, device) for n in names}
+        hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: grams[n].update(a[0]))
+                 for n in names]
+        was_training, seen = model.training, 0
+        model.eval()
+        try:
+            for x, _ in loader:
+                x = x[: self.calib_samples - seen].to(device)
+                model(x)
+                seen += x.shape[0]
+                if seen >= self.calib_samples:
+                    break
+        finally:
+            for h in hooks:
+                h.remove()
+            model.train(was_training)
+        whitening = {n: svd_llm.whitening(g.gram).contiguous() for n, g in grams.items()}
+        if self.cache is not None:
+            self.cache.parent.mkdir(parents=True, exist_ok=True)
+            save_file(whitening, str(self.cache))
+        return whitening

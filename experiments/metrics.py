@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+import wasi
 from wasi import factored_layers
 
 _logger = logging.getLogger(__name__)
@@ -302,4 +303,20 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     return {
         "total": sum(p.numel() for p in params),
         "trainable": sum(p.numel() for p in params if p.requires_grad),
+    }
+
+
+def compressed_layers_bytes(model: nn.Module) -> dict[str, int]:
+    """The paper's memory count over the converted layers, from their last training forward.
+
+    compressed: saved-activation factors (S + Σ U_m, or x if kept dense) + weight factors (L + R,
+    or W) + bias; vanilla: dense input x + dense W + bias for the same layers. Empty dict if the
+    model has no converted layers.
+    """
+    reports = [m.memory_report() for m in model.modules() if isinstance(m, (wasi.ASILinear, wasi.WSILinear))]
+    if not reports:
+        return {}
+    return {
+        "memory/compressed_layers_bytes": sum(r["activation_bytes"] + r["weight_bytes"] for r in reports),
+        "memory/compressed_layers_vanilla_bytes": sum(r["dense_activation_bytes"] + r["dense_weight_bytes"] for r in reports),
     }

@@ -23,6 +23,7 @@ import wasi
 from experiments import metrics
 from experiments.data import build_datasets
 from experiments.logger import WandbLogger, flatten, resolved_config, write_results
+from experiments.methods import first_batch
 from experiments.models import build_model
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,7 @@ def run(cfg: DictConfig) -> dict:
     test_loader = DataLoader(data.test, tc.batch_size, num_workers=tc.num_workers)
     model = build_model(cfg.model, data.num_classes).to(device)
     method = hydra.utils.instantiate(cfg.method)
-    x0, y0 = next(iter(train_loader))
-    summary = method.apply(model, calibration=(x0.to(device), y0.to(device)))
+    summary = method.apply(model, train_loader, device)
     optimizer = method.build_optimizer(model, hydra.utils.instantiate(cfg.optimizer))
     base_lr = optimizer.param_groups[0]["lr"]
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs, eta_min=tc.min_lr_ratio * base_lr)
@@ -99,7 +99,7 @@ def run(cfg: DictConfig) -> dict:
         **{f"method/{k}": v for k, v in flatten(summary).items()},
     }
     if tc.measure:
-        results.update(measure(model, optimizer, (x0.to(device), y0.to(device)), cfg, device, amp))
+        results.update(measure(model, method, optimizer, first_batch(train_loader, device), cfg, device, amp))
     results.update({f"versions/{k}": v for k, v in library_versions().items()})
     results.update({f"config/{k}": v for k, v in flatten(config).items()})
     write_results(run_dir / "results.json", results)
@@ -143,22 +143,24 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp, ma
     return correct / max(total, 1)
 
 
-def measure(model: nn.Module, optimizer, batch, cfg: DictConfig, device: torch.device, amp) -> dict:
+def measure(model: nn.Module, method, optimizer, batch, cfg: DictConfig, device: torch.device, amp) -> dict:
     """FLOPs, memory and time of one training step at the configured batch size, and of inference."""
     x, y = batch
     step = lambda: train_step(model, optimizer, x, y, cfg.trainer.grad_clip, amp)  # noqa: E731
     step()  # optimizer state exists from here on, as in any later step
+    deployed = method.inference_model(model)
     out = {
-        "flops/inference_per_image": metrics.inference_flops(model, cfg.model.image_size, device),
+        "flops/inference_per_image": metrics.inference_flops(deployed, cfg.model.image_size, device),
         "flops/train_step": metrics.train_step_flops(step),
         "memory/activation_bytes": metrics.activation_bytes(step, model),
         "memory/weight_bytes": metrics.weight_bytes(model, optimizer),
         "memory/peak_bytes": metrics.peak_bytes(step, device, model, optimizer),
         "time/train_step_s": metrics.median_time(step, repeats=cfg.trainer.timing_repeats, device=device),
+        **metrics.compressed_layers_bytes(model),
     }
-    model.eval()
+    deployed.eval()
     with torch.no_grad(), amp:
-        per_batch = metrics.median_time(lambda: model(x), repeats=cfg.trainer.timing_repeats, device=device)
+        per_batch = metrics.median_time(lambda: deployed(x), repeats=cfg.trainer.timing_repeats, device=device)
     model.train()
     out["time/inference_per_image_s"] = per_batch / x.shape[0]
     return out

@@ -245,3 +245,24 @@ def test_count_parameters_shared_and_frozen():
     model[3].weight = model[2].weight  # tied: counted once
     frozen, trainable = 4 * 3 + 3, (3 * 2 + 2) + (2 * 2 + 2) + 2
     assert metrics.count_parameters(model) == {"total": frozen + trainable, "trainable": trainable}
+
+
+def test_compressed_layers_bytes_matches_factor_shapes():
+    """Paper count for one WASI layer, from its ranks and shapes by hand (float32, 4 bytes)."""
+    import wasi
+    from experiments.metrics import compressed_layers_bytes
+
+    torch.manual_seed(0)
+    B, N, I, O = 4, 6, 12, 10
+    model = nn.Sequential(nn.Linear(I, O))
+    layer = wasi.WASILinear.from_linear(nn.Linear(I, O), epsilon=0.9, act_ranks=[2, 3, 5])
+    model[0] = layer
+    layer(torch.randn(B, N, I, requires_grad=True)).sum().backward()
+    K = layer.L.shape[1]
+    compressed = (2 * 3 * 5 + B * 2 + N * 3 + I * 5) + (O * K + K * I + O)
+    vanilla = B * N * I + O * I + O
+    assert compressed_layers_bytes(model) == {
+        "memory/compressed_layers_bytes": 4 * compressed,
+        "memory/compressed_layers_vanilla_bytes": 4 * vanilla,
+    }
+    assert compressed_layers_bytes(nn.Linear(2, 2)) == {}

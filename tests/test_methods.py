@@ -1,0 +1,98 @@
+"""Baselines as methods: PEFT LoRA and SVD-LLM init, on a tiny timm ViT."""
+import pytest
+import timm
+import torch
+from torch import nn
+
+import wasi
+from wasi import svd_llm
+from experiments.methods import Lora, SvdLlm, Vanilla
+
+DEVICE = torch.device("cpu")
+
+
+def tiny_vit(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32,
+                             patch_size=8, depth=2)
+
+
+def batches(n: int = 3, b: int = 8):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(b, 3, 32, 32, generator=g), torch.randint(0, 10, (b,), generator=g)) for _ in range(n)]
+
+
+def trainable(model: nn.Module) -> dict[str, int]:
+    return {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_vanilla_last_n_freezes_all_but_last_targets_and_head():
+    model = tiny_vit()
+    Vanilla(last_n=1).apply(model, batches(), DEVICE)
+    assert set(trainable(model)) == {"blocks.1.mlp.fc2.weight", "blocks.1.mlp.fc2.bias", "head.weight", "head.bias"}
+
+
+def test_lora_trains_only_adapters_and_head_with_hand_counted_params():
+    model = tiny_vit()
+    Lora(r=8, alpha=16).apply(model, batches(), DEVICE)
+    params = trainable(model)
+    assert all("lora_" in n or n.startswith("head.") for n in params)
+    # per block: fc1 (192 -> 768) and fc2 (768 -> 192), each adapter r (I + O); head 192*10 + 10
+    assert sum(params.values()) == 2 * 2 * 8 * (192 + 768) + 192 * 10 + 10
+
+
+def test_lora_merged_model_equals_adapted_model():
+    model = tiny_vit()
+    method = Lora(r=4, alpha=8)
+    method.apply(model, batches(), DEVICE)
+    with torch.no_grad():  # make the adapters non-trivial (PEFT initialises B = 0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    merged = method.inference_model(model)
+    x = batches(1)[0][0]
+    model.eval(), merged.eval()
+    torch.testing.assert_close(merged(x), model(x), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(merged.blocks[0].mlp.fc1.base_layer.weight, model.blocks[0].mlp.fc1.base_layer.weight)
+
+
+@pytest.mark.parametrize("finetune", ["lora", "factors"])
+def test_svd_llm_equal_size_uses_wasi_rank_and_caches_whitening(tmp_path, finetune):
+    reference = tiny_vit()
+    ranks = {n: svd_llm.rank_from_epsilon(reference.get_submodule(n).weight, 0.6)
+             for n in wasi.find_targets(reference)}
+    wsi = tiny_vit()
+    summary = wasi.inject(wsi, wasi.WASIConfig(activation=False, epsilon=0.6))
+    assert {s["name"]: s["weight_rank"] for s in summary.to_dict()["layers"]} == ranks
+
+    cache = tmp_path / "whitening.safetensors"
+    model = tiny_vit()
+    out = SvdLlm(epsilon=0.6, calib_samples=16, finetune=finetune, cache=str(cache)).apply(model, batches(), DEVICE)
+    assert out["svd_llm/rank"] == ranks and cache.is_file()
+    for name, k in ranks.items():
+        down, up = model.get_submodule(name)
+        assert down.in_features == reference.get_submodule(name).in_features and down.out_features == k
+    params = trainable(model)
+    if finetune == "factors":
+        assert set(params) == {f"{n}.{j}.{w}" for n in ranks for j, w in ((0, "weight"), (1, "weight"), (1, "bias"))} | {"head.weight", "head.bias"}
+    else:
+        assert all("lora_" in n or n.startswith("head.") for n in params)
+
+    # A second apply reuses the cached whitening: same factors even with other calibration data.
+    again = tiny_vit()
+    SvdLlm(epsilon=0.6, calib_samples=16, finetune=finetune, cache=str(cache)).apply(again, batches(2, 4)[::-1], DEVICE)
+    name = next(iter(ranks))
+    torch.testing.assert_close(again.get_submodule(name)[0].weight, model.get_submodule(name)[0].weight)
+
+
+def test_svd_llm_ratio_gives_formula_rank():
+    model = tiny_vit()
+    out = SvdLlm(ratio=0.25, calib_samples=8, finetune="factors").apply(model, batches(), DEVICE)
+    assert set(out["svd_llm/rank"].values()) == {192 * 768 * 25 // (100 * (192 + 768))}
+
+
+def test_svd_llm_rejects_bad_options():
+    with pytest.raises(ValueError, match="finetune"):
+        SvdLlm(finetune="full")
+    with pytest.raises(ValueError, match="ratio"):
+        SvdLlm(ratio=1.5)
