@@ -1,0 +1,189 @@
+"""SubspaceSGD and clip_grad_norm_ against dense formulas, torch.optim.SGD and torch's clipping."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from wasi import SubspaceSGD, WASILinear, WSILinear, clip_grad_norm_, orth
+from wasi.optim import factored_sq_norm
+
+torch.set_num_threads(1)
+
+I, H, C = 12, 16, 3  # features, hidden, classes
+
+
+class Net(nn.Module):
+    """Token MLP + head: x (B, N, I) -> logits (B, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(I, H), nn.Linear(H, I), nn.Linear(I, C)
+
+    def forward(self, x):
+        return self.head(self.fc2(F.gelu(self.fc1(x))).mean(1))
+
+
+def _dense(seed=0) -> Net:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def _convert(net: Net, make) -> Net:
+    net = copy.deepcopy(net)
+    net.fc1, net.fc2 = make(net.fc1), make(net.fc2)
+    return net
+
+
+def _batches(n=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(3, 5, I, generator=g), torch.randint(0, C, (3,), generator=g)) for _ in range(n)]
+
+
+def _train(model, opt, batches):
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_factored_step_equals_dense_formula():
+    lr, wd = 0.1, 0.05
+    model = _convert(_dense(), lambda l: WASILinear.from_linear(l, 0.6, [2, 3, 4]))
+    opt = SubspaceSGD(model, lr, weight_decay=wd)
+    x, y = _batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    layer = model.fc1
+    L, R = layer.L.detach().clone(), layer.R.detach().clone()
+    g, p = layer.factored_grad
+    w_new = (1 - lr * wd) * L @ R - lr * g @ p.T  # materialised W' of section 2
+    l_ref = orth(w_new @ (w_new.T @ L))
+    r_ref = l_ref.T @ w_new
+    bias_ref = layer.bias.detach() - lr * (layer.bias.grad + wd * layer.bias.detach())
+    opt.step()
+    torch.testing.assert_close(layer.L @ layer.R, l_ref @ r_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.L.abs(), l_ref.abs(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(layer.L.T @ layer.L, torch.eye(layer.rank), atol=1e-5, rtol=0)
+    torch.testing.assert_close(layer.bias, bias_ref)
+
+
+def test_factored_matches_reference_mode_after_steps():
+    dense, batches = _dense(), _batches(5)
+    models = [_convert(dense, lambda l, u=u: WASILinear.from_linear(l, 0.6, [2, 3, 4], weight_update=u))
+              for u in ("factored", "reference")]
+    for m in models:
+        _train(m, SubspaceSGD(m, 0.05, weight_decay=0.01), batches)
+    fact, ref = models
+    for name in ("fc1", "fc2"):
+        lf, lr_ = getattr(fact, name), getattr(ref, name)
+        assert lf.rank == lr_.rank < min(lf.in_features, lf.out_features)
+        torch.testing.assert_close(lf.L @ lf.R, lr_.weight.detach(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(lf.L @ lf.R, lr_.L @ lr_.R, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(lf.bias, lr_.bias, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fact.head.weight, ref.head.weight, atol=1e-6, rtol=1e-5)
+
+
+def test_factored_momentum_is_dense_momentum_when_subspace_is_full():
+    """K = O: span(L) is all of R^O, so the projected buffer C (K, I) carries the whole dense momentum."""
+    torch.manual_seed(0)
+    linear = nn.Linear(H, I)  # O = 12 <= I = 16; epsilon 1 gives K = 12
+    models = [nn.Sequential(WASILinear.from_linear(linear, 1.0, [2, 3, 4], weight_update=u))
+              for u in ("factored", "reference")]
+    xs = [torch.randn(3, 5, H, generator=torch.Generator().manual_seed(s)) for s in range(5)]
+    for m in models:
+        opt = SubspaceSGD(m, 0.05, weight_decay=0.01, momentum=0.9)
+        for x in xs:
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+    fact, ref = models[0][0], models[1][0]
+    assert fact.rank == I
+    torch.testing.assert_close(fact.L @ fact.R, ref.weight.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_plain_parameters_follow_torch_sgd():
+    a, b = _dense(), _dense()
+    batches = _batches(3)
+    _train(a, SubspaceSGD(a, 0.1, weight_decay=0.01, momentum=0.9), batches)
+    _train(b, torch.optim.SGD(b.parameters(), 0.1, weight_decay=0.01, momentum=0.9), batches)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+
+
+def _wasi_net() -> Net:
+    return _convert(_dense(), lambda l: WASILinear.from_linear(l, 0.6, [2, 3, 4]))
+
+
+def test_param_groups_and_lr_scheduler():
+    model = _wasi_net()
+    model.fc1.bias.requires_grad_(False)
+    opt = SubspaceSGD(model, 0.1)
+    assert len(opt.param_groups) == 3  # ordinary params, then [L, R] of fc1 and of fc2
+    assert opt.param_groups[1]["params"] == [model.fc1.L, model.fc1.R]
+    assert all(p is not model.fc1.bias for p in opt.param_groups[0]["params"])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    _train(model, opt, _batches(1))
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.05] * 3
+
+
+def test_no_dense_weight_tensor_in_factored_layers():
+    model, batches = _wasi_net(), _batches(4)
+    opt = SubspaceSGD(model, 0.05, weight_decay=0.01, momentum=0.9)
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        clip_grad_norm_(model, 1.0)
+        opt.step()
+    for layer in (model.fc1, model.fc2):
+        o, i = layer.out_features, layer.in_features
+        assert layer.rank * max(o, i) < o * i
+        tensors = [*layer.parameters(), *layer.buffers(), *layer.state_dict().values(), *layer.factored_grad]
+        tensors += [t for p in layer.parameters() for t in opt.state[p].values()]
+        tensors += [p.grad for p in layer.parameters() if p.grad is not None]
+        assert all(t.numel() < o * i for t in tensors), [tuple(t.shape) for t in tensors]
+        assert layer.L.grad is None and layer.R.grad is None
+        assert opt.state[layer.R]["momentum_buffer"].shape == layer.R.shape
+    opt.zero_grad()
+    assert model.fc1.factored_grad is None and model.fc2.factored_grad is None
+
+
+def test_clip_grad_norm_equals_dense_autograd_norm():
+    """fc1: WSI with truncated K (P = tokens, not orthonormal); fc2: WASI with full activation ranks
+    (P orthonormal). The dense twin has W = L R, so all its autograd grads are the same gradients."""
+    dense = _dense()
+    model = copy.deepcopy(dense)
+    model.fc1 = WSILinear.from_linear(dense.fc1, 0.6)
+    model.fc2 = WASILinear.from_linear(dense.fc2, 0.6, [3, 5, H])
+    with torch.no_grad():
+        dense.fc1.weight.copy_(model.fc1.L @ model.fc1.R)
+        dense.fc2.weight.copy_(model.fc2.L @ model.fc2.R)
+    x, y = _batches(1)[0]
+    for m in (model, dense):
+        F.cross_entropy(m(x), y).backward()
+    total = clip_grad_norm_(model, 0.05)
+    total_ref = torch.nn.utils.clip_grad_norm_(dense.parameters(), 0.05)
+    assert total > 0.05
+    torch.testing.assert_close(total, total_ref, atol=1e-6, rtol=1e-5)
+    for name in ("fc1", "fc2"):
+        g, p = getattr(model, name).factored_grad
+        torch.testing.assert_close(g @ p.T, getattr(dense, name).weight.grad, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(getattr(model, name).bias.grad, getattr(dense, name).bias.grad)
+    torch.testing.assert_close(model.head.weight.grad, dense.head.weight.grad)
+
+
+@pytest.mark.parametrize("r", [2, 40])  # Gram path, and row blocks of G Pᵀ when r (O + I) > O I
+def test_factored_sq_norm_any_p(r):
+    g, p = torch.randn(6, r), torch.randn(5, r)
+    torch.testing.assert_close(factored_sq_norm(g, p), (g @ p.T).square().sum(), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_factor_grads_without_factored_grad_raise():
+    model = _wasi_net()
+    opt = SubspaceSGD(model, 0.1)
+    model.eval()  # plain F.linear path: autograd writes L.grad/R.grad, the factored backward never ran
+    x, y = _batches(1)[0]
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="model.train"):
+        opt.step()

@@ -1,0 +1,83 @@
+"""WASIConfig: what `inject` converts and how (the method page's ASI / WSI / WASI variants)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from wasi.layers import WEIGHT_UPDATES
+
+__all__ = ["WASIConfig", "TARGETS"]
+
+TARGETS = ("mlp", "mlp+attn")
+
+
+@dataclass
+class WASIConfig:
+    """Configuration of the subspace method.
+
+    weight: low-rank weight L R (WSI); activation: Tucker-compressed saved input (ASI); both: WASI.
+    epsilon: weight explained-variance threshold in (0, 1] giving each layer's rank K.
+    Activation ranks (when activation=True) come from exactly one of
+      epsilon_act: per-layer truncated-HOSVD ranks of the calibration batch's layer inputs;
+      ranks: fixed ranks, one per input mode in order, clipped to each mode's size at run time: 3 for
+        ViT tokens (B, N, I) and for timm Swin MLPs, whose input is (B, H·W, C); 4 for (B, H, W, C);
+      budget_bytes: per-layer ε from eps_set chosen by the perplexity knapsack (wasi.ranks).
+    targets: "mlp" (blocks' mlp.fc1/fc2) or "mlp+attn" (also attn.qkv/attn.proj).
+    last_n: convert and train only the last n target layers (None: all).
+    weight_update: "factored" (no dense weight ever) or "reference" (dense W as the published code).
+    seed: seeds each layer's Gaussian Tucker initialisation (layer i uses seed + i).
+    """
+
+    weight: bool = True
+    activation: bool = True
+    epsilon: float = 0.8
+    epsilon_act: float | None = None
+    ranks: list[int] | None = None
+    budget_bytes: int | None = None
+    eps_set: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    targets: str = "mlp"
+    last_n: int | None = None
+    weight_update: str = "factored"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ranks is not None:
+            self.ranks = [int(r) for r in self.ranks]
+        self.eps_set = tuple(float(e) for e in self.eps_set)
+        _check(self)
+
+
+def _in_unit(value: float) -> bool:
+    return 0.0 < value <= 1.0
+
+
+def _check(c: WASIConfig) -> None:
+    if not (c.weight or c.activation):
+        raise ValueError("weight=False and activation=False leaves nothing to do; "
+                         "set method.weight=true and/or method.activation=true (or use method=vanilla)")
+    if not _in_unit(c.epsilon):
+        raise ValueError(f"epsilon must be in (0, 1], got {c.epsilon}; set method.epsilon=0.8")
+    sources = {k: v for k, v in (("epsilon_act", c.epsilon_act), ("ranks", c.ranks),
+                                 ("budget_bytes", c.budget_bytes)) if v is not None}
+    if c.activation and len(sources) != 1:
+        raise ValueError(f"activation=True needs exactly one of epsilon_act, ranks, budget_bytes, got "
+                         f"{sorted(sources) or 'none'}; set one, e.g. method.epsilon_act=0.8, and the others to null")
+    if not c.activation and sources:
+        raise ValueError(f"{sorted(sources)} only apply when activation=True; set method.activation=true "
+                         "or set them to null")
+    if c.epsilon_act is not None and not _in_unit(c.epsilon_act):
+        raise ValueError(f"epsilon_act must be in (0, 1], got {c.epsilon_act}; set method.epsilon_act=0.8")
+    if c.ranks is not None and (not c.ranks or min(c.ranks) < 1):
+        raise ValueError(f"ranks must be positive ints, one per input mode, got {c.ranks}; "
+                         "set e.g. method.ranks=[8,16,32]")
+    if c.budget_bytes is not None and c.budget_bytes <= 0:
+        raise ValueError(f"budget_bytes must be positive, got {c.budget_bytes}; set e.g. method.budget_bytes=1000000")
+    if not c.eps_set or not all(_in_unit(e) for e in c.eps_set):
+        raise ValueError(f"eps_set must be non-empty with values in (0, 1], got {c.eps_set}; "
+                         "set method.eps_set=[0.4,0.5,0.6,0.7,0.8,0.9]")
+    if c.targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {c.targets!r}; set method.targets=mlp")
+    if c.last_n is not None and c.last_n < 1:
+        raise ValueError(f"last_n must be a positive int or null, got {c.last_n}; set method.last_n=null for all layers")
+    if c.weight_update not in WEIGHT_UPDATES:
+        raise ValueError(f"weight_update must be one of {WEIGHT_UPDATES}, got {c.weight_update!r}; "
+                         "set method.weight_update=factored")

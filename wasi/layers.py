@@ -1,0 +1,205 @@
+"""Subspace linear layers: ASI (dense weight, Tucker-compressed saved input), WSI (low-rank weight
+L R, dense saved input) and WASI (both).
+
+Inputs are (…, I) with any number of leading modes: ViT tokens (B, N, I), channels-last Swin maps
+(B, H, W, C), or (T, I). At inference (eval mode, or no grad needed) the layers run plain
+`F.linear` ops, so tracers such as fvcore see ordinary linears.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from wasi.functional import SubspaceLinearFn, compute_dtype
+from wasi.subspace import explained_variance_rank, tucker
+
+__all__ = ["ASILinear", "WSILinear", "WASILinear", "low_rank_factors", "WEIGHT_UPDATES"]
+
+WEIGHT_UPDATES = ("factored", "reference")
+
+
+def low_rank_factors(weight: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+    """Truncated SVD `W ≈ L R` keeping the smallest rank K that explains a fraction epsilon of Σσ².
+
+    weight: (O, I) -> L = U_K: (O, K) with orthonormal columns, R = Σ_K V_Kᵀ: (K, I).
+    """
+    u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    k = explained_variance_rank(s, epsilon)
+    return u[:, :k].to(weight.dtype).contiguous(), (s[:k, None] * vh[:k]).to(weight.dtype).contiguous()
+
+
+def _check_ranks(act_ranks: Sequence[int]) -> list[int]:
+    ranks = [int(r) for r in act_ranks]
+    if not ranks or min(ranks) < 1:
+        raise ValueError(f"act_ranks must be positive ints, one per input mode, got {list(act_ranks)}")
+    return ranks
+
+
+def _nbytes(*tensors: Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class _SubspaceLinear(nn.Module):
+    """Shared training/inference dispatch, Tucker warm start and memory report.
+
+    Subclasses set `weight` or `L`/`R`, and `bias`, and say how the weight enters SubspaceLinearFn.
+    `act_ranks` None means the input is saved dense; otherwise it is Tucker-compressed with those
+    per-mode ranks (clipped to each mode's size at run time).
+    """
+
+    def __init__(self, in_features: int, out_features: int, act_ranks: Sequence[int] | None, seed: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.act_ranks = None if act_ranks is None else _check_ranks(act_ranks)
+        self.seed = seed
+        self._factors: list[Tensor] | None = None  # previous step's Tucker factors (warm start), not in state_dict
+        self._act_bytes: tuple[int, int] | None = None  # (saved, dense) activation bytes of the last training forward
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (…, I) -> (…, O); in the autocast dtype under autocast."""
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if not (self.training and needs_grad):
+            return self._inference(x)
+        x = x.to(compute_dtype(x))
+        core, factors = self._compress(x)
+        weight, L, R = self._fn_weights()
+        return SubspaceLinearFn.apply(x, weight, L, R, self.bias, self._sink(), core, *factors)
+
+    def _compress(self, x: Tensor) -> tuple[Tensor | None, list[Tensor]]:
+        if self.act_ranks is None:
+            self._act_bytes = (_nbytes(x), _nbytes(x))
+            return None, []
+        with torch.no_grad():
+            generator = torch.Generator(x.device).manual_seed(self.seed)
+            core, factors = tucker(x.detach(), self.act_ranks, self._factors, generator)
+        self._factors = factors
+        self._act_bytes = (_nbytes(core, *factors), _nbytes(x))
+        return core, factors
+
+    def memory_report(self) -> dict[str, int]:
+        """Paper's count for this layer, from the last training forward: bytes of the saved activation
+        (S + Σ U_m, or x when saved dense) and of the weight representation plus bias (L + R + b, or
+        W + b), next to the dense layer's (x, and W + b)."""
+        if self._act_bytes is None:
+            raise RuntimeError("memory_report() needs one training forward first (model.train(), grad enabled)")
+        weights = self._paper_weights()
+        dense_weight = self.out_features * self.in_features + (0 if self.bias is None else self.out_features)
+        return dict(activation_bytes=self._act_bytes[0], weight_bytes=_nbytes(*weights),
+                    dense_activation_bytes=self._act_bytes[1], dense_weight_bytes=dense_weight * weights[0].element_size())
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, act_ranks={self.act_ranks}"
+
+
+class ASILinear(_SubspaceLinear):
+    """Dense weight; the saved input is a Tucker decomposition (core S and factors U_m, never x).
+
+    weight: (O, I), bias: (O,) or None. act_ranks: one rank per input mode (e.g. 3 for (B, N, I)).
+    state_dict: `weight`, `bias` (as nn.Linear). Gradients are ordinary dense `.grad`s.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, act_ranks: Sequence[int], seed: int = 0):
+        super().__init__(weight.shape[1], weight.shape[0], act_ranks, seed)
+        self.weight = nn.Parameter(weight)
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, act_ranks: Sequence[int], seed: int = 0) -> ASILinear:
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(linear.weight.detach().clone(), bias, act_ranks, seed)
+
+    def _fn_weights(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        return self.weight, None, None
+
+    def _sink(self) -> None:
+        return None
+
+    def _inference(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def _paper_weights(self) -> tuple[Tensor, Tensor | None]:
+        return self.weight, self.bias
+
+
+class WSILinear(_SubspaceLinear):
+    """Low-rank weight W = L R (y = (x Rᵀ) Lᵀ + b); the input is saved dense.
+
+    L: (O, K) with orthonormal columns, R: (K, I), bias: (O,) or None.
+    weight_update="factored" (default): `L`, `R`, `bias` are the parameters and the whole state_dict;
+      backward leaves `L.grad`/`R.grad` empty and stores ∇W = G Pᵀ as `factored_grad = (G: (O, r),
+      P: (I, r))`, which SubspaceSGD turns into new factors without any (O, I) tensor. With the dense
+      saved input, G = dy_(unfold)ᵀ and P = x_(unfold)ᵀ (r = number of tokens, P not orthonormal);
+      WASI has P = U_d. Successive backwards concatenate along r; SubspaceSGD.zero_grad clears it.
+    weight_update="reference": as the published code, a dense parameter `weight` (O, I) = L R receives
+      the dense gradient; `L`, `R` are buffers that SubspaceSGD re-derives after each step.
+      state_dict: `weight`, `bias`, `L`, `R`.
+    """
+
+    factored_grad: tuple[Tensor, Tensor] | None
+
+    def __init__(self, L: Tensor, R: Tensor, bias: Tensor | None, weight_update: str = "factored"):
+        super().__init__(R.shape[1], L.shape[0], None, 0)
+        if weight_update not in WEIGHT_UPDATES:
+            raise ValueError(f"weight_update must be one of {WEIGHT_UPDATES}, got {weight_update!r}")
+        self.weight_update = weight_update
+        if weight_update == "factored":
+            self.L, self.R = nn.Parameter(L), nn.Parameter(R)
+        else:
+            self.weight = nn.Parameter(L @ R)
+            self.register_buffer("L", L)
+            self.register_buffer("R", R)
+        self.bias = None if bias is None else nn.Parameter(bias)
+        self.factored_grad = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, epsilon: float, weight_update: str = "factored") -> WSILinear:
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(*low_rank_factors(linear.weight, epsilon), bias, weight_update)
+
+    @property
+    def rank(self) -> int:
+        return self.L.shape[1]
+
+    def accumulate_factored_grad(self, g: Tensor, p: Tensor) -> None:
+        """Add ∇W += g pᵀ. g: (O, r), p: (I, r); successive backwards concatenate along r."""
+        if self.factored_grad is None:
+            self.factored_grad = (g, p)
+        else:
+            g0, p0 = self.factored_grad
+            self.factored_grad = (torch.cat([g0, g], 1), torch.cat([p0, p], 1))
+
+    def _fn_weights(self) -> tuple[Tensor | None, Tensor, Tensor]:
+        return (self.weight if self.weight_update == "reference" else None), self.L, self.R
+
+    def _sink(self) -> WSILinear | None:
+        return self if self.weight_update == "factored" else None
+
+    def _inference(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.R), self.L, self.bias)
+
+    def _paper_weights(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        return self.L, self.R, self.bias
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, rank={self.rank}, weight_update={self.weight_update}"
+
+
+class WASILinear(WSILinear):
+    """Low-rank weight W = L R (as WSILinear, same parameters and state_dict) and a Tucker-compressed
+    saved input (as ASILinear): backward sees only S and the U_m, and ∇W = G U_dᵀ has rank ≤ r_d."""
+
+    def __init__(self, L: Tensor, R: Tensor, bias: Tensor | None, act_ranks: Sequence[int],
+                 weight_update: str = "factored", seed: int = 0):
+        super().__init__(L, R, bias, weight_update)
+        self.act_ranks = _check_ranks(act_ranks)
+        self.seed = seed
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, epsilon: float, act_ranks: Sequence[int],
+                    weight_update: str = "factored", seed: int = 0) -> WASILinear:
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls(*low_rank_factors(linear.weight, epsilon), bias, act_ranks, weight_update, seed)

@@ -1,0 +1,151 @@
+"""SGD for models with subspace layers, and gradient clipping by the true global norm."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from wasi.layers import WSILinear
+from wasi.model import factored_layers
+from wasi.subspace import orth
+
+__all__ = ["SubspaceSGD", "clip_grad_norm_", "factored_sq_norm"]
+
+
+def factored_sq_norm(g: Tensor, p: Tensor) -> Tensor:
+    """‖G Pᵀ‖_F² in float32 for any P (orthonormal or not). g: (O, r), p: (I, r).
+
+    Uses trace((GᵀG)(PᵀP)) when r(O+I) ≤ OI, else row blocks of G Pᵀ; either way the temporary
+    is never larger than G. With orthonormal P this equals ‖G‖_F².
+    """
+    g, p = g.float(), p.float()
+    (o, r), i = g.shape, p.shape[0]
+    if r * (o + i) <= o * i:
+        return ((g.T @ g) * (p.T @ p)).sum()
+    return sum((block @ p.T).square().sum() for block in g.split(max(1, o * r // i)))
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
+    """Scale all gradients of `model` so their global L2 norm is at most max_norm; returns the norm
+    before clipping (as torch.nn.utils.clip_grad_norm_ with norm_type=2).
+
+    The norm covers every parameter `.grad` and, for WSI/WASI layers, ‖∇W‖_F = ‖G Pᵀ‖_F of their
+    `factored_grad`, whose G is scaled too (out of place: G may share memory with autograd buffers).
+    """
+    params = [p for p in model.parameters() if p.grad is not None]
+    layers = [layer for _, layer in factored_layers(model) if layer.factored_grad is not None]
+    squares = [p.grad.float().square().sum() for p in params] + [factored_sq_norm(*l.factored_grad) for l in layers]
+    if not squares:
+        return torch.tensor(0.0)
+    device = squares[0].device
+    total = torch.stack([s.to(device) for s in squares]).sum().sqrt()
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for p in params:
+        p.grad.mul_(scale.to(p.grad))
+    for layer in layers:
+        g, p = layer.factored_grad
+        layer.factored_grad = (g * scale.to(g), p)
+    return total
+
+
+class SubspaceSGD(torch.optim.Optimizer):
+    """SGD (torch.optim.SGD semantics: weight decay added to the gradient, momentum without
+    dampening) for ordinary parameters, and the factored update of the method page, section 2,
+    for WSI/WASI layers.
+
+    Param groups: one group of ordinary trainable parameters (when there are any), then one group
+    [L, R] per factored-mode WSI/WASI layer; all take `lr`, `weight_decay`, `momentum`, so LR
+    schedulers apply to every group.
+
+    Factored layer (weight_update="factored"), with η = lr, λ = weight_decay, μ = momentum and the
+    layer's factored_grad ∇W = G Pᵀ, the step takes W' = L A − η G Pᵀ, A = (1-ηλ) R − ημ C, to
+        Q  = Aᵀ − η P (Gᵀ L)                    (I, K)
+        L' = orth(L (A Q) − η G (Pᵀ Q))         (O, K)
+        R' = (L'ᵀ L) A − η (L'ᵀ G) Pᵀ           (K, I)
+    without any (O, I) tensor. Momentum: C (K, I), stored as state["momentum_buffer"] of R (zero
+    before the first step), is the SGD momentum buffer D = ∇W + λ L R + μ L C projected onto the new
+    column space: C ← L'ᵀ D. It equals SGD momentum on the dense weight when span(L') holds the dense
+    buffer at every step (e.g. K = O); otherwise the part of the momentum outside the weight
+    subspace is dropped. With μ = 0 these are the page's formulas verbatim.
+
+    Reference layers (weight_update="reference"): the dense `weight` takes the plain SGD step (dense
+    momentum buffer included), then Q = W'ᵀ L, L' = orth(W' Q), R' = L'ᵀ W', and W ← L' R'.
+    `zero_grad` also clears the layers' factored_grad.
+    """
+
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0, momentum: float = 0.0):
+        if lr < 0 or weight_decay < 0 or momentum < 0:
+            raise ValueError(f"lr, weight_decay, momentum must be >= 0, got {lr}, {weight_decay}, {momentum}")
+        layers = [layer for _, layer in factored_layers(model)]
+        self._factored = [l for l in layers if l.weight_update == "factored" and l.L.requires_grad]
+        self._reference = [l for l in layers if l.weight_update == "reference"]
+        factors = {id(t) for l in self._factored for t in (l.L, l.R)}
+        plain = [p for p in model.parameters() if p.requires_grad and id(p) not in factors]
+        groups = ([{"params": plain}] if plain else []) + [
+            {"params": [l.L, l.R], "layer": i} for i, l in enumerate(self._factored)]
+        super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, layer=None))
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            if group["layer"] is None:
+                self._sgd(group)
+            else:
+                self._factored_step(self._factored[group["layer"]], group)
+        for layer in self._reference:
+            if layer.weight.grad is not None:
+                _resync(layer)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for layer in self._factored:
+            layer.factored_grad = None
+
+    def _sgd(self, group: dict) -> None:
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            d = p.grad.add(p, alpha=wd) if wd else p.grad
+            if mu:
+                buf = self.state[p].get("momentum_buffer")
+                d = self.state[p]["momentum_buffer"] = d.clone() if buf is None else buf.mul_(mu).add_(d)
+            p.add_(d, alpha=-lr)
+
+    def _factored_step(self, layer: WSILinear, group: dict) -> None:
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        L, R = layer.L, layer.R
+        if layer.factored_grad is None:
+            if L.grad is not None or R.grad is not None:
+                raise RuntimeError("a factored WSI/WASI layer got dense L/R grads but no factored_grad: run the "
+                                   "training forward in train mode (model.train()) so the layer's own backward runs")
+            return
+        g, p = (t.to(L.dtype) for t in layer.factored_grad)
+        state = self.state[R]
+        c = state.get("momentum_buffer")
+        a = (1 - lr * wd) * R if c is None else (1 - lr * wd) * R - lr * mu * c
+        q = a.T - lr * p @ (g.T @ L)
+        new_l = orth(L @ (a @ q) - lr * g @ (p.T @ q))
+        ltl, ltg = new_l.T @ L, new_l.T @ g
+        if mu:
+            state["momentum_buffer"] = ltg @ p.T + ltl @ (wd * R if c is None else wd * R + mu * c)
+        R.copy_(ltl @ a - lr * ltg @ p.T)
+        L.copy_(new_l)
+
+
+def _resync(layer: WSILinear) -> None:
+    """Reference mode: re-derive L, R from the updated dense weight by one subspace-iteration step."""
+    w = layer.weight
+    new_l = orth(w @ (w.T @ layer.L))
+    new_r = new_l.T @ w
+    layer.L.copy_(new_l)
+    layer.R.copy_(new_r)
+    w.copy_(new_l @ new_r)
