@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from wasi.functional import tucker_weight_grad
 from wasi.subspace import truncated_hosvd
 
 __all__ = ["RankTable", "InfeasibleBudgetError", "build_rank_table", "solve_budget", "ranks_for"]
@@ -122,19 +123,6 @@ def _validate(t: RankTable) -> None:
         raise bad(f"input_shapes must hold one list of positive ints per layer ({n_l})")
 
 
-def _compressed_weight_grad(dy: torch.Tensor, core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """∇W = G U_dᵀ in compressed form (method page, section 4).
-
-    dy: (n_1, ..., n_{d-1}, O), core: (r_1, ..., r_d), factors[m]: (n_m, r_m) -> (O, n_d).
-    """
-    z = dy
-    for u in factors[:-1]:  # contract the leading mode each time: (n_m, ..., O, r_1..r_{m-1}) -> (..., O, r_1..r_m)
-        z = torch.tensordot(z, u, dims=([0], [0]))
-    lead = list(range(core.dim() - 1))
-    g = torch.tensordot(z, core, dims=([i + 1 for i in lead], lead))  # (O, r_d)
-    return g @ factors[-1].T
-
-
 def build_rank_table(model: nn.Module, target_names: Sequence[str], x: torch.Tensor, y: torch.Tensor,
                      eps_set: Sequence[float] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> RankTable:
@@ -194,7 +182,8 @@ def build_rank_table(model: nn.Module, target_names: Sequence[str], x: torch.Ten
         r_row, m_row, p_row = [], [], []
         for eps in eps_set:
             core, factors = truncated_hosvd(a, eps)
-            approx = _compressed_weight_grad(dy.float(), core.float(), [u.float() for u in factors])
+            g, p = tucker_weight_grad(dy.float(), core.float(), [u.float() for u in factors])
+            approx = g @ p.T
             r_row.append([int(u.shape[1]) for u in factors])
             m_row.append((core.numel() + sum(u.numel() for u in factors)) * a.element_size())
             p_row.append(float(torch.linalg.matrix_norm(approx - exact)))
