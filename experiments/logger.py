@@ -62,8 +62,9 @@ class WandbLogger:
             self.run.log(metrics, step=step)
 
     def finish(self, results: dict) -> None:
+        """Final metrics into the run summary (the config is already in the W&B run config)."""
         if self.run is not None:
-            self.run.summary.update(results)
+            self.run.summary.update({k: v for k, v in results.items() if not k.startswith("config/")})
             self.run.finish()
 
 

@@ -78,11 +78,17 @@ def project(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
 
 def truncated_hosvd(x: Tensor, eps: float) -> tuple[Tensor, list[Tensor]]:
     """Truncated HOSVD: per mode, the leading left singular vectors of X_(m) that explain a
-    fraction eps of its energy. x: (n_1, …, n_d) -> core (r_1, …, r_d), factors [U_m: (n_m, r_m)]."""
+    fraction eps of its energy. x: (n_1, …, n_d) -> core (r_1, …, r_d), factors [U_m: (n_m, r_m)].
+
+    The singular pairs come from the eigendecomposition of the small Gram matrix X_(m) X_(m)ᵀ
+    (n_m × n_m, accumulated in float32, decomposed in float64) instead of an SVD of the wide unfolding.
+    """
     factors = []
     for mode in range(x.dim()):
-        u, s, _ = torch.linalg.svd(unfold(x, mode).float(), full_matrices=False)
-        factors.append(u[:, :explained_variance_rank(s, eps)].to(x.dtype))
+        xm = unfold(x, mode).float()
+        evals, evecs = torch.linalg.eigh((xm @ xm.T).double())  # ascending
+        s = evals.flip(0).clamp_min(0).sqrt()
+        factors.append(evecs.flip(1)[:, :explained_variance_rank(s, eps)].to(x.dtype))
     return project(x, factors), factors
 
 

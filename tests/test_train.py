@@ -1,0 +1,65 @@
+"""End to end through train.py (Hydra CLI): one short run, a multirun, and clear errors."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.wandb_log import summary
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = [
+    "model=vit_tiny_cpu", "model.kwargs.depth=2",
+    "trainer.epochs=2", "trainer.batch_size=16", "trainer.max_steps=6", "trainer.eval_batches=2",
+    "trainer.timing_repeats=1",
+]
+METRICS = [
+    "val/acc", "test/acc", "train/loss", "flops/inference_per_image", "flops/train_step",
+    "memory/activation_bytes", "memory/weight_bytes", "memory/peak_bytes", "time/train_step_s",
+    "time/inference_per_image_s", "params/total", "params/trainable", "versions/torch", "config/seed",
+]
+
+
+def train(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def test_short_run_writes_every_metric_to_results_and_wandb(tmp_path):
+    train(*QUICK, "method=wasi", "dataset.train_size=160", "dataset.test_size=64", "logger.mode=offline", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache")
+    results = json.loads((tmp_path / "results.json").read_text())
+    missing = [k for k in METRICS + ["memory/compressed_layers_bytes", "memory/compressed_layers_vanilla_bytes"] if k not in results]
+    assert not missing
+    assert results["method"] == "wasi" and results["train/steps"] == 6
+    assert 0 <= results["test/acc"] <= 1 and results["flops/train_step"] > 3 * results["flops/inference_per_image"]
+    assert results["memory/compressed_layers_bytes"] < results["memory/compressed_layers_vanilla_bytes"]
+    layers = results["method/layers"]
+    assert len(layers) == 4 and all(layer["weight_rank"] >= 1 for layer in layers)
+    logged = summary(tmp_path)  # the offline W&B run holds the same numbers
+    for key in METRICS[:-1] + ["memory/compressed_layers_bytes"]:
+        assert logged[key] == pytest.approx(results[key]), key
+    assert (tmp_path / "best.safetensors").is_file() and (tmp_path / ".hydra" / "config.yaml").is_file()
+
+
+def test_multirun_writes_one_results_file_per_job(tmp_path):
+    train("-m", *QUICK, "trainer.measure=false", "logger.mode=disabled", "method=vanilla",
+          "dataset=shapes,digits", f"hydra.sweep.dir={tmp_path}")
+    files = sorted(tmp_path.glob("*/results.json"))
+    assert [json.loads(f.read_text())["dataset"] for f in files] == ["shapes", "digits"]
+
+
+def test_missing_dataset_offline_names_the_fix(tmp_path):
+    proc = train(*QUICK, "dataset=cifar10", f"paths.data_dir={tmp_path}", "logger.mode=disabled",
+                 f"hydra.run.dir={tmp_path}/run", check=False)
+    assert proc.returncode != 0
+    assert "DatasetNotFoundError" in proc.stderr and "dataset.download=true" in proc.stderr
+
+
+def test_factored_update_with_adamw_is_refused(tmp_path):
+    proc = train(*QUICK, "method=wsi", "optimizer=adamw", "logger.mode=disabled", f"hydra.run.dir={tmp_path}", check=False)
+    assert proc.returncode != 0 and "optimizer=sgd" in proc.stderr
