@@ -1,0 +1,146 @@
+"""Export a trained run as a standalone inference artefact, loaded by `experiments.inference`.
+
+    python -m experiments.export RUN_DIR [--out DIR]        # DIR defaults to RUN_DIR/export
+
+Reads the run's `.hydra/config.yaml` and `best.safetensors` and writes `model.safetensors` and
+`model.json` (see experiments/inference.py). The module structure is rebuilt from the tensor
+names of the checkpoint, so no calibration data is needed:
+- WSI/WASI layers (`L`, `R`, `bias`, and the dense `weight` of the reference/svd updates, dropped)
+  become LowRankLinear(L, R, bias);
+- SVD-LLM factor pairs `Sequential(W_v, W_u)` become LowRankLinear(L=W_u, R=W_v, bias);
+- PEFT LoRA adapters (on dense or factor linears) are merged into their weights;
+- everything else (ASI, vanilla, frozen layers, head) stays dense.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from experiments.inference import (CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, ExportSpec, LayerSpec,
+                                   LowRankLinear, build_model, load_exported)
+from experiments.methods import Lora, factor_linear
+from experiments.models import read_state_dict
+
+__all__ = ["export_run", "deployable", "RunExportError"]
+
+log = logging.getLogger(__name__)
+
+
+class RunExportError(RuntimeError):
+    """A run folder cannot be exported (missing files, or weights that do not fit its config)."""
+
+
+def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write `model.safetensors` and `model.json` of the run's best weights to `out` (default RUN_DIR/export)."""
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / "export"
+    cfg = read_run_config(run_dir)
+    weights = run_dir / "best.safetensors"
+    if not weights.is_file():
+        raise RunExportError(f"{weights} not found: the run never finished an evaluation. "
+                             "Fix: export a run that completed at least one epoch (trainer.eval_interval).")
+    kwargs = OmegaConf.to_container(cfg.model.get("kwargs") or {}, resolve=True)
+    spec = ExportSpec(timm_name=cfg.model.timm_name, timm_kwargs=kwargs, num_classes=int(cfg.dataset.num_classes),
+                      image_size=int(cfg.model.image_size), mean=[float(m) for m in cfg.dataset.mean],
+                      std=[float(s) for s in cfg.dataset.std], method=str(cfg.method.name))
+    model = deployable(build_model(spec), read_state_dict(weights), cfg.method, str(weights))
+    spec.layers = [LayerSpec(name=n, in_features=m.in_features, out_features=m.out_features, rank=m.rank,
+                             bias=m.bias is not None, source=spec.method)
+                   for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    (out / CONFIG_FILE).write_text(spec.to_json())
+    _check_roundtrip(model, out, spec.image_size)
+    log.info("exported %s (%s, %d low-rank layers, %d parameters) to %s", run_dir, spec.method, len(spec.layers),
+             sum(t.numel() for t in tensors.values()), out)
+    return out
+
+
+def read_run_config(run_dir: Path) -> DictConfig:
+    """The run's composed config (`.hydra/config.yaml`, as Hydra saved it)."""
+    file = run_dir / ".hydra" / "config.yaml"
+    if not file.is_file():
+        raise RunExportError(f"{file} not found: {run_dir} is not a run folder of train.py. "
+                             "Fix: pass the folder holding .hydra/, best.safetensors and results.json.")
+    return OmegaConf.load(file)
+
+
+def deployable(model: nn.Module, state: dict[str, Tensor], method_cfg: DictConfig,
+               source: str = "checkpoint") -> nn.Module:
+    """Reshape a fresh timm `model` to fit the trained `state`, load it strictly, and return the
+    inference form: LoRA merged, WSI/WASI and SVD-LLM factors as LowRankLinear, the rest dense."""
+    state = dict(state)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    svd_pairs = [n for n in linears if _weight(state, f"{n}.0") is not None]  # SVD-LLM Sequential(W_v, W_u)
+    for name in svd_pairs:
+        w_u, w_v = _weight(state, f"{name}.1"), _weight(state, f"{name}.0")
+        _replace(model, name, factor_linear(model.get_submodule(name), w_u, w_v))
+    for name in sorted({k[:-2] for k in state if k.endswith(".L") and f"{k[:-2]}.R" in state}):
+        (o, k), i = state[f"{name}.L"].shape, state[f"{name}.R"].shape[1]
+        state.pop(f"{name}.weight", None)  # dense shadow W of the reference/svd weight updates; inference uses L R
+        _replace(model, name, LowRankLinear(i, o, k, f"{name}.bias" in state))
+    adapters = sorted({k.split(".lora_A.")[0] for k in state if ".lora_A." in k})
+    if adapters:
+        r = next(v.shape[0] for k, v in state.items() if ".lora_A." in k)
+        Lora(r=r, alpha=float(method_cfg.alpha)).add_adapters(model, adapters)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise RunExportError(f"{source} does not fit the model rebuilt from the run's config: {err}") from err
+    if adapters:
+        _merge_lora(model)
+    for name in svd_pairs:
+        down, up = model.get_submodule(name)
+        low_rank = LowRankLinear(down.in_features, up.out_features, down.out_features, up.bias is not None)
+        bias = {} if up.bias is None else {"bias": up.bias}
+        low_rank.load_state_dict({"L": up.weight, "R": down.weight, **bias})
+        _replace(model, name, low_rank)
+    return model.eval()
+
+
+def _weight(state: dict[str, Tensor], prefix: str) -> Tensor | None:
+    """The weight of linear `prefix`, plain or wrapped by a PEFT LoRA layer."""
+    return state.get(f"{prefix}.weight", state.get(f"{prefix}.base_layer.weight"))
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _merge_lora(model: nn.Module) -> None:
+    """Merge every PEFT LoRA layer into its base layer and put the base layer in its place."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
+        module.merge()
+        _replace(model, name, module.get_base_layer())
+
+
+@torch.no_grad()
+def _check_roundtrip(model: nn.Module, out: Path, image_size: int) -> None:
+    """Reload the artefact and compare its logits with the exported module's on a random batch."""
+    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    expected, got = model.eval()(x), load_exported(out)(x)
+    if not torch.allclose(expected, got, rtol=1e-5, atol=1e-5):
+        raise RunExportError(f"reloaded {out} differs from the exported model by {(expected - got).abs().max():.3g}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m experiments.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, help="run folder of train.py (holds .hydra/ and best.safetensors)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/export)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    export_run(args.run_dir, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Sweeps beyond one process: SLURM (submitit) and local parallel (joblib) launchers, Optuna preset."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import hydra
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["dataset=digits", "model=vit_tiny_cpu", "model.kwargs.depth=2", "trainer.epochs=1", "trainer.max_steps=2",
+        "trainer.batch_size=32", "trainer.eval_batches=1", "trainer.measure=false", "logger.mode=disabled",
+        "hardware.threads=1"]
+
+
+def compose_hydra(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_slurm_launcher_composes():
+    launcher = compose_hydra("hydra/launcher=slurm", "hydra.launcher.partition=gpu").hydra.launcher
+    cls = hydra.utils.get_class(launcher._target_)
+    assert cls.__name__ == "SlurmLauncher" and cls.__module__.startswith("hydra_plugins.hydra_submitit_launcher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.array_parallelism) == ("gpu", 1, 16)
+    assert launcher.timeout_min > 0 and launcher.cpus_per_task > 0 and launcher.mem_gb > 0
+
+
+def test_joblib_launcher_composes():
+    launcher = compose_hydra("hydra/launcher=joblib_local", "hydra.launcher.n_jobs=3").hydra.launcher
+    assert hydra.utils.get_class(launcher._target_).__name__ == "JoblibLauncher"
+    assert launcher.n_jobs == 3 and launcher.prefer == "processes"
+
+
+def test_optuna_preset_composes_to_a_valid_search_space():
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+    from optuna.distributions import LogUniformDistribution, UniformDistribution
+
+    cfg = compose_hydra("+experiment=optuna_wasi")
+    sweeper = cfg.hydra.sweeper
+    assert hydra.utils.get_class(sweeper._target_).__name__ == "OptunaSweeper"
+    assert sweeper.direction == "maximize" and sweeper.n_trials > 0
+    assert cfg.method.name == "wasi" and cfg.optimizer._target_ == "torch.optim.SGD"
+    assert type(hydra.utils.instantiate(sweeper.sampler)).__name__ == "TPESampler"
+    params = OmegaConf.to_container(sweeper.params)
+    assert set(params) == {"method.epsilon", "method.epsilon_act", "optimizer.lr"}
+    for key in params:  # every searched key exists in the composed config
+        assert OmegaConf.select(cfg, key) is not None
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    dists = {o.key_or_group: create_optuna_distribution_from_override(o) for o in parsed}
+    assert isinstance(dists["optimizer.lr"], LogUniformDistribution)
+    for key in ("method.epsilon", "method.epsilon_act"):
+        assert isinstance(dists[key], UniformDistribution) and 0 < dists[key].low < dists[key].high <= 1
+
+
+def test_joblib_launcher_runs_two_jobs(tmp_path: Path):
+    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=joblib_local", "method=vanilla,wasi", *TINY,
+           f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads((tmp_path / str(i) / "results.json").read_text()) for i in range(2)]
+    assert sorted(r["method"] for r in results) == ["vanilla", "wasi"]
+    assert all(r["train/steps"] == 2 and 0 <= r["test/acc"] <= 1 for r in results)
+
+
+@pytest.mark.slow
+def test_optuna_sweep_maximises_returned_accuracy(tmp_path: Path):
+    cmd = [sys.executable, "train.py", "-m", "+experiment=optuna_wasi", "hydra.sweeper.n_trials=3", *TINY,
+           f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = [json.loads((tmp_path / str(i) / "results.json").read_text()) for i in range(3)]
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert best["best_value"] == max(t["val/acc"] for t in trials)
+    assert len({(t["config/method.epsilon"], t["config/optimizer.lr"]) for t in trials}) == 3  # distinct samples
