@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUN_ARGS ?= trainer.epochs=6 trainer.batch_size=64
 
-.PHONY: setup run test test-slow sweep clean
+.PHONY: setup run test test-slow sweep pi-latency report clean
 
 $(VENV)/.installed: requirements.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test-slow: setup
 
 sweep: setup  ## every method on the small model and embedded data
 	$(PY) train.py -m method=vanilla,wsi,asi,wasi $(RUN_ARGS)
+
+pi-latency: setup  ## training/inference latency, vanilla vs WASI at each epsilon (Raspberry Pi 5 profile)
+	$(PY) -m device.latency $(LATENCY_ARGS)
+
+report: setup  ## Markdown table + PNG plots of a sweep's results.json files (SWEEP=multirun/<date>/<time>)
+	$(PY) -m experiments.report $(or $(SWEEP),$(lastword $(sort $(wildcard multirun/*/*)))) $(REPORT_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -1,0 +1,57 @@
+"""Paper sweep presets: each composes at paper scale and its small offline variant runs."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = ["vit_b32_eps", "swin_t_eps", "vit_b32_baselines", "swin_t_baselines", "last_n", "budget"]
+
+
+def composed(experiment: str):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_composes_at_paper_scale_and_small(preset):
+    cfg = composed(preset)
+    assert cfg.model.name in ("vit_b32", "swin_t") and cfg.hardware.name == "cuda"
+    assert cfg.trainer.epochs == 50 and cfg.trainer.batch_size == 128
+    assert cfg.hydra.sweeper.params
+    small = composed(f"[{preset},small]")
+    assert small.model.name == "vit_tiny_cpu" and small.dataset.name == "shapes" and small.hardware.name == "cpu"
+    assert small.hydra.sweeper.params == cfg.hydra.sweeper.params  # the same sweep, smaller jobs
+
+
+def run_small(preset: str, tmp_path: Path) -> list[dict]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, "train.py", "-m", f"+experiment=[{preset},small]", f"hydra.sweep.dir={tmp_path}",
+           f"paths.cache_dir={tmp_path}/cache"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"), key=lambda p: int(p.parent.name))]
+
+
+def test_small_baselines_sweep_runs(tmp_path):
+    results = run_small("vit_b32_baselines", tmp_path)
+    assert [r["method"] for r in results] == ["vanilla", "lora", "svd_llm", "wasi"]
+
+
+def test_small_budget_sweep_runs_and_reuses_one_rank_table(tmp_path):
+    results = run_small("budget", tmp_path)
+    assert [r["config/method.budget_mib"] for r in results] == [16, 32, 64, 128, 256]
+    assert len(list((tmp_path / "cache" / "rank_tables").glob("*.json"))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["vit_b32_eps", "swin_t_eps", "swin_t_baselines", "last_n"])
+def test_small_sweep_runs(tmp_path, preset):
+    results = run_small(preset, tmp_path)
+    assert results and all(0 <= r["test/acc"] <= 1 for r in results)
