@@ -121,3 +121,12 @@ def test_truncated_hosvd_ranks_follow_numpy_spectra(eps):
     torch.testing.assert_close(core, _einsum_core(x, factors))
     if eps == 1.0:
         torch.testing.assert_close(tucker_reconstruct(core, factors), x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 8, 5), (2, 3, 40)])  # wide unfoldings, and a tall one (40 × 6)
+def test_truncated_hosvd_bases_span_numpy_leading_singular_vectors(shape):
+    x = torch.randn(*shape, dtype=torch.float64)
+    _, factors = truncated_hosvd(x, 0.7)
+    for mode, u in enumerate(factors):
+        ref = np.linalg.svd(_np_unfold(x.numpy(), mode), full_matrices=False)[0][:, : u.shape[1]]
+        np.testing.assert_allclose(u.numpy() @ u.numpy().T, ref @ ref.T, atol=1e-4)

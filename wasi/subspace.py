@@ -80,15 +80,19 @@ def truncated_hosvd(x: Tensor, eps: float) -> tuple[Tensor, list[Tensor]]:
     """Truncated HOSVD: per mode, the leading left singular vectors of X_(m) that explain a
     fraction eps of its energy. x: (n_1, …, n_d) -> core (r_1, …, r_d), factors [U_m: (n_m, r_m)].
 
-    The singular pairs come from the eigendecomposition of the small Gram matrix X_(m) X_(m)ᵀ
-    (n_m × n_m, accumulated in float32, decomposed in float64) instead of an SVD of the wide unfolding.
+    For a wide unfolding (n_m ≤ ∏_{j≠m} n_j) the singular pairs come from the eigendecomposition
+    of the small Gram matrix X_(m) X_(m)ᵀ (n_m × n_m); a tall one is small enough for a direct SVD.
+    Both in float32.
     """
     factors = []
     for mode in range(x.dim()):
         xm = unfold(x, mode).float()
-        evals, evecs = torch.linalg.eigh((xm @ xm.T).double())  # ascending
-        s = evals.flip(0).clamp_min(0).sqrt()
-        factors.append(evecs.flip(1)[:, :explained_variance_rank(s, eps)].to(x.dtype))
+        if xm.shape[0] <= xm.shape[1]:
+            evals, evecs = torch.linalg.eigh(xm @ xm.T)  # ascending
+            s, u = evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
+        else:
+            u, s, _ = torch.linalg.svd(xm, full_matrices=False)
+        factors.append(u[:, :explained_variance_rank(s, eps)].to(x.dtype))
     return project(x, factors), factors
 
 
