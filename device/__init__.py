@@ -1,0 +1,1 @@
+"""On-device measurements: `python -m device.latency` times training steps and inference per method."""

@@ -1,0 +1,321 @@
+"""Sweep report: one Markdown table and a few PNG plots from a directory of ``results.json``.
+
+Usage::
+
+    python -m experiments.report multirun/2025-01-01 [--out DIR] [--latency summary.csv]
+                                 [--wandb-project ENTITY/PROJECT]
+
+Every ``results.json`` below the sweep directory (Hydra multirun layout
+``<date>/<time>/<job>/results.json``) is one flat JSON object of metrics plus a nested
+``config``. Missing keys are left blank. The report is regenerated from the files each time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+Run = dict[str, Any]
+
+#: Table columns, in order; metric keys found in the runs but not listed here follow them.
+COLUMNS: tuple[str, ...] = (
+    "method",
+    "model",
+    "dataset",
+    "epsilon",
+    "val/acc",
+    "test/acc",
+    "flops/inference_per_image",
+    "flops/train_step",
+    "memory/activation_bytes",
+    "memory/weight_bytes",
+    "memory/peak_bytes",
+    "memory/compressed_layers_bytes",
+    "time/train_step_s",
+)
+
+#: Where a key missing from the top level of results.json is looked up in its ``config``.
+CONFIG_FALLBACK: dict[str, tuple[str, ...]] = {
+    "method": ("method", "name"),
+    "model": ("model", "name"),
+    "dataset": ("dataset", "name"),
+    "epsilon": ("method", "epsilon"),
+}
+
+
+#: Top-level key groups left out of the table (run settings and provenance, not results).
+HIDDEN_GROUPS: frozenset[str] = frozenset({"config", "versions", "method"})
+
+
+def _from_config(run: Run, path: tuple[str, ...]) -> Any:
+    """``run["config"][a][b]`` (nested, as W&B stores it) or ``run["config/a.b"]`` (flattened)."""
+    flat = run.get("config/" + ".".join(path))
+    if flat is not None:
+        return flat
+    node = run.get("config")
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def value(run: Run, key: str) -> Any:
+    """The run's value for ``key``: top level first, then the config fallback, else None."""
+    if run.get(key) is not None:
+        return run[key]
+    path = CONFIG_FALLBACK.get(key)
+    return _from_config(run, path) if path else None
+
+
+def _natural_key(path: Path) -> list[tuple[int, int | str]]:
+    """Sort key putting Hydra job folders in numeric order (2 before 10)."""
+    return [(0, int(p)) if p.isdigit() else (1, p) for p in path.parts]
+
+
+def find_results(sweep_dir: Path) -> list[Run]:
+    """Load every ``results.json`` below ``sweep_dir``; adds ``run`` (its folder, relative)."""
+    runs = []
+    for path in sorted(sweep_dir.rglob("results.json"), key=_natural_key):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("skipping %s: %s", path, err)
+            continue
+        if not isinstance(data, dict):
+            log.warning("skipping %s: not a JSON object", path)
+            continue
+        data["run"] = str(path.parent.relative_to(sweep_dir))
+        runs.append(data)
+    log.info("found %d results.json under %s", len(runs), sweep_dir)
+    return runs
+
+
+def wandb_runs(project: str) -> list[Run]:
+    """Runs of a W&B project as flat dicts (summary metrics + ``config``); [] when unreachable."""
+    try:
+        import wandb
+
+        api_runs = list(wandb.Api(timeout=20).runs(project))
+    except Exception as err:  # offline, no credentials, unknown project: the report goes on
+        log.warning("W&B project %s not read: %s", project, err)
+        return []
+    runs = []
+    for api_run in api_runs:
+        data = {k: v for k, v in api_run.summary.items() if not k.startswith("_")}
+        data["config"] = dict(api_run.config)
+        data["run"] = f"wandb:{api_run.id}"
+        runs.append(data)
+    log.info("read %d runs from W&B project %s", len(runs), project)
+    return runs
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def table_columns(runs: Iterable[Run]) -> list[str]:
+    """``run``, the fixed COLUMNS, then other scalar metric keys (not HIDDEN_GROUPS) sorted."""
+    extra = set()
+    for run in runs:
+        extra |= {k for k, v in run.items() if (_is_number(v) or isinstance(v, str))
+                  and not ("/" in k and k.split("/")[0] in HIDDEN_GROUPS)}
+    extra -= set(COLUMNS) | {"run"}
+    return ["run", *COLUMNS, *sorted(extra)]
+
+
+def format_cell(x: Any) -> str:
+    """Ints in full, floats in their shortest exact form (``float(cell) == x``), None blank."""
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return repr(x) if math.isfinite(x) else str(x)
+    return str(x).replace("|", "\\|")
+
+
+def markdown_table(runs: list[Run]) -> str:
+    """One row per run, columns from :func:`table_columns`."""
+    columns = table_columns(runs)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for run in runs:
+        lines.append("| " + " | ".join(format_cell(value(run, c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def _series_label(run: Run, vary: list[str]) -> str:
+    parts = [str(value(run, "method"))]
+    parts += [str(value(run, k)) for k in vary]
+    return " / ".join(parts)
+
+
+def _varying(runs: list[Run], keys: Iterable[str]) -> list[str]:
+    return [k for k in keys if len({str(value(r, k)) for r in runs}) > 1]
+
+
+def _accuracy(run: Run) -> Any:
+    acc = value(run, "test/acc")
+    return acc if acc is not None else value(run, "val/acc")
+
+
+def _paper_memory(run: Run) -> Any:
+    act, weight = value(run, "memory/activation_bytes"), value(run, "memory/weight_bytes")
+    return act + weight if _is_number(act) and _is_number(weight) else None
+
+
+def plot_accuracy_vs_memory(runs: list[Run], path: Path) -> bool:
+    """Accuracy (test, else val) against activation+weight bytes and against peak bytes."""
+    vary = _varying(runs, ("model", "dataset"))
+    panels: list[tuple[str, Callable[[Run], Any]]] = [
+        ("activation + weight bytes (fine-tuned layers)", _paper_memory),
+        ("peak bytes (measured)", lambda r: value(r, "memory/peak_bytes")),
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    drawn = False
+    for ax, (xlabel, get_x) in zip(axes, panels):
+        series: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for run in runs:
+            x, y = get_x(run), _accuracy(run)
+            if _is_number(x) and _is_number(y) and x > 0:
+                series[_series_label(run, vary)].append((x, y))
+        for label, points in sorted(series.items()):
+            ax.scatter(*zip(*points), label=label, s=28)
+            drawn = True
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy")
+        ax.grid(alpha=0.3)
+        if series:
+            ax.set_xscale("log")
+            ax.legend(fontsize=7)
+    return _save(fig, path, drawn)
+
+
+def _plot_vs_epsilon(runs: list[Run], keys: list[str], path: Path, ylabel: str) -> bool:
+    """One panel per key: mean value per (series, ε) as lines; runs without ε as dashed lines."""
+    vary = _varying(runs, ("model", "dataset"))
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2), squeeze=False)
+    drawn = False
+    for ax, key in zip(axes[0], keys):
+        points: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+        flat: dict[str, list[float]] = defaultdict(list)
+        for run in runs:
+            y, eps = value(run, key), value(run, "epsilon")
+            if not _is_number(y):
+                continue
+            if _is_number(eps):
+                points[_series_label(run, vary)][float(eps)].append(y)
+            else:
+                flat[_series_label(run, vary)].append(y)
+        for label, by_eps in sorted(points.items()):
+            eps_sorted = sorted(by_eps)
+            ax.plot(eps_sorted, [sum(by_eps[e]) / len(by_eps[e]) for e in eps_sorted], "o-",
+                    label=label)
+            drawn = True
+        for label, ys in sorted(flat.items()):
+            ax.axhline(sum(ys) / len(ys), linestyle="--", color="gray" if len(flat) == 1 else None,
+                       label=label)
+            drawn = True
+        ax.set_title(key)
+        ax.set_xlabel("ε (explained variance)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if points or flat:
+            ax.set_yscale("log")
+            ax.legend(fontsize=7)
+    return _save(fig, path, drawn)
+
+
+def read_latency_summary(path: Path) -> list[dict[str, str]]:
+    """Rows of a ``device.latency`` summary.csv."""
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def plot_latency_ratios(rows: list[dict[str, str]], path: Path) -> bool:
+    """Speed-up vs vanilla per method label, for the training step and for inference."""
+    phases = ("train_step", "inference")
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    ratio = {(r["label"], r["phase"]): float(r["speedup_vs_vanilla"] or "nan") for r in rows}
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels)), 4.2))
+    width = 0.8 / len(phases)
+    for i, phase in enumerate(phases):
+        xs = [j + (i - (len(phases) - 1) / 2) * width for j in range(len(labels))]
+        ax.bar(xs, [ratio.get((lab, phase), math.nan) for lab in labels], width, label=phase)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_ylabel("speed-up vs vanilla (median ratio)")
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path, bool(labels))
+
+
+def _save(fig: plt.Figure, path: Path, drawn: bool) -> bool:
+    if drawn:
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        log.info("wrote %s", path)
+    else:
+        log.info("no data for %s, not written", path.name)
+    plt.close(fig)
+    return drawn
+
+
+def write_report(runs: list[Run], out: Path, latency: Path | None = None) -> list[Path]:
+    """Write ``report.md`` and the plots into ``out``; returns the files written."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots: list[tuple[str, str, Callable[[Path], bool]]] = [
+        ("accuracy_vs_memory.png", "Accuracy vs training memory",
+         lambda p: plot_accuracy_vs_memory(runs, p)),
+        ("flops_vs_eps.png", "FLOPs vs ε",
+         lambda p: _plot_vs_epsilon(runs, ["flops/inference_per_image", "flops/train_step"], p,
+                                    "FLOPs")),
+        ("memory_vs_eps.png", "Memory vs ε",
+         lambda p: _plot_vs_epsilon(runs, ["memory/activation_bytes", "memory/weight_bytes",
+                                           "memory/peak_bytes"], p, "bytes")),
+    ]
+    if latency is not None:
+        rows = read_latency_summary(latency)
+        plots.append(("latency_ratios.png", "On-device latency (speed-up vs vanilla)",
+                      lambda p: plot_latency_ratios(rows, p)))
+    written = []
+    sections = [f"# Sweep report\n\n{len(runs)} runs.\n\n{markdown_table(runs)}\n"]
+    for name, title, draw in plots:
+        if draw(out / name):
+            written.append(out / name)
+            sections.append(f"## {title}\n\n![{title}]({name})\n")
+    if latency is not None:
+        sections.append(f"Latency summary: `{latency}`\n")
+    (out / "report.md").write_text("\n".join(sections))
+    return [out / "report.md", *written]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="directory searched for results.json")
+    parser.add_argument("--out", type=Path, default=None, help="default: <sweep_dir>/report")
+    parser.add_argument("--latency", type=Path, default=None, help="device.latency summary.csv")
+    parser.add_argument("--wandb-project", default=None, help="also read runs from W&B")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    runs = find_results(args.sweep_dir)
+    if args.wandb_project:
+        runs += wandb_runs(args.wandb_project)
+    out = args.out or args.sweep_dir / "report"
+    for path in write_report(runs, out, args.latency):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()
