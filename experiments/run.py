@@ -1,4 +1,11 @@
-"""The training loop, top to bottom: build, train, evaluate, keep the best, test, measure, log."""
+"""The training loop, top to bottom: build, resume, train, evaluate, keep the best, checkpoint, test,
+measure, log.
+
+One process, or N under `torchrun --nproc_per_node=N train.py ...` (experiments/distributed.py:
+DDP, global batch N × trainer.batch_size, rank 0 alone logs and writes files). `last.ckpt` in the
+run folder is written every epoch, every `trainer.checkpoint_every` steps and on SIGINT/SIGTERM;
+`resume=true` continues from it exactly (experiments/checkpoint.py).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -6,6 +13,7 @@ import logging
 import math
 import platform
 import random
+import signal
 from importlib.metadata import version
 from pathlib import Path
 
@@ -13,14 +21,15 @@ import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 import wasi
-from experiments import metrics
+from experiments import checkpoint, distributed, metrics
+from experiments.checkpoint import Progress, TrainingInterrupted
 from experiments.data import build_datasets
 from experiments.logger import WandbLogger, flatten, resolved_config, write_results
 from experiments.methods import first_batch
@@ -34,59 +43,103 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def run(cfg: DictConfig) -> dict:
-    """Train and evaluate one configuration; returns (and writes) the flat results dict."""
-    run_dir = Path(cfg.paths.run_dir)
+    """Train and evaluate one configuration; returns (and writes) the flat results dict.
+
+    SIGINT/SIGTERM write last.ckpt at the next step boundary, then raise TrainingInterrupted (a
+    SystemExit with status 130/143); a second SIGINT stops at once.
+    """
+    with distributed.process_group(cfg.hardware.device) as ctx, checkpoint.StopRequest() as stop:
+        return train(cfg, ctx, stop)
+
+
+def train(cfg: DictConfig, ctx: distributed.Context, stop: checkpoint.StopRequest) -> dict:
+    """The body of `run` for this process (rank ctx.rank of ctx.world_size)."""
+    device = setup_hardware(cfg.hardware, ctx.local_rank)
+    run_dir = Path(distributed.broadcast(cfg.paths.run_dir, ctx))  # rank 0's: the default name holds a time
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = setup_hardware(cfg.hardware)
-    seed_everything(cfg.seed)
+    seed_everything(cfg.seed)  # the same on every rank: identical models and random streams
     tc = cfg.trainer
 
-    # Data, model, method, optimizer.
+    # Data, model, method, optimizer. Each rank trains on its shard of every global batch; the method
+    # is calibrated on the same images on every rank (the global batches of epoch 0).
     data = build_datasets(cfg.dataset, cfg.model.image_size, cfg.seed)
-    loader = torch.Generator().manual_seed(cfg.seed)
-    train_loader = DataLoader(data.train, tc.batch_size, shuffle=True, generator=loader, num_workers=tc.num_workers)
-    val_loader = DataLoader(data.val, tc.batch_size, num_workers=tc.num_workers)
-    test_loader = DataLoader(data.test, tc.batch_size, num_workers=tc.num_workers)
+    sampler = distributed.EpochSampler(data.train, ctx, cfg.seed)
+    train_loader = DataLoader(data.train, tc.batch_size, sampler=sampler, generator=sampler.generator,
+                              num_workers=tc.num_workers)
+    calibration = DataLoader(data.train, tc.batch_size * ctx.world_size, num_workers=tc.num_workers,
+                             sampler=distributed.EpochSampler(data.train, distributed.Context(), cfg.seed))
+    val_loader = DataLoader(distributed.shard(data.val, ctx), tc.batch_size, num_workers=tc.num_workers)
+    test_loader = DataLoader(distributed.shard(data.test, ctx), tc.batch_size, num_workers=tc.num_workers)
     model = build_model(cfg.model, data.num_classes).to(device)
     method = hydra.utils.instantiate(cfg.method)
-    summary = method.apply(model, train_loader, device)
+    summary = method.apply(model, calibration, device)
     optimizer = method.build_optimizer(model, hydra.utils.instantiate(cfg.optimizer))
     base_lr = optimizer.param_groups[0]["lr"]
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs, eta_min=tc.min_lr_ratio * base_lr)
     amp = autocast(cfg.hardware, device)
     config = resolved_config(cfg)
-    logger = WandbLogger(cfg, run_dir, config)
+    logger = WandbLogger(cfg if ctx.is_main else OmegaConf.merge(cfg, {"logger": {"mode": "disabled"}}), run_dir, config)
 
-    # Train; evaluate every eval_interval epochs; keep the best-validation weights on disk.
-    best_path, best_acc, step, loss = run_dir / "best.safetensors", -1.0, 0, float("nan")
-    for epoch in range(tc.epochs):
-        model.train()
-        for x, y in tqdm(train_loader, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False):
-            loss = train_step(model, optimizer, x.to(device), y.to(device), tc.grad_clip, amp).item()
+    # Resume: last.ckpt holds weights, optimizer, schedule, position, RNG states (experiments/checkpoint.py).
+    best_path, last_path = run_dir / "best.safetensors", run_dir / "last.ckpt"
+    start = Progress()
+    if (resume_from := checkpoint.resume_path(cfg.resume, run_dir)) is not None:
+        start = checkpoint.load(resume_from, model, optimizer, scheduler, config, ctx.rank, ctx.world_size)
+        if ctx.is_main:
+            checkpoint.carry_best(resume_from, best_path, start)  # when resuming into another folder
+    ddp_model = distributed.wrap(model, ctx)
+
+    # Train; evaluate every eval_interval epochs; keep the best-validation weights on disk; checkpoint
+    # every epoch, every checkpoint_every steps, and when a signal asks to stop.
+    step, best_acc, loss = start.step, start.best_acc, start.loss
+    for epoch in range(start.epoch, tc.epochs):
+        if tc.max_steps and step >= tc.max_steps:
+            break
+        trained = start.batch if epoch == start.epoch else 0  # batches of this epoch done before a resume
+        ddp_model.train()
+        batches = tqdm(distributed.epoch_batches(train_loader, epoch, skip=trained), total=len(train_loader),
+                       initial=trained, desc=f"epoch {epoch + 1}/{tc.epochs}", leave=False, disable=not ctx.is_main)
+        for batch, (x, y) in enumerate(batches, start=trained + 1):
+            loss = train_step(ddp_model, optimizer, x.to(device), y.to(device), tc.grad_clip, amp).item()
+            loss, stopping = distributed.agree(loss, stop.requested, ctx, device)  # mean over ranks
             if not math.isfinite(loss):
                 raise NonFiniteLossError(
-                    f"loss is {loss} at step {step}. The best weights so far are in {best_path}. "
+                    f"loss is {loss} at step {step}. The best weights so far are in {best_path}; {last_path} "
+                    "keeps the last checkpoint (not overwritten). "
                     "Fix: lower optimizer.lr, set trainer.grad_clip, or use hardware.precision=fp32."
                 )
             step += 1
             logger.log({"train/loss": loss, "train/lr": optimizer.param_groups[0]["lr"], "epoch": epoch}, step)
+            if stopping or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
+                write_checkpoint(last_path, model, optimizer, scheduler, Progress(epoch, batch, step, best_acc, loss),
+                                 config, ctx)
+            if stopping:
+                signum = stop.signum or signal.SIGTERM  # another rank may have got the signal
+                log.warning("stopped by %s at step %d; checkpoint %s. Continue with the same overrides plus "
+                            "hydra.run.dir=%s resume=true", signal.Signals(signum).name, step, last_path, run_dir)
+                raise TrainingInterrupted(128 + signum)
             if tc.max_steps and step >= tc.max_steps:
                 break
         scheduler.step()
         done = epoch + 1 == tc.epochs or bool(tc.max_steps and step >= tc.max_steps)
         if (epoch + 1) % tc.eval_interval == 0 or done:
-            val_acc = evaluate(model, val_loader, device, amp, tc.eval_batches)
+            val_acc = evaluate(model, val_loader, device, amp, tc.eval_batches, ctx)
             log.info("epoch %d step %d loss %.4f val/acc %.4f", epoch + 1, step, loss, val_acc)
             logger.log({"val/acc": val_acc}, step)
             if val_acc > best_acc:
                 best_acc = val_acc
-                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(best_path))
+                if ctx.is_main:
+                    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(best_path))
+        write_checkpoint(last_path, model, optimizer, scheduler, Progress(epoch + 1, 0, step, best_acc, loss), config, ctx)
         if done:
             break
+    stop.release()  # from here on SIGINT/SIGTERM act as usual: last.ckpt holds the finished training
+    distributed.check_replicas_equal(model, ctx)
 
     # Test the best model, then measure cost on it (this mutates its weights, so it comes last).
-    model.load_state_dict(load_file(str(best_path), device=str(device)))
-    test_acc = evaluate(model, test_loader, device, amp, tc.eval_batches)
+    distributed.barrier(ctx)  # rank 0 has written best.safetensors
+    checkpoint.load_model_state(model, load_file(str(best_path), device=str(device)))
+    test_acc = evaluate(model, test_loader, device, amp, tc.eval_batches, ctx)
     results = {
         "method": cfg.method.name,
         "model": cfg.model.name,
@@ -98,13 +151,14 @@ def run(cfg: DictConfig) -> dict:
         **{f"params/{k}": v for k, v in metrics.count_parameters(model).items()},
         **{f"method/{k}": v for k, v in flatten(summary).items()},
     }
-    if tc.measure:
+    if tc.measure:  # on every rank (SubspaceSGD steps are collectives), per-process batch
         results.update(measure(model, method, optimizer, first_batch(train_loader, device), cfg, device, amp))
     results.update({f"versions/{k}": v for k, v in library_versions().items()})
     results.update({f"config/{k}": v for k, v in flatten(config).items()})
-    write_results(run_dir / "results.json", results)
-    logger.finish(results)
-    log.info("test/acc %.4f  (results: %s)", test_acc, run_dir / "results.json")
+    if ctx.is_main:
+        write_results(run_dir / "results.json", results)
+        logger.finish(results)
+        log.info("test/acc %.4f  (results: %s)", test_acc, run_dir / "results.json")
     return results
 
 
@@ -127,12 +181,23 @@ def train_step(
     return loss.detach()
 
 
+def write_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
+                     config: dict, ctx: distributed.Context) -> None:
+    """last.ckpt from rank 0, with every rank's Tucker warm-start factors. Every rank calls it (collective)
+    and first checks the weights are finite, so a NaN stops all ranks and keeps the previous file."""
+    checkpoint.check_finite(model, optimizer, progress.step, path)
+    warm_start = distributed.all_gather_objects(checkpoint.warm_start_state(model), ctx)
+    if ctx.is_main:
+        checkpoint.save(path, model, optimizer, scheduler, progress, warm_start, config)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp, max_batches: int | None) -> float:
-    """Top-1 accuracy over the loader (or its first max_batches batches)."""
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp, max_batches: int | None,
+             ctx: distributed.Context = distributed.Context()) -> float:
+    """Top-1 accuracy over the loader (or its first max_batches batches), summed over ranks' shards."""
     model.eval()
     correct = total = 0
-    for i, (x, y) in enumerate(tqdm(loader, desc="eval", leave=False)):
+    for i, (x, y) in enumerate(tqdm(loader, desc="eval", leave=False, disable=not ctx.is_main)):
         if max_batches is not None and i >= max_batches:
             break
         with amp:
@@ -140,6 +205,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp, ma
         correct += (pred.cpu() == y).sum().item()
         total += y.numel()
     model.train()
+    correct, total = distributed.all_sum([correct, total], ctx, device)
     return correct / max(total, 1)
 
 
@@ -166,12 +232,13 @@ def measure(model: nn.Module, method, optimizer, batch, cfg: DictConfig, device:
     return out
 
 
-def setup_hardware(hw: DictConfig) -> torch.device:
+def setup_hardware(hw: DictConfig, local_rank: int = 0) -> torch.device:
+    """The device of this process (`cuda:local_rank` under torchrun) and the CPU thread count."""
     if hw.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("hardware=cuda but no CUDA device is visible. Fix: run on a GPU machine or use hardware=cpu.")
     if hw.threads:
         torch.set_num_threads(hw.threads)
-    return torch.device(hw.device)
+    return torch.device("cuda", local_rank) if hw.device == "cuda" else torch.device(hw.device)
 
 
 def autocast(hw: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:

@@ -187,3 +187,69 @@ def test_dense_factor_grads_without_factored_grad_raise():
     F.cross_entropy(model(x), y).backward()
     with pytest.raises(RuntimeError, match="model.train"):
         opt.step()
+
+
+
+def _truncated_svd(w: torch.Tensor, eps: float) -> tuple[int, torch.Tensor]:
+    """Independent rank-K truncation: K is the first index where the cumulative σ² share reaches eps."""
+    u, s, vh = torch.linalg.svd(w.double())
+    share = (s.square().cumsum(0) / s.square().sum()).tolist()
+    k = next(i + 1 for i, c in enumerate(share) if c >= eps)
+    return k, (u[:, :k] * s[:k]) @ vh[:k]
+
+
+def test_svd_mode_step_is_truncated_svd_of_dense_sgd_step():
+    """fc1: WSI (dense saved input), fc2: WASI with full activation ranks, so a dense twin with weight L R
+    has the layers' ∇W as its autograd gradient. The svd mode keeps the full W and steps it to
+    W' = (1-ηλ) W − η ∇W; L R must be the rank-K truncated SVD of W' at ε."""
+    lr, wd, eps = 0.5, 0.1, 0.6
+    full = _dense()
+    model = copy.deepcopy(full)
+    model.fc1 = WSILinear.from_linear(full.fc1, eps, weight_update="svd")
+    model.fc2 = WASILinear.from_linear(full.fc2, eps, [3, 5, H], weight_update="svd")
+    twin = copy.deepcopy(full)
+    with torch.no_grad():
+        twin.fc1.weight.copy_(model.fc1.L @ model.fc1.R)
+        twin.fc2.weight.copy_(model.fc2.L @ model.fc2.R)
+    x, y = _batches(1)[0]
+    F.cross_entropy(twin(x), y).backward()
+    opt = SubspaceSGD(model, lr, weight_decay=wd)
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    for name in ("fc1", "fc2"):
+        layer, w, grad = getattr(model, name), getattr(full, name).weight.detach(), getattr(twin, name).weight.grad
+        w_new = (1 - lr * wd) * w - lr * grad
+        k, w_ref = _truncated_svd(w_new, eps)
+        assert layer.rank == k and layer.L.shape == (layer.out_features, k) and layer.R.shape == (k, layer.in_features)
+        torch.testing.assert_close(layer.L @ layer.R, w_ref.float(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.weight.detach(), w_new, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(layer.L.T @ layer.L, torch.eye(k), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("eps,k0,k1", [(0.3, 1, 1), (0.8, 2, 3), (0.95, 3, 4)])
+def test_svd_mode_rank_follows_epsilon_of_known_spectrum(eps, k0, k1):
+    """W = diag(4, 2, 1, 1): σ² shares .73, .91, .95, 1 give K0. A gradient step adding diag(0, 0, 1.5, 3.5)
+    to the full W gives W' = diag(4, 2, 2.5, 4.5), σ² 20.25, 16, 6.25, 4 (shares .44, .78, .91, 1) -> K1,
+    and L R keeps the K1 largest diagonal entries. The reference mode (W = L R, one iteration) keeps K0."""
+    w0, w1 = torch.tensor([4.0, 2.0, 1.0, 1.0]), torch.tensor([4.0, 2.0, 2.5, 4.5])
+    linear = nn.Linear(4, 4)
+    with torch.no_grad():
+        linear.weight.copy_(torch.diag(w0))
+    x = torch.eye(4)[2:].unsqueeze(0)  # tokens e_2, e_3: (1, 2, 4)
+    push = torch.tensor([[[0, 0, 1.5, 0], [0, 0, 0, 3.5]]])  # -∂loss/∂y, so ∇W = -diag(0, 0, 1.5, 3.5)
+    layers = {u: WSILinear.from_linear(linear, eps, weight_update=u) for u in ("svd", "reference")}
+    for layer in layers.values():
+        assert layer.rank == k0
+        opt = SubspaceSGD(layer, lr=1.0)
+        (-(layer(x) * push).sum()).backward()
+        opt.step()
+    assert {u: l.rank for u, l in layers.items()} == {"svd": k1, "reference": k0}
+    keep = w1.argsort(descending=True)[:k1]
+    expected = torch.diag(torch.zeros(4).index_copy(0, keep, w1[keep]))
+    torch.testing.assert_close(layers["svd"].L @ layers["svd"].R, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layers["svd"].weight.detach(), torch.diag(w1))
+
+
+def test_svd_mode_needs_epsilon():
+    with pytest.raises(ValueError, match="epsilon"):
+        WSILinear(torch.eye(3, 2), torch.ones(2, 3), None, weight_update="svd")

@@ -23,7 +23,9 @@ class WASIConfig:
       budget_bytes: per-layer ε from eps_set chosen by the perplexity knapsack (wasi.ranks).
     targets: "mlp" (blocks' mlp.fc1/fc2) or "mlp+attn" (also attn.qkv/attn.proj).
     last_n: convert and train only the last n target layers (None: all).
-    weight_update: "factored" (no dense weight ever) or "reference" (dense W as the published code).
+    weight_update: "factored" (no dense weight ever), "reference" (dense W = L R, one subspace-iteration
+      step per optimizer step) or "svd" (the paper's "SVD every iteration" ablation: full dense W, a
+      fresh truncated SVD at ε every step, so K may change).
     seed: seeds each layer's Gaussian Tucker initialisation (layer i uses seed + i).
     """
 

@@ -19,7 +19,7 @@ from wasi.subspace import explained_variance_rank, tucker
 
 __all__ = ["ASILinear", "WSILinear", "WASILinear", "low_rank_factors", "WEIGHT_UPDATES"]
 
-WEIGHT_UPDATES = ("factored", "reference")
+WEIGHT_UPDATES = ("factored", "reference", "svd")
 
 
 def low_rank_factors(weight: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
@@ -37,6 +37,11 @@ def _check_ranks(act_ranks: Sequence[int]) -> list[int]:
     if not ranks or min(ranks) < 1:
         raise ValueError(f"act_ranks must be positive ints, one per input mode, got {list(act_ranks)}")
     return ranks
+
+
+def _full_weight(linear: nn.Linear, weight_update: str) -> Tensor | None:
+    """The untruncated dense weight (O, I) that "svd" mode keeps; None (L R) for the other modes."""
+    return linear.weight.detach().clone() if weight_update == "svd" else None
 
 
 def _nbytes(*tensors: Tensor | None) -> int:
@@ -79,6 +84,16 @@ class _SubspaceLinear(nn.Module):
         self._factors = factors
         self._act_bytes = (_nbytes(core, *factors), _nbytes(x))
         return core, factors
+
+    def warm_start_state(self) -> list[Tensor]:
+        """The Tucker factors [U_m: (n_m, r_m)] the next training forward warm-starts from ([] before the
+        first one, or when the input is saved dense). Not in the state_dict (they belong to the training
+        trajectory, not to the weights): a training checkpoint saves them to resume exactly."""
+        return [] if self._factors is None else list(self._factors)
+
+    def load_warm_start_state(self, factors: Sequence[Tensor]) -> None:
+        """Restore `warm_start_state()`; [] means a fresh seeded Gaussian start at the next forward."""
+        self._factors = [f.detach().clone() for f in factors] or None
 
     def memory_report(self) -> dict[str, int]:
         """Paper's count for this layer, from the last training forward: bytes of the saved activation
@@ -134,31 +149,45 @@ class WSILinear(_SubspaceLinear):
       P: (I, r))`, which SubspaceSGD turns into new factors without any (O, I) tensor. With the dense
       saved input, G = dy_(unfold)ᵀ and P = x_(unfold)ᵀ (r = number of tokens, P not orthonormal);
       WASI has P = U_d. Successive backwards concatenate along r; SubspaceSGD.zero_grad clears it.
+      Under torch.distributed, `factored_grad_reduced` says whether it is already the mean over ranks
+      (wasi.distributed.reduce_factored_grads; each backward resets it).
     weight_update="reference": as the published code, a dense parameter `weight` (O, I) = L R receives
-      the dense gradient; `L`, `R` are buffers that SubspaceSGD re-derives after each step.
-      state_dict: `weight`, `bias`, `L`, `R`.
+      the dense gradient; `L`, `R` are buffers that SubspaceSGD re-derives after each step by one
+      subspace-iteration step. state_dict: `weight`, `bias`, `L`, `R`.
+    weight_update="svd" (the paper's "SVD every iteration" ablation, as the published code): the dense
+      parameter `weight` (O, I) is the full weight (`from_linear`: the untruncated W), takes the plain
+      SGD step and is never projected; `L`, `R` are buffers re-derived from it after each step by a
+      fresh truncated SVD at `epsilon`, so K is recomputed each step and may change (the buffers are
+      replaced; a state_dict loads into a layer of the same K). Projecting W back to L R, as
+      "reference" does, would make K shrink every step: ε of an already truncated spectrum needs
+      fewer directions. Needs `epsilon`. state_dict: `weight`, `bias`, `L`, `R`.
     """
 
     factored_grad: tuple[Tensor, Tensor] | None
 
-    def __init__(self, L: Tensor, R: Tensor, bias: Tensor | None, weight_update: str = "factored"):
+    def __init__(self, L: Tensor, R: Tensor, bias: Tensor | None, weight_update: str = "factored",
+                 epsilon: float | None = None, weight: Tensor | None = None):
+        """weight: the dense (O, I) parameter of the "reference"/"svd" modes (default L R)."""
         super().__init__(R.shape[1], L.shape[0], None, 0)
         if weight_update not in WEIGHT_UPDATES:
             raise ValueError(f"weight_update must be one of {WEIGHT_UPDATES}, got {weight_update!r}")
-        self.weight_update = weight_update
+        if weight_update == "svd" and epsilon is None:
+            raise ValueError("weight_update='svd' re-derives K from epsilon each step: pass epsilon (or use from_linear)")
+        self.weight_update, self.epsilon = weight_update, epsilon
         if weight_update == "factored":
             self.L, self.R = nn.Parameter(L), nn.Parameter(R)
         else:
-            self.weight = nn.Parameter(L @ R)
+            self.weight = nn.Parameter(L @ R if weight is None else weight)
             self.register_buffer("L", L)
             self.register_buffer("R", R)
         self.bias = None if bias is None else nn.Parameter(bias)
         self.factored_grad = None
+        self.factored_grad_reduced = False  # averaged over data-parallel ranks yet (wasi.distributed)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, epsilon: float, weight_update: str = "factored") -> WSILinear:
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(*low_rank_factors(linear.weight, epsilon), bias, weight_update)
+        return cls(*low_rank_factors(linear.weight, epsilon), bias, weight_update, epsilon, _full_weight(linear, weight_update))
 
     @property
     def rank(self) -> int:
@@ -166,6 +195,7 @@ class WSILinear(_SubspaceLinear):
 
     def accumulate_factored_grad(self, g: Tensor, p: Tensor) -> None:
         """Add ∇W += g pᵀ. g: (O, r), p: (I, r); successive backwards concatenate along r."""
+        self.factored_grad_reduced = False
         if self.factored_grad is None:
             self.factored_grad = (g, p)
         else:
@@ -173,7 +203,7 @@ class WSILinear(_SubspaceLinear):
             self.factored_grad = (torch.cat([g0, g], 1), torch.cat([p0, p], 1))
 
     def _fn_weights(self) -> tuple[Tensor | None, Tensor, Tensor]:
-        return (self.weight if self.weight_update == "reference" else None), self.L, self.R
+        return (None if self.weight_update == "factored" else self.weight), self.L, self.R
 
     def _sink(self) -> WSILinear | None:
         return self if self.weight_update == "factored" else None
@@ -193,8 +223,9 @@ class WASILinear(WSILinear):
     saved input (as ASILinear): backward sees only S and the U_m, and ∇W = G U_dᵀ has rank ≤ r_d."""
 
     def __init__(self, L: Tensor, R: Tensor, bias: Tensor | None, act_ranks: Sequence[int],
-                 weight_update: str = "factored", seed: int = 0):
-        super().__init__(L, R, bias, weight_update)
+                 weight_update: str = "factored", seed: int = 0, epsilon: float | None = None,
+                 weight: Tensor | None = None):
+        super().__init__(L, R, bias, weight_update, epsilon, weight)
         self.act_ranks = _check_ranks(act_ranks)
         self.seed = seed
 
@@ -202,4 +233,5 @@ class WASILinear(WSILinear):
     def from_linear(cls, linear: nn.Linear, epsilon: float, act_ranks: Sequence[int],
                     weight_update: str = "factored", seed: int = 0) -> WASILinear:
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(*low_rank_factors(linear.weight, epsilon), bias, act_ranks, weight_update, seed)
+        return cls(*low_rank_factors(linear.weight, epsilon), bias, act_ranks, weight_update, seed, epsilon,
+                   _full_weight(linear, weight_update))

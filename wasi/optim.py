@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from wasi.layers import WSILinear
+from wasi.distributed import reduce_factored_grads
+from wasi.layers import WSILinear, low_rank_factors
 from wasi.model import factored_layers
 from wasi.subspace import orth
 
@@ -34,7 +35,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
 
     The norm covers every parameter `.grad` and, for WSI/WASI layers, ‖∇W‖_F = ‖G Pᵀ‖_F of their
     `factored_grad`, whose G is scaled too (out of place: G may share memory with autograd buffers).
+    Under torch.distributed the factored grads are first averaged over ranks (wasi.distributed), as
+    DDP averages `.grad`, so every rank clips by the same global norm.
     """
+    reduce_factored_grads([layer for _, layer in factored_layers(model)])
     params = [p for p in model.parameters() if p.grad is not None]
     layers = [layer for _, layer in factored_layers(model) if layer.factored_grad is not None]
     squares = [p.grad.float().square().sum() for p in params] + [factored_sq_norm(*l.factored_grad) for l in layers]
@@ -71,9 +75,13 @@ class SubspaceSGD(torch.optim.Optimizer):
     buffer at every step (e.g. K = O); otherwise the part of the momentum outside the weight
     subspace is dropped. With μ = 0 these are the page's formulas verbatim.
 
-    Reference layers (weight_update="reference"): the dense `weight` takes the plain SGD step (dense
-    momentum buffer included), then Q = W'ᵀ L, L' = orth(W' Q), R' = L'ᵀ W', and W ← L' R'.
-    `zero_grad` also clears the layers' factored_grad.
+    Dense-weight layers (weight_update="reference" or "svd"): the dense `weight` takes the plain SGD
+    step W' = (1-ηλ) W − η ∇W (dense momentum buffer included), then "reference": Q = W'ᵀ L,
+    L' = orth(W' Q), R' = L'ᵀ W', W ← L' R'; "svd": L' = U_K, R' = Σ_K V_Kᵀ from a fresh truncated
+    SVD W' = U Σ Vᵀ with K recomputed from the layer's ε (it may change between steps), W kept as W'.
+    `zero_grad` also clears the layers' factored_grad. Under torch.distributed (DDP averaging the
+    ordinary `.grad`s), `step` first averages the factored grads over ranks exactly (wasi.distributed:
+    an all_gather along r), so every rank takes the identical subspace step.
     """
 
     def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0, momentum: float = 0.0):
@@ -81,7 +89,7 @@ class SubspaceSGD(torch.optim.Optimizer):
             raise ValueError(f"lr, weight_decay, momentum must be >= 0, got {lr}, {weight_decay}, {momentum}")
         layers = [layer for _, layer in factored_layers(model)]
         self._factored = [l for l in layers if l.weight_update == "factored" and l.L.requires_grad]
-        self._reference = [l for l in layers if l.weight_update == "reference"]
+        self._reference = [l for l in layers if l.weight_update != "factored"]  # dense-weight modes
         factors = {id(t) for l in self._factored for t in (l.L, l.R)}
         plain = [p for p in model.parameters() if p.requires_grad and id(p) not in factors]
         groups = ([{"params": plain}] if plain else []) + [
@@ -94,6 +102,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        reduce_factored_grads(self._factored)
         for group in self.param_groups:
             if group["layer"] is None:
                 self._sgd(group)
@@ -142,8 +151,12 @@ class SubspaceSGD(torch.optim.Optimizer):
 
 
 def _resync(layer: WSILinear) -> None:
-    """Reference mode: re-derive L, R from the updated dense weight by one subspace-iteration step."""
+    """Re-derive L, R from the updated dense weight W' (O, I): "reference" by one subspace-iteration step
+    from L, then W ← L R; "svd" by a fresh truncated SVD at the layer's ε (new buffers, K may change)."""
     w = layer.weight
+    if layer.weight_update == "svd":
+        layer.L, layer.R = low_rank_factors(w, layer.epsilon)
+        return
     new_l = orth(w @ (w.T @ layer.L))
     new_r = new_l.T @ w
     layer.L.copy_(new_l)

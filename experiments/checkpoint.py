@@ -1,0 +1,376 @@
+"""Training checkpoints (`last.ckpt`): write atomically, validate completely, then resume exactly.
+
+A checkpoint is one `torch.save` of plain containers and tensors, read back only with
+`torch.load(weights_only=True)`:
+
+    format, version    "wasi-train-checkpoint", 1
+    model              model.state_dict() (WSI/WASI layers: their factors L, R and bias only)
+    optimizer          optimizer.state_dict() (SubspaceSGD: momentum buffers, lr per group)
+    scheduler          LR scheduler state_dict
+    progress           Progress: epoch, batches done in that epoch, step, best val acc, last loss
+    rng                python, numpy (as lists), torch CPU and CUDA generator states (rank 0's;
+                       every rank seeds and draws alike); the data order needs none: it is a
+                       function of (seed, epoch, position), see experiments.distributed.EpochSampler
+    warm_start         per rank, {layer name: [U_m]}: the Tucker factors the next ASI/WASI forward
+                       warm-starts from (not in the state_dict; without them a resumed run would
+                       restart them from the seeded Gaussian and drift slightly)
+    world_size         number of data-parallel processes
+    config             the resolved run config
+
+`load` checks all of it against the freshly built model, optimizer, scheduler and config before
+changing any of them, so a truncated, foreign or mismatched file is reported, never half-loaded.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from experiments.logger import flatten
+from wasi import ASILinear, WSILinear
+
+log = logging.getLogger(__name__)
+
+FORMAT, VERSION = "wasi-train-checkpoint", 1
+ENTRIES = {"model": dict, "optimizer": dict, "scheduler": dict, "progress": dict, "rng": dict, "warm_start": list,
+           "world_size": int, "config": dict}
+# Config entries that must equal the checkpoint's for the run to be a continuation of it.
+IDENTITY = ("seed", "model", "dataset", "method", "optimizer", "trainer.batch_size", "trainer.epochs",
+            "trainer.grad_clip", "trainer.min_lr_ratio", "hardware.precision")
+# Locations rather than content: a resumed run may read data and caches from elsewhere.
+LOCATIONS = {"dataset.root", "dataset.download", "method.rank_table", "method.cache"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not belong to this run; nothing was loaded."""
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """The weights became NaN or inf; the last checkpoint was left as it was."""
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGINT/SIGTERM: a checkpoint was written and the run stopped; exit status 128 + signal number."""
+
+
+@dataclass
+class Progress:
+    """Where training stands. epoch: the epoch in progress (0-based); batch: its batches already
+    trained (0 at an epoch boundary); step: optimizer steps so far; best_acc: best val/acc so far
+    (-1 before the first evaluation); loss: the last training loss."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best_acc: float = -1.0
+    loss: float = math.nan
+
+
+def resume_path(resume: bool | str | None, run_dir: Path) -> Path | None:
+    """`resume=true` -> run_dir/last.ckpt (pass the interrupted run's hydra.run.dir); a string -> that
+    file; null/false -> None (a fresh run)."""
+    if resume is None or resume is False:
+        return None
+    path = run_dir / "last.ckpt" if resume is True else Path(str(resume))
+    if not path.is_file():
+        raise CheckpointError(
+            f"resume={resume} but there is no checkpoint at {path}. Fix: pass the interrupted run's folder "
+            "as hydra.run.dir=<its folder> with resume=true, or resume=/path/to/last.ckpt, or drop resume "
+            "to start a fresh run.")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states as weights_only-loadable containers (numpy's key as a list of ints)."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "python": random.getstate(),
+        "numpy": {"key": np_state["state"]["key"].tolist(), "pos": int(np_state["state"]["pos"]),
+                  "has_gauss": int(np_state["has_gauss"]), "gauss": float(np_state["gauss"])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+    }
+
+
+def warm_start_state(model: nn.Module) -> dict[str, list[torch.Tensor]]:
+    """{layer name: [U_m]} of every ASI/WASI layer that has warm-start factors (CPU copies)."""
+    states = {name: layer.warm_start_state() for name, layer in _subspace_layers(model).items()}
+    return {name: [u.detach().cpu() for u in factors] for name, factors in states.items() if factors}
+
+
+def check_finite(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, path: Path) -> None:
+    """NonFiniteWeightsError if any weight or optimizer state is NaN/inf (then `path` is not overwritten)."""
+    tensors = {**model.state_dict(), **_optimizer_tensors(optimizer)}
+    if bad := [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
+        raise NonFiniteWeightsError(
+            f"weights are NaN/inf after step {step} (e.g. {bad[:3]}); {path} was not overwritten and holds the "
+            "last good state. Fix: lower optimizer.lr, set trainer.grad_clip, or use hardware.precision=fp32.")
+
+
+def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: Progress,
+         warm_start: list[dict[str, list[torch.Tensor]]], config: dict) -> None:
+    """Write the checkpoint atomically (temp file, fsync, os.replace): a crash mid-write leaves the
+    previous file intact. warm_start: one `warm_start_state` per rank, in rank order. Refuses NaN/inf
+    weights or optimizer state (check_finite), keeping the previous file."""
+    check_finite(model, optimizer, progress.step, path)
+    checkpoint = {
+        "format": FORMAT, "version": VERSION,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "progress": asdict(progress), "rng": rng_state(), "warm_start": warm_start,
+        "world_size": len(warm_start), "config": config,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    log.info("checkpoint: %s (epoch %d, step %d)", path, progress.epoch, progress.step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, config: dict,
+         rank: int = 0, world_size: int = 1) -> Progress:
+    """Validate `path` against this run, then restore model, optimizer, scheduler, this rank's
+    warm-start factors and the RNG states; returns where to continue. Raises CheckpointError (with
+    the fix) on anything that does not fit, before touching any of them."""
+    ckpt = read(path)
+    problems = _config_problems(ckpt["config"], config)
+    if ckpt["world_size"] != world_size:
+        problems.append(f"it was written by {ckpt['world_size']} processes, this run has {world_size} "
+                        f"(trainer.batch_size is per process, so the global batch would change)")
+    problems += _model_problems(ckpt["model"], model)
+    problems += _optimizer_problems(ckpt["optimizer"], optimizer)
+    if set(ckpt["scheduler"]) != set(scheduler.state_dict()):
+        problems.append("its LR scheduler state has other entries than this run's scheduler")
+    problems += _warm_start_problems(ckpt["warm_start"], ckpt["world_size"], model)
+    problems += _rng_problems(ckpt["rng"])
+    if set(ckpt["progress"]) != {f.name for f in fields(Progress)}:
+        problems.append(f"its progress entry {ckpt['progress']} is not {[f.name for f in fields(Progress)]}")
+    if problems:
+        raise CheckpointError(
+            f"{path} does not belong to this run:\n  - " + "\n  - ".join(problems) + "\n"
+            "Fix: resume with the same overrides (and the same number of processes) as the run that wrote it "
+            "(its resolved config is in <run dir>/.hydra/config.yaml), or start a fresh run without resume / "
+            "in a new hydra.run.dir.")
+
+    progress = Progress(**ckpt["progress"])
+    load_model_state(model, ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    layers = _subspace_layers(model)
+    for name, factors in ckpt["warm_start"][rank].items():
+        layers[name].load_warm_start_state([u.to(_device(layers[name])) for u in factors])
+    set_rng_state(ckpt["rng"])
+    log.info("resumed from %s: epoch %d, batch %d, step %d", path, progress.epoch, progress.batch, progress.step)
+    return progress
+
+
+def carry_best(ckpt_path: Path, best_path: Path, progress: Progress) -> None:
+    """Resuming from a checkpoint in another folder: copy that run's best-validation weights along, as
+    they are the weights behind progress.best_acc (the test split is evaluated on them at the end)."""
+    source = ckpt_path.parent / best_path.name
+    if progress.best_acc < 0 or best_path.exists() or source.resolve() == best_path.resolve():
+        return
+    if not source.is_file():
+        raise CheckpointError(f"{ckpt_path} records a best val/acc of {progress.best_acc:.4f} but {source} is "
+                              f"missing. Fix: copy the interrupted run's {best_path.name} to {best_path}.")
+    shutil.copyfile(source, best_path)
+    log.info("copied %s to %s", source, best_path)
+
+
+def read(path: Path) -> dict[str, Any]:
+    """The checkpoint dict, loaded with weights_only=True; CheckpointError if it is not one of ours."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, foreign pickle, not a torch file at all
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err).split('. ')[0][:200]}); "
+            "it is truncated (killed while copying?) or not written by train.py. Nothing was loaded. Fix: "
+            "resume from an intact last.ckpt (train.py writes it atomically), or start a fresh run without resume."
+        ) from err
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} is not a {FORMAT} version {VERSION} file (a weights file, or from another program?). "
+            "Fix: resume=true reads <run dir>/last.ckpt written by train.py; for weights only use model.checkpoint=...")
+    if damaged := sorted(k for k, kind in ENTRIES.items() if not isinstance(ckpt.get(k), kind)):
+        raise CheckpointError(f"{path} lacks {damaged} (or holds something else there): it is damaged. "
+                              "Fix: start a fresh run without resume.")
+    return ckpt
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_python_state(state["python"]))
+    np.random.set_state(_numpy_state(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _python_state(s: Any) -> tuple:
+    """The pickled tuple-of-tuples may come back with lists inside; random.setstate wants tuples."""
+    return (s[0], tuple(s[1]), s[2])
+
+
+def _numpy_state(s: dict[str, Any]) -> tuple:
+    return ("MT19937", np.asarray(s["key"], dtype=np.uint32), s["pos"], s["has_gauss"], s["gauss"])
+
+
+def _config_problems(saved: dict, current: dict) -> list[str]:
+    a, b = flatten(saved), flatten(current)
+    keys = sorted({k for k in a.keys() | b.keys()
+                   if any(k == p or k.startswith(p + ".") for p in IDENTITY) and k not in LOCATIONS})
+    return [f"config {k}: checkpoint {a.get(k, '<absent>')!r}, this run {b.get(k, '<absent>')!r}"
+            for k in keys if a.get(k) != b.get(k)][:10]
+
+
+def _model_problems(saved: dict, model: nn.Module) -> list[str]:
+    own = model.state_dict()
+    if not isinstance(saved, dict):
+        return ["its model entry is not a state_dict"]
+    resizable = _svd_factor_keys(model)
+    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
+    bad = [f"{k}: checkpoint {_describe(saved[k])}, model {_describe(own[k])}" for k in sorted(own.keys() & saved.keys())
+           if not isinstance(saved[k], torch.Tensor) or saved[k].dtype != own[k].dtype
+           or (saved[k].shape != own[k].shape and k not in resizable)]
+    out = []
+    if missing or unexpected:
+        out.append(f"model tensors: {len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+                   f"(e.g. {unexpected[:3]})")
+    if bad:
+        out.append(f"model tensors of another shape or dtype: {bad[:3]}")
+    return out
+
+
+def _optimizer_problems(saved: dict, optimizer: torch.optim.Optimizer) -> list[str]:
+    own = optimizer.state_dict()
+    if not isinstance(saved, dict) or set(saved) != set(own):
+        return ["its optimizer entry is not this optimizer's state_dict"]
+    sizes = [len(g["params"]) for g in saved["param_groups"]]
+    if sizes != [len(g["params"]) for g in own["param_groups"]]:
+        return [f"optimizer parameter groups of sizes {sizes}, this run's {[len(g['params']) for g in own['param_groups']]} "
+                "(another method, targets or last_n?)"]
+    if [set(g) for g in saved["param_groups"]] != [set(g) for g in own["param_groups"]]:
+        return ["optimizer hyper-parameters differ in kind (another optimizer?)"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return [f"optimizer state of parameter {i}: {k} {tuple(t.shape)}, parameter {tuple(params[i].shape)}"
+            for i, entry in saved["state"].items() for k, t in entry.items()
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and (i >= len(params) or t.shape != params[i].shape)][:3]
+
+
+def _warm_start_problems(saved: list, world_size: int, model: nn.Module) -> list[str]:
+    well_formed = len(saved) == world_size and all(
+        isinstance(per_rank, dict) and all(isinstance(f, list) and all(isinstance(u, torch.Tensor) and u.dim() == 2
+                                                                       for u in f) for f in per_rank.values())
+        for per_rank in saved)
+    if not well_formed:
+        return [f"its warm-start entry is not one {{layer: [2-D tensors]}} per process ({world_size})"]
+    foreign = sorted({n for per_rank in saved for n in per_rank} - set(_subspace_layers(model)))
+    return [f"warm-start factors for layers this model lacks: {foreign[:3]}"] if foreign else []
+
+
+def _rng_problems(state: dict) -> list[str]:
+    try:  # on throwaway generators, so the global ones stay untouched
+        random.Random().setstate(_python_state(state["python"]))
+        np.random.RandomState().set_state(_numpy_state(state["numpy"]))
+        torch.Generator().set_state(state["torch"])
+    except Exception as err:
+        return [f"its RNG states do not load ({type(err).__name__}: {err})"]
+    return []
+
+
+def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """model.load_state_dict(state), after resizing the "svd"-mode L, R buffers whose rank K changed in
+    training (the other shapes must already match)."""
+    for key in _svd_factor_keys(model):
+        module_name, _, buffer = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if getattr(module, buffer).shape != state[key].shape:
+            setattr(module, buffer, torch.empty_like(state[key], device=_device(module)))
+    model.load_state_dict(state)
+
+
+def _svd_factor_keys(model: nn.Module) -> set[str]:
+    return {f"{name}.{b}" for name, m in model.named_modules()
+            if isinstance(m, WSILinear) and m.weight_update == "svd" for b in ("L", "R")}
+
+
+def _subspace_layers(model: nn.Module) -> dict[str, ASILinear | WSILinear]:
+    """ASI, WSI and WASI layers by name (WASILinear is a WSILinear)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (ASILinear, WSILinear))}
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    return {f"optimizer.{i}.{k}": t for i, entry in enumerate(optimizer.state.values())
+            for k, t in entry.items() if isinstance(t, torch.Tensor)}
+
+
+def _describe(t: object) -> str:
+    return f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping on signals
+# ---------------------------------------------------------------------------------------------
+
+class StopRequest:
+    """While entered, SIGINT and SIGTERM only set `signum`: the loop checkpoints at the next step
+    boundary and raises TrainingInterrupted (exit status 128 + signum: 130, 143). A second SIGINT
+    (Ctrl-C twice) stops at once. `release()` (and exit) restore the previous handlers; off the main
+    thread it does nothing."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+    def release(self) -> None:
+        """Training is over: restore the previous handlers, and deliver a signal that came after the last
+        step boundary (with them, e.g. SIGTERM terminates)."""
+        if self._restore() and self.signum is not None:
+            signal.raise_signal(self.signum)
+
+    def _restore(self) -> bool:
+        previous, self._previous = self._previous, {}
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        return bool(previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            signal.signal(signum, self._previous[signum])
+            signal.raise_signal(signum)
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None

@@ -1,0 +1,294 @@
+"""Checkpoint and resume: a run interrupted (crash, SIGTERM) and resumed ends exactly where an
+uninterrupted run ends; damaged or foreign checkpoints are refused before anything is loaded;
+a NaN stops the run and leaves the last checkpoint intact."""
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+from safetensors.torch import load_file
+from torch import nn
+
+import experiments.run as run_module
+import wasi
+from experiments import checkpoint
+from experiments.checkpoint import CheckpointError, NonFiniteWeightsError, Progress, TrainingInterrupted
+
+ROOT = Path(__file__).resolve().parents[1]
+# WASI with momentum, dropout and random flips, so optimizer state, Tucker warm start and every RNG matter.
+# 128 train images / 16 = 8 steps per epoch, 16 in all; checkpoints every 3 steps land mid-epoch.
+TINY = ["model=vit_tiny_cpu", "model.kwargs.depth=2", "+model.kwargs.drop_rate=0.1", "dataset.train_size=160",
+        "dataset.test_size=64", "dataset.hflip=true", "trainer.epochs=2", "trainer.batch_size=16",
+        "trainer.measure=false", "logger.mode=disabled", "method=wasi", "optimizer.momentum=0.9",
+        "hardware.threads=1"]
+
+
+def make_cfg(run_dir: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*TINY, "trainer.checkpoint_every=3", *overrides])
+    with open_dict(cfg):
+        cfg.paths.run_dir = str(run_dir)
+        cfg.paths.cache_dir = str(run_dir.parent / "cache")
+    return cfg
+
+
+def stop_at(monkeypatch, step: int, action):
+    """Make the loop's train_step call `action(x)` on its `step`-th call (1-based)."""
+    calls, original = [0], run_module.train_step
+
+    def wrapped(model, optimizer, x, y, *args):
+        calls[0] += 1
+        if calls[0] == step:
+            x = action(x)
+        return original(model, optimizer, x, y, *args)
+
+    monkeypatch.setattr(run_module, "train_step", wrapped)
+
+
+class Crash(Exception):
+    pass
+
+
+def crash(x):
+    raise Crash
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    return run_dir, run_module.run(make_cfg(run_dir))
+
+
+def assert_same_run(a_dir: Path, a: dict, b_dir: Path, b: dict) -> None:
+    """Same metrics, bit-identical best weights and final checkpoint (weights and optimizer state)."""
+    assert {k: v for k, v in a.items() if not k.startswith("config/")} == \
+           {k: v for k, v in b.items() if not k.startswith("config/")}
+    best_a, best_b = load_file(str(a_dir / "best.safetensors")), load_file(str(b_dir / "best.safetensors"))
+    assert best_a.keys() == best_b.keys() and all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+    last_a, last_b = checkpoint.read(a_dir / "last.ckpt"), checkpoint.read(b_dir / "last.ckpt")
+    assert last_a["progress"] == last_b["progress"]
+    assert all(torch.equal(last_a["model"][k], last_b["model"][k]) for k in last_a["model"])
+    state_a, state_b = last_a["optimizer"]["state"], last_b["optimizer"]["state"]
+    assert state_a.keys() == state_b.keys() and state_a
+    assert all(torch.equal(state_a[i]["momentum_buffer"], state_b[i]["momentum_buffer"]) for i in state_a)
+
+
+def test_resume_after_a_crash_matches_the_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    stop_at(monkeypatch, 11, crash)  # dies during step 11: the last checkpoint is from step 9 (epoch 2, batch 1)
+    with pytest.raises(Crash):
+        run_module.run(make_cfg(run_dir))
+    saved = checkpoint.read(run_dir / "last.ckpt")
+    assert saved["progress"] == {**saved["progress"], "epoch": 1, "batch": 1, "step": 9}
+    assert saved["warm_start"][0] and all(len(f) == 3 for f in saved["warm_start"][0].values())
+    monkeypatch.undo()
+    shutil.copytree(run_dir, tmp_path / "step9")
+
+    resumed = run_module.run(make_cfg(run_dir, "resume=true"))
+    assert resumed["train/steps"] == 16
+    assert_same_run(*uninterrupted, run_dir, resumed)
+
+    # The Tucker warm-start factors are what makes it exact: drop them and the run drifts. (Resumed into
+    # another folder, which gets the interrupted run's best.safetensors.)
+    ckpt = checkpoint.read(tmp_path / "step9" / "last.ckpt")
+    ckpt["warm_start"] = [{}]
+    torch.save(ckpt, tmp_path / "step9" / "cold.ckpt")
+    cold_dir = tmp_path / "cold"
+    cold = run_module.run(make_cfg(cold_dir, f"resume={tmp_path / 'step9' / 'cold.ckpt'}"))
+    assert cold["train/steps"] == 16
+    final, cold_final = checkpoint.read(run_dir / "last.ckpt")["model"], checkpoint.read(cold_dir / "last.ckpt")["model"]
+    assert not all(torch.equal(final[k], cold_final[k]) for k in final)
+
+
+def test_resume_with_loader_workers_matches_the_uninterrupted_run(tmp_path, monkeypatch):
+    """With workers the random flips come from the workers' own streams; resuming mid-epoch must continue them."""
+    workers = ("trainer.num_workers=2",)
+    reference = run_module.run(make_cfg(tmp_path / "reference", *workers))
+    stop_at(monkeypatch, 12, crash)  # last checkpoint: step 9, mid-epoch 2
+    with pytest.raises(Crash):
+        run_module.run(make_cfg(tmp_path / "run", *workers))
+    monkeypatch.undo()
+    resumed = run_module.run(make_cfg(tmp_path / "run", *workers, "resume=true"))
+    assert_same_run(tmp_path / "reference", reference, tmp_path / "run", resumed)
+
+
+def test_sigterm_checkpoints_at_a_step_boundary_then_resume_is_exact(uninterrupted, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [*TINY, "trainer.checkpoint_every=2", f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path}/cache"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "train.py", *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM" in stdout and "resume=true" in stdout, stdout[-3000:]
+    progress = Progress(**checkpoint.read(run_dir / "last.ckpt")["progress"])
+    assert 2 <= progress.step < 16 and progress.step == 8 * progress.epoch + progress.batch
+    assert not (run_dir / "results.json").exists()
+
+    resumed = run_module.run(make_cfg(run_dir, "trainer.checkpoint_every=2", "resume=true"))
+    assert_same_run(*uninterrupted, run_dir, resumed)
+
+
+def test_sigterm_in_process_raises_training_interrupted(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+
+    def sigterm(x):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives during this step; honoured after it
+        return x
+
+    stop_at(monkeypatch, 5, sigterm)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted) as info:
+        run_module.run(make_cfg(run_dir, "trainer.checkpoint_every=null"))
+    assert info.value.code == 143 and signal.getsignal(signal.SIGTERM) is previous
+    assert checkpoint.read(run_dir / "last.ckpt")["progress"]["step"] == 5
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    stop_at(monkeypatch, 5, lambda x: torch.full_like(x, math.nan))  # NaN images: NaN loss, grads, weights
+    with pytest.raises(run_module.NonFiniteLossError, match="loss is nan at step 4.*last.ckpt"):
+        run_module.run(make_cfg(run_dir, "trainer.checkpoint_every=1"))
+    saved = checkpoint.read(run_dir / "last.ckpt")
+    assert saved["progress"]["step"] == 4
+    assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged and foreign checkpoints, on a small hand-built model
+# ---------------------------------------------------------------------------------------------
+
+def small_setup(seed: int = 0, out_features: int = 12):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, out_features))
+    model[0] = wasi.WASILinear.from_linear(model[0], epsilon=0.9, act_ranks=[3, 4, 5])
+    optimizer = wasi.SubspaceSGD(model, lr=0.1, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
+    return model, optimizer, scheduler
+
+
+def train_steps(model, optimizer, scheduler, n: int = 2) -> None:
+    for _ in range(n):
+        x = torch.randn(4, 6, 8)
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+    scheduler.step()
+
+
+CONFIG = {"seed": 1, "method": {"name": "wasi", "epsilon": 0.9, "rank_table": "/a/cache"}, "trainer": {"epochs": 4}}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model, optimizer, scheduler = small_setup()
+    train_steps(model, optimizer, scheduler)
+    path = tmp_path / "last.ckpt"
+    rng = torch.get_rng_state()
+    checkpoint.save(path, model, optimizer, scheduler, Progress(1, 0, 2, 0.5, 1.0),
+                    [checkpoint.warm_start_state(model)], CONFIG)
+    return path, model, optimizer, rng
+
+
+def snapshot(model, optimizer):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {i: {k: v.clone() for k, v in s.items()} for i, s in enumerate(optimizer.state.values())},
+            torch.get_rng_state(), model[0].warm_start_state())
+
+
+def assert_untouched(before, model, optimizer):
+    state, opt, rng, warm = before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert opt == {} and not optimizer.state  # a fresh optimizer stayed fresh
+    assert torch.equal(rng, torch.get_rng_state()) and warm == model[0].warm_start_state() == []
+
+
+def test_save_then_load_restores_everything(saved):
+    path, trained, trained_opt, rng = saved
+    model, optimizer, scheduler = small_setup(seed=1)  # other initial weights, same structure (and RNG)
+    progress = checkpoint.load(path, model, optimizer, scheduler, CONFIG)
+    assert progress == Progress(1, 0, 2, 0.5, 1.0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in trained.state_dict().items())
+    for (p, q) in zip(optimizer.state.values(), trained_opt.state.values()):
+        assert torch.equal(p["momentum_buffer"], q["momentum_buffer"])
+    assert [torch.equal(a, b) for a, b in zip(model[0].warm_start_state(), trained[0].warm_start_state())] == [True] * 3
+    assert scheduler.last_epoch == 1 and optimizer.param_groups[0]["lr"] == trained_opt.param_groups[0]["lr"]
+    assert torch.equal(torch.get_rng_state(), rng)  # the state at save time, not the reseeded one
+    moved = {**CONFIG, "method": {**CONFIG["method"], "rank_table": "/elsewhere"}}  # a location may change
+    checkpoint.load(path, *small_setup(), moved)
+
+
+def replace(ckpt: dict, entry: str, key: str, value) -> dict:
+    return {**ckpt, entry: {**ckpt[entry], key: value}}
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "not a readable checkpoint"),
+    (lambda p: p.write_text("hello"), "not a readable checkpoint"),
+    (lambda p: torch.save({"a.weight": torch.zeros(2)}, p), "not a wasi-train-checkpoint"),
+    (lambda p: torch.save({**checkpoint.read(p), "format": "another-program"}, p), "not a wasi-train-checkpoint"),
+    (lambda p: torch.save({k: v for k, v in checkpoint.read(p).items() if k != "optimizer"}, p), "lacks"),
+    (lambda p: torch.save({**checkpoint.read(p), "warm_start": {"0": []}}, p), r"lacks \['warm_start'\]"),
+    (lambda p: torch.save(replace(checkpoint.read(p), "model", "0.bias", "text"), p), "0.bias: checkpoint str"),
+    (lambda p: torch.save({**checkpoint.read(p), "progress": {"step": 2}}, p), "its progress entry"),
+])
+def test_damaged_checkpoint_is_refused_and_nothing_is_loaded(saved, damage, message):
+    path = saved[0]
+    damage(path)
+    model, optimizer, scheduler = small_setup(seed=1)
+    before = snapshot(model, optimizer)
+    with pytest.raises(CheckpointError, match=message) as info:
+        checkpoint.load(path, model, optimizer, scheduler, CONFIG)
+    assert "Fix:" in str(info.value)
+    assert_untouched(before, model, optimizer)
+
+
+@pytest.mark.parametrize("change,config,world_size,message", [
+    (None, {**CONFIG, "method": {**CONFIG["method"], "epsilon": 0.8}}, 1, "config method.epsilon: checkpoint 0.9, this run 0.8"),
+    (None, {**CONFIG, "seed": 2}, 1, "config seed"),
+    (None, CONFIG, 2, "written by 1 processes, this run has 2"),
+    (dict(out_features=10), CONFIG, 1, r"model tensors of another shape.*2\.weight"),
+])
+def test_foreign_checkpoint_is_refused_and_nothing_is_loaded(saved, change, config, world_size, message):
+    model, optimizer, scheduler = small_setup(seed=1, **(change or {}))
+    before = snapshot(model, optimizer)
+    with pytest.raises(CheckpointError, match=message) as info:
+        checkpoint.load(saved[0], model, optimizer, scheduler, config, world_size=world_size)
+    assert "does not belong to this run" in str(info.value) and "Fix:" in str(info.value)
+    assert_untouched(before, model, optimizer)
+
+
+def test_checkpoint_of_another_model_is_refused(saved):
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 12))  # dense: no L, R
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
+    with pytest.raises(CheckpointError, match=r"missing \(e.g. \['0.weight'\]\).*unexpected \(e.g. \['0.L'"):
+        checkpoint.load(saved[0], model, optimizer, scheduler, CONFIG)
+
+
+def test_non_finite_weights_are_never_written(saved):
+    path, model, optimizer, _ = saved
+    before = path.read_bytes()
+    with torch.no_grad():
+        model[2].weight[0, 0] = math.inf
+    with pytest.raises(NonFiniteWeightsError, match="2.weight"):
+        checkpoint.save(path, model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1), Progress(), [{}], CONFIG)
+    assert path.read_bytes() == before and not path.with_name("last.ckpt.tmp").exists()
+
+
+def test_resume_without_a_checkpoint_names_the_fix(tmp_path):
+    with pytest.raises(CheckpointError, match="hydra.run.dir"):
+        checkpoint.resume_path(True, tmp_path)
+    assert checkpoint.resume_path(None, tmp_path) is None
