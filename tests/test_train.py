@@ -63,3 +63,15 @@ def test_missing_dataset_offline_names_the_fix(tmp_path):
 def test_factored_update_with_adamw_is_refused(tmp_path):
     proc = train(*QUICK, "method=wsi", "optimizer=adamw", "logger.mode=disabled", f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode != 0 and "optimizer=sgd" in proc.stderr
+
+
+def test_every_method_in_one_multirun_writes_every_metric(tmp_path):
+    train("-m", *QUICK, "dataset.train_size=160", "dataset.test_size=64", "logger.mode=disabled",
+          "method=vanilla,lora,svd_llm,wsi,asi,wasi", f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache")
+    results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("*/results.json"), key=lambda p: int(p.parent.name))]
+    assert [r["method"] for r in results] == ["vanilla", "lora", "svd_llm", "wsi", "asi", "wasi"]
+    for r in results:
+        assert not [k for k in METRICS if k not in r], r["method"]
+        assert 0 < r["params/trainable"] <= r["params/total"]
+    converted = [r for r in results if r["method"] in ("wsi", "asi", "wasi")]
+    assert all(r["memory/compressed_layers_bytes"] <= r["memory/compressed_layers_vanilla_bytes"] for r in converted)
