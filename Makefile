@@ -23,7 +23,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 sweep: setup  ## every method on the small model and embedded data
-	$(PY) train.py -m method=vanilla,wsi,asi,wasi $(RUN_ARGS)
+	$(PY) train.py -m method=vanilla,lora,svd_llm,wsi,asi,wasi $(RUN_ARGS)
 
 pi-latency: setup  ## training/inference latency, vanilla vs WASI at each epsilon (Raspberry Pi 5 profile)
 	$(PY) -m device.latency $(LATENCY_ARGS)
