@@ -30,10 +30,10 @@ def test_preset_composes_at_paper_scale_and_small(preset):
     assert small.hydra.sweeper.params == cfg.hydra.sweeper.params  # the same sweep, smaller jobs
 
 
-def run_small(preset: str, tmp_path: Path) -> list[dict]:
+def run_small(preset: str, tmp_path: Path, *overrides: str) -> list[dict]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
     cmd = [sys.executable, "train.py", "-m", f"+experiment=[{preset},small]", f"hydra.sweep.dir={tmp_path}",
-           f"paths.cache_dir={tmp_path}/cache"]
+           f"paths.cache_dir={tmp_path}/cache", *overrides]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"), key=lambda p: int(p.parent.name))]
@@ -48,6 +48,12 @@ def test_small_budget_sweep_runs_and_reuses_one_rank_table(tmp_path):
     results = run_small("budget", tmp_path)
     assert [r["config/method.budget_mib"] for r in results] == [16, 32, 64, 128, 256]
     assert len(list((tmp_path / "cache" / "rank_tables").glob("*.json"))) == 1
+
+
+def test_small_eps_sweep_runs_every_method_at_one_epsilon(tmp_path):
+    results = run_small("vit_b32_eps", tmp_path, "method.epsilon=0.5")
+    assert [(r["method"], r["config/method.epsilon"]) for r in results] == [("wsi", 0.5), ("asi", 0.5), ("wasi", 0.5)]
+    assert [r["config/method.epsilon_act"] for r in results] == [None, 0.5, 0.5]
 
 
 @pytest.mark.slow
