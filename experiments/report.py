@@ -170,7 +170,7 @@ def _accuracy(run: Run) -> Any:
     return acc if acc is not None else value(run, "val/acc")
 
 
-def _paper_memory(run: Run) -> Any:
+def _training_memory(run: Run) -> Any:
     act, weight = value(run, "memory/activation_bytes"), value(run, "memory/weight_bytes")
     return act + weight if _is_number(act) and _is_number(weight) else None
 
@@ -179,7 +179,7 @@ def plot_accuracy_vs_memory(runs: list[Run], path: Path) -> bool:
     """Accuracy (test, else val) against activation+weight bytes and against peak bytes."""
     vary = _varying(runs, ("model", "dataset"))
     panels: list[tuple[str, Callable[[Run], Any]]] = [
-        ("activation + weight bytes (fine-tuned layers)", _paper_memory),
+        ("training memory: saved activations + weights, grads, optimizer state (bytes)", _training_memory),
         ("peak bytes (measured)", lambda r: value(r, "memory/peak_bytes")),
     ]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
