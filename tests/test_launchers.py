@@ -1,9 +1,6 @@
 """Sweeps beyond one process: SLURM (submitit) and local parallel (joblib) launchers, Optuna preset."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import hydra
@@ -13,7 +10,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli import ROOT, sweep_results, train
+
 TINY = ["dataset=digits", "model=vit_tiny_cpu", "model.kwargs.depth=2", "trainer.epochs=1", "trainer.max_steps=2",
         "trainer.batch_size=32", "trainer.eval_batches=1", "trainer.measure=false", "logger.mode=disabled",
         "hardware.threads=1"]
@@ -60,22 +58,20 @@ def test_optuna_preset_composes_to_a_valid_search_space():
 
 
 def test_joblib_launcher_runs_two_jobs(tmp_path: Path):
-    cmd = [sys.executable, "train.py", "-m", "hydra/launcher=joblib_local", "method=vanilla,wasi", *TINY,
-           f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads((tmp_path / str(i) / "results.json").read_text()) for i in range(2)]
+    train("-m", "hydra/launcher=joblib_local", "method=vanilla,wasi", *TINY, f"hydra.sweep.dir={tmp_path}",
+          f"paths.cache_dir={tmp_path / 'cache'}")
+    results = sweep_results(tmp_path)
+    assert len(results) == 2
     assert sorted(r["method"] for r in results) == ["vanilla", "wasi"]
     assert all(r["train/steps"] == 2 and 0 <= r["test/acc"] <= 1 for r in results)
 
 
 @pytest.mark.slow
 def test_optuna_sweep_maximises_returned_accuracy(tmp_path: Path):
-    cmd = [sys.executable, "train.py", "-m", "+experiment=optuna_wasi", "hydra.sweeper.n_trials=3", *TINY,
-           f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    trials = [json.loads((tmp_path / str(i) / "results.json").read_text()) for i in range(3)]
+    train("-m", "+experiment=optuna_wasi", "hydra.sweeper.n_trials=3", *TINY, f"hydra.sweep.dir={tmp_path}",
+          f"paths.cache_dir={tmp_path / 'cache'}")
+    trials = sweep_results(tmp_path)
+    assert len(trials) == 3
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(t["val/acc"] for t in trials)
     assert len({(t["config/method.epsilon"], t["config/optimizer.lr"]) for t in trials}) == 3  # distinct samples

@@ -1,15 +1,12 @@
 """Paper sweep presets: each composes at paper scale and its small offline variant runs."""
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.cli import ROOT, sweep_results, train
+
 PRESETS = ["vit_b32_eps", "swin_t_eps", "vit_b32_baselines", "swin_t_baselines", "last_n", "budget"]
 
 
@@ -31,12 +28,9 @@ def test_preset_composes_at_paper_scale_and_small(preset):
 
 
 def run_small(preset: str, tmp_path: Path, *overrides: str) -> list[dict]:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
-    cmd = [sys.executable, "train.py", "-m", f"+experiment=[{preset},small]", f"hydra.sweep.dir={tmp_path}",
-           f"paths.cache_dir={tmp_path}/cache", *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/results.json"), key=lambda p: int(p.parent.name))]
+    train("-m", f"+experiment=[{preset},small]", f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache",
+          *overrides)
+    return sweep_results(tmp_path)
 
 
 def test_small_baselines_sweep_runs(tmp_path):

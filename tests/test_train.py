@@ -1,15 +1,11 @@
 """End to end through train.py (Hydra CLI): one short run, a multirun, and clear errors."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.cli import sweep_results, train
 from tests.wandb_log import summary
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICK = [
     "model=vit_tiny_cpu", "model.kwargs.depth=2",
     "trainer.epochs=2", "trainer.batch_size=16", "trainer.max_steps=6", "trainer.eval_batches=2",
@@ -20,14 +16,6 @@ METRICS = [
     "memory/activation_bytes", "memory/weight_bytes", "memory/peak_bytes", "time/train_step_s",
     "time/inference_per_image_s", "params/total", "params/trainable", "versions/torch", "config/seed",
 ]
-
-
-def train(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 def test_short_run_writes_every_metric_to_results_and_wandb(tmp_path):
@@ -49,8 +37,7 @@ def test_short_run_writes_every_metric_to_results_and_wandb(tmp_path):
 def test_multirun_writes_one_results_file_per_job(tmp_path):
     train("-m", *QUICK, "trainer.measure=false", "logger.mode=disabled", "method=vanilla",
           "dataset=shapes,digits", f"hydra.sweep.dir={tmp_path}")
-    files = sorted(tmp_path.glob("*/results.json"))
-    assert [json.loads(f.read_text())["dataset"] for f in files] == ["shapes", "digits"]
+    assert [r["dataset"] for r in sweep_results(tmp_path)] == ["shapes", "digits"]
 
 
 def test_missing_dataset_offline_names_the_fix(tmp_path):
@@ -68,7 +55,7 @@ def test_factored_update_with_adamw_is_refused(tmp_path):
 def test_every_method_in_one_multirun_writes_every_metric(tmp_path):
     train("-m", *QUICK, "dataset.train_size=160", "dataset.test_size=64", "logger.mode=disabled",
           "method=vanilla,lora,svd_llm,wsi,asi,wasi", f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache")
-    results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("*/results.json"), key=lambda p: int(p.parent.name))]
+    results = sweep_results(tmp_path)
     assert [r["method"] for r in results] == ["vanilla", "lora", "svd_llm", "wsi", "asi", "wasi"]
     for r in results:
         assert not [k for k in METRICS if k not in r], r["method"]
