@@ -27,8 +27,6 @@ import math
 import os
 import random
 import shutil
-import signal
-import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -49,7 +47,7 @@ ENTRIES = {"model": dict, "optimizer": dict, "scheduler": dict, "progress": dict
 IDENTITY = ("seed", "model", "dataset", "method", "optimizer", "trainer.batch_size", "trainer.epochs",
             "trainer.grad_clip", "trainer.min_lr_ratio", "hardware.precision")
 # Locations rather than content: a resumed run may read data and caches from elsewhere.
-LOCATIONS = {"dataset.root", "dataset.download", "method.rank_table", "method.cache"}
+LOCATIONS = {"dataset.source.root", "dataset.source.download", "method.rank_table", "method.cache"}
 
 
 class CheckpointError(RuntimeError):
@@ -58,10 +56,6 @@ class CheckpointError(RuntimeError):
 
 class NonFiniteWeightsError(FloatingPointError):
     """The weights became NaN or inf; the last checkpoint was left as it was."""
-
-
-class TrainingInterrupted(SystemExit):
-    """SIGINT/SIGTERM: a checkpoint was written and the run stopped; exit status 128 + signal number."""
 
 
 @dataclass
@@ -329,48 +323,3 @@ def _describe(t: object) -> str:
 
 def _device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
-
-
-# ---------------------------------------------------------------------------------------------
-# Stopping on signals
-# ---------------------------------------------------------------------------------------------
-
-class StopRequest:
-    """While entered, SIGINT and SIGTERM only set `signum`: the loop checkpoints at the next step
-    boundary and raises TrainingInterrupted (exit status 128 + signum: 130, 143). A second SIGINT
-    (Ctrl-C twice) stops at once. `release()` (and exit) restore the previous handlers; off the main
-    thread it does nothing."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._restore()
-
-    def release(self) -> None:
-        """Training is over: restore the previous handlers, and deliver a signal that came after the last
-        step boundary (with them, e.g. SIGTERM terminates)."""
-        if self._restore() and self.signum is not None:
-            signal.raise_signal(self.signum)
-
-    def _restore(self) -> bool:
-        previous, self._previous = self._previous, {}
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        return bool(previous)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            signal.signal(signum, self._previous[signum])
-            signal.raise_signal(signum)
-        self.signum = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None

@@ -1,29 +1,26 @@
 """Datasets from the `dataset` config group: raw splits, paper preprocessing, validation split.
 
-Each `conf/dataset/*.yaml` names a loader here as `_target_`; the loader returns `RawSplits` of
-(PIL RGB image, int label) and `build_datasets` resizes, normalises and carves out the validation
-split. Loaders that read files raise `DatasetNotFoundError` (path + fix) when the files are absent.
+Each `conf/dataset/*.yaml` instantiates (partially) `build_datasets`, with the raw loader nested
+under `source` (also partial), so `hydra.utils.instantiate(cfg.dataset)(image_size=S, seed=s)` gives
+`DataSplits`. A loader returns `RawSplits` of (PIL RGB image, int label); loaders that read files
+raise `DatasetNotFoundError` (path + fix) when the files are absent.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import get_method
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tvd
 from torchvision import transforms as T
 
 log = logging.getLogger(__name__)
-
-# Keys of a dataset config read by build_datasets; every other key is an argument of its loader.
-PIPELINE_KEYS = frozenset({"_target_", "name", "num_classes", "mean", "std", "val_fraction", "hflip"})
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -63,35 +60,29 @@ class Transformed(Dataset):
         return self.transform(image), int(label)
 
 
-def build_datasets(dataset_cfg: Mapping[str, Any], image_size: int, seed: int) -> DataSplits:
-    """Call the loader `dataset_cfg._target_` with the config's other keys; preprocess as in the paper.
+def build_datasets(source: Callable[[], RawSplits], name: str, num_classes: int, mean: Sequence[float],
+                   std: Sequence[float], val_fraction: float, hflip: bool = False, *, image_size: int,
+                   seed: int) -> DataSplits:
+    """Load `source()` and preprocess as in the paper.
 
     Images are resized (not cropped) to (image_size, image_size), scaled to [0, 1] and normalised
-    with the config's `mean`/`std`; `hflip: true` adds random horizontal flips to training images
-    only. Unless the loader returns its own validation split, a `val_fraction` share of the
-    training split, drawn with `seed`, becomes the validation split.
+    with `mean`/`std`; `hflip` adds random horizontal flips to training images only. Unless the
+    source has its own validation split, a `val_fraction` share of the training split, drawn with
+    `seed`, becomes the validation split.
     """
-    loader = get_method(dataset_cfg["_target_"])  # called directly: instantiate would wrap its errors
-    raw: RawSplits = loader(**{k: dataset_cfg[k] for k in dataset_cfg if k not in PIPELINE_KEYS})
-    mean, std = [float(m) for m in dataset_cfg["mean"]], [float(s) for s in dataset_cfg["std"]]
+    raw = source()
+    mean, std = [float(m) for m in mean], [float(s) for s in std]
     eval_tf = image_transform(image_size, mean, std)
-    train_tf = image_transform(image_size, mean, std, hflip=bool(dataset_cfg.get("hflip", False)))
+    train_tf = image_transform(image_size, mean, std, hflip=bool(hflip))
     if raw.val is None:
-        train_idx, val_idx = split_indices(len(raw.train), float(dataset_cfg["val_fraction"]), seed)
+        train_idx, val_idx = split_indices(len(raw.train), float(val_fraction), seed)
         train, val = Subset(raw.train, train_idx), Subset(raw.train, val_idx)
     else:
         train, val = raw.train, raw.val
-    splits = DataSplits(
-        train=Transformed(train, train_tf),
-        val=Transformed(val, eval_tf),
-        test=Transformed(raw.test, eval_tf),
-        num_classes=int(dataset_cfg["num_classes"]),
-    )
-    log.info(
-        "dataset %s: %d train, %d val, %d test images at %dx%d, %d classes",
-        dataset_cfg["name"], len(splits.train), len(splits.val), len(splits.test), image_size, image_size,
-        splits.num_classes,
-    )
+    splits = DataSplits(train=Transformed(train, train_tf), val=Transformed(val, eval_tf),
+                        test=Transformed(raw.test, eval_tf), num_classes=int(num_classes))
+    log.info("dataset %s: %d train, %d val, %d test images at %dx%d, %d classes", name, len(splits.train),
+             len(splits.val), len(splits.test), image_size, image_size, splits.num_classes)
     return splits
 
 
@@ -113,10 +104,6 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 
 
-# ---------------------------------------------------------------------------------------------
-# In-memory data: images held as one uint8 array.
-# ---------------------------------------------------------------------------------------------
-
 class ArrayImages(Dataset):
     """images: (N, H, W) grey or (N, H, W, 3) RGB uint8, labels: (N,) -> items (PIL RGB, int)."""
 
@@ -130,122 +117,6 @@ class ArrayImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, int]:
         return Image.fromarray(self.images[index]).convert("RGB"), int(self.labels[index])
-
-
-def _polygon(n: int, aspect: float = 1.0, start: float = np.pi / 2) -> np.ndarray:
-    """(n, 2) vertices of a regular n-gon on the unit circle, y squeezed by `aspect`."""
-    t = start + 2 * np.pi * np.arange(n) / n
-    return np.stack([np.cos(t), aspect * np.sin(t)], axis=1)
-
-
-def _star(points: int = 5, inner: float = 0.42) -> np.ndarray:
-    """(2 * points, 2) vertices alternating between radius 1 and `inner`."""
-    radius = np.where(np.arange(2 * points) % 2 == 0, 1.0, inner)[:, None]
-    return radius * _polygon(2 * points)
-
-
-def _cross(w: float = 0.3) -> np.ndarray:
-    """(12, 2) vertices of a plus sign with arms of half-width w."""
-    quarter = np.array([[w, 1.0], [w, w], [1.0, w]])
-    clockwise = np.array([[0.0, 1.0], [-1.0, 0.0]])  # (x, y) -> (y, -x)
-    return np.concatenate([quarter @ np.linalg.matrix_power(clockwise, k).T for k in range(4)])
-
-
-def _half_disk(n: int = 21) -> np.ndarray:
-    """(n, 2) vertices of a half disk, centred on its centroid."""
-    t = np.linspace(0.0, np.pi, n)
-    return np.stack([np.cos(t), np.sin(t) - 4 / (3 * np.pi)], axis=1)
-
-
-_ARROW = np.array(  # shaft from x = -1, head from x = 0.15 to the tip at x = 1
-    [[-1.0, -0.18], [0.15, -0.18], [0.15, -0.55], [1.0, 0.0], [0.15, 0.55], [0.15, 0.18], [-1.0, 0.18]]
-)
-
-# (class name, unit-radius outline, hollow); drawn scaled, rotated and translated. Index = label.
-SHAPES: tuple[tuple[str, np.ndarray, bool], ...] = (
-    ("circle", _polygon(40), False),
-    ("square", _polygon(4, start=np.pi / 4), False),
-    ("triangle", _polygon(3), False),
-    ("star", _star(), False),
-    ("cross", _cross(), False),
-    ("ring", _polygon(40), True),
-    ("ellipse", _polygon(40, aspect=0.45), False),
-    ("hexagon", _polygon(6), False),
-    ("half-moon", _half_disk(), False),
-    ("arrow", _ARROW, False),
-)
-_HEPTAGON = _polygon(7)  # blobs: a heptagon with random vertex radii
-_SPLIT_CODES = {"train": 0, "test": 1}
-
-
-def _colours(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """background: (3,), foreground: (3,), clutter: (n, 3) RGB ints.
-
-    Every channel of foreground and clutter is 64-192 steps (mod 256) from the background, and
-    every clutter channel 32-96 steps from the foreground, so all three always stand apart.
-    """
-    background = rng.integers(0, 256, 3)
-    fg_offset = rng.integers(64, 192, 3)
-    clutter_offset = 64 + (fg_offset - 64 + rng.integers(32, 97, (n, 3))) % 128
-    return background, (background + fg_offset) % 256, (background + clutter_offset) % 256
-
-
-def _place(unit: np.ndarray, centre: np.ndarray, radius: float, angle: float) -> list[tuple[float, float]]:
-    """unit: (n, 2) -> n pixel coordinates, rotated by angle, scaled by radius, moved to centre."""
-    c, s = np.cos(angle), np.sin(angle)
-    xy = centre + radius * unit @ np.array([[c, s], [-s, c]])
-    return [tuple(p) for p in xy.tolist()]
-
-
-def render_shape(rng: np.random.Generator, label: int, resolution: int) -> np.ndarray:
-    """One image (resolution, resolution, 3) uint8 of shape class `label` over random clutter.
-
-    Background colour, 1-3 thin lines and 0-2 small irregular blobs come first, then the shape
-    (random colour, radius 25-42% of the side, position fully inside, rotation), then uniform
-    pixel noise in [-8, 8].
-    """
-    r = resolution
-    n_lines, n_blobs = int(rng.integers(1, 4)), int(rng.integers(0, 3))
-    background, foreground, clutter = (c.tolist() for c in _colours(rng, n_lines + n_blobs))
-    image = Image.new("RGB", (r, r), tuple(background))
-    draw = ImageDraw.Draw(image)
-    for colour in clutter[:n_lines]:
-        draw.line(rng.uniform(0, r, 4).tolist(), fill=tuple(colour), width=max(1, r // 64))
-    for colour in clutter[n_lines:]:
-        blob = _HEPTAGON * rng.uniform(0.5, 1.0, (7, 1))
-        xy = _place(blob, rng.uniform(0, r, 2), rng.uniform(0.03, 0.07) * r, rng.uniform(0, 2 * np.pi))
-        draw.polygon(xy, fill=tuple(colour))
-    _, unit, hollow = SHAPES[label]
-    radius = rng.uniform(0.25, 0.42) * r
-    xy = _place(unit, rng.uniform(radius, r - radius, 2), radius, rng.uniform(0, 2 * np.pi))
-    fill = tuple(foreground)
-    if hollow:
-        draw.polygon(xy, outline=fill, width=max(1, round(0.35 * radius)))
-    else:
-        draw.polygon(xy, fill=fill)
-    noisy = np.asarray(image, np.int16) + rng.integers(-8, 9, (r, r, 3), dtype=np.int16)
-    return np.clip(noisy, 0, 255).astype(np.uint8)
-
-
-def render_shapes(size: int, split: str, seed: int, resolution: int) -> tuple[np.ndarray, np.ndarray]:
-    """images: (size, resolution, resolution, 3) uint8, labels: (size,) with label i % 10.
-
-    Image i depends only on (seed, split, i, resolution), so splits never share a random stream
-    and a larger `size` extends a smaller one.
-    """
-    labels = np.arange(size) % len(SHAPES)
-    images = np.empty((size, resolution, resolution, 3), np.uint8)
-    for i in range(size):
-        images[i] = render_shape(np.random.default_rng((seed, _SPLIT_CODES[split], i)), int(labels[i]), resolution)
-    return images, labels
-
-
-def shapes(train_size: int = 6000, test_size: int = 1000, resolution: int = 64, seed: int = 0) -> RawSplits:
-    """Rendered shapes (10 classes, balanced), fixed by `seed`, drawn at `resolution` pixels."""
-    return RawSplits(
-        train=ArrayImages(*render_shapes(train_size, "train", seed, resolution)),
-        test=ArrayImages(*render_shapes(test_size, "test", seed, resolution)),
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,9 +151,9 @@ def _torchvision(cls: type[tvd.VisionDataset], folder: str, root: str, download:
             raise
         path = Path(root).absolute() / folder
         fix = (
-            f"delete {path} and run again with dataset.download=true (the downloaded copy is incomplete)"
+            f"delete {path} and run again with dataset.source.download=true (the downloaded copy is incomplete)"
             if download
-            else f"run with dataset.download=true to download it into {root}"
+            else f"run with dataset.source.download=true to download it into {root}"
         )
         raise DatasetNotFoundError(
             f"{cls.__name__} data not found or corrupted at {path}. Fix: {fix}, or set "

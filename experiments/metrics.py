@@ -6,27 +6,33 @@ zero-argument callable that runs one full training step (forward, backward, opti
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import re
 import statistics
 import time
 import warnings
 import weakref
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import wasi
+from experiments.variant import Variant, train_step
 from wasi import factored_layers
 
 _logger = logging.getLogger(__name__)
 
 __all__ = [
+    "measure",
     "inference_flops",
     "train_step_flops",
     "activation_bytes",
@@ -35,6 +41,39 @@ __all__ = [
     "median_time",
     "count_parameters",
 ]
+
+
+def measure(variant: Variant, x: torch.Tensor, y: torch.Tensor, *, grad_clip: float | None,
+            amp: contextlib.AbstractContextManager, image_size: int, device: torch.device, repeats: int = 5) -> dict:
+    """Every cost metric of one training step on the batch x: (B, 3, S, S), y: (B,), and of inference.
+
+    One untimed step first, so optimizer state exists as in any later step. This takes optimizer
+    steps: measure after training (or on a throwaway variant). `repeats=0` leaves out time/*.
+    """
+    model, optimizer = variant.model, variant.optimizer
+    step = lambda: train_step(model, optimizer, x, y, grad_clip, amp)  # noqa: E731
+    step()
+
+    def forward() -> torch.Tensor:
+        with amp:
+            return F.cross_entropy(model(x), y)
+
+    deployed = variant.method.inference_model(model)
+    out = {
+        "flops/inference_per_image": inference_flops(deployed, image_size, device),
+        "flops/train_step": train_step_flops(step),
+        "memory/activation_bytes": activation_bytes(forward, model),
+        "memory/weight_bytes": weight_bytes(model, optimizer),
+        "memory/peak_bytes": peak_bytes(step, device, model, optimizer),
+        **compressed_layers_bytes(model),
+    }
+    if repeats:
+        out["time/train_step_s"] = median_time(step, repeats=repeats, device=device)
+        deployed.eval()
+        with torch.no_grad(), amp:
+            out["time/inference_per_image_s"] = median_time(lambda: deployed(x), repeats=repeats, device=device) / len(x)
+        model.train()
+    return out
 
 
 def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
@@ -116,30 +155,53 @@ def _unique_storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def activation_bytes(step_fn: Callable[[], Any], model: nn.Module | None = None) -> int:
-    """Bytes of the tensors autograd saves for backward during ``step_fn``.
+def held_activations(forward: Callable[[], Any], model: nn.Module) -> dict[str, int]:
+    """Bytes a training forward leaves alive for backward, by the module and op that created them.
 
-    Every tensor packed through ``torch.autograd.graph.saved_tensors_hooks`` (built-in ops and
-    custom ``autograd.Function``s alike) is mapped to its untyped storage; each storage is
-    counted once at its full ``nbytes`` (a ReLU output that the next linear saves again counts
-    once). Weights are not activations: a saved ``nn.Parameter``, or any saved tensor sharing
-    storage with a parameter or buffer of ``model`` (e.g. the ``Wᵀ`` view a linear saves), is
-    excluded. The counted storages are kept alive until ``step_fn`` returns so that a freed
-    address reused by a later allocation is not mistaken for the same storage.
+    `forward` runs the model and the loss with grad enabled and returns the loss. Every storage an op
+    creates while it runs (seen through a ``TorchDispatchMode``) and still alive when it returns is held
+    for backward, whatever holds it: autograd nodes (saved tensors), activation checkpointing (block
+    inputs), layer caches (Tucker warm-start factors, themselves saved). Each storage counts once at its
+    full ``nbytes``. Not counted: the returned loss, tensors that existed before (the input batch,
+    parameters, buffers) and storages of the model's parameters and buffers. The graph is freed on return.
+    Keys: ``"<module> (<type>) / <op>"``, the innermost module running when the storage was created
+    (``blocks.<i>.`` and ``layers.<s>.`` dropped, so all blocks add up; ``(outside the model)`` for the
+    loss) and the aten op that created it.
     """
-    excluded = {_storage_key(t) for t in _model_state_tensors(model)} if model is not None else set()
-    saved: dict[int, torch.UntypedStorage] = {}
+    names = {m: re.sub(r"^(layers\.\d+\.)?blocks\.\d+(\.|$)", "", n) or ("block" if n else "model")
+             for n, m in model.named_modules()}
+    stack: list[nn.Module] = []
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if not isinstance(t, nn.Parameter):
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in excluded:
-                saved.setdefault(storage.data_ptr(), storage)
-        return t
+    def label(func: Any) -> str:
+        where = f"{names[stack[-1]]} ({type(stack[-1]).__name__})" if stack else "(outside the model)"
+        return f"{where} / {func.overloadpacket.__name__}"
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        step_fn()
-    return sum(s.nbytes() for s in saved.values())
+    def enter(module: nn.Module, args: Any) -> None:
+        stack.append(module)
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        stack.pop()
+
+    hooks = [h for m in model.modules() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    tracker = _LiveStorageTracker([], label)
+    try:
+        with tracker:
+            out = forward()
+    finally:
+        tracker.detach()
+        for h in hooks:
+            h.remove()
+    excluded = {_storage_key(t) for t in [*_model_state_tensors(model), out]}
+    held: dict[str, int] = defaultdict(int)
+    for key, nbytes in tracker.live.items():
+        if key not in excluded:
+            held[tracker.labels[key]] += nbytes
+    return dict(held)
+
+
+def activation_bytes(forward: Callable[[], Any], model: nn.Module) -> int:
+    """Bytes held from the forward into the backward of a training step: the sum of `held_activations`."""
+    return sum(held_activations(forward, model).values())
 
 
 def _factored_grads(model: nn.Module) -> list[torch.Tensor]:
@@ -170,7 +232,8 @@ def weight_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> i
 
 
 class _LiveStorageTracker(TorchDispatchMode):
-    """Tracks live bytes of storages produced by dispatched ops; records their peak.
+    """Tracks live bytes of storages produced by dispatched ops; records their peak (and, with `label`,
+    a label of the op that created each storage).
 
     An op output is a new storage when its storage is neither among the op's inputs (views,
     in-place and ``out=`` ops) nor already tracked. ``aten.lift_fresh`` outputs are new: they
@@ -178,20 +241,24 @@ class _LiveStorageTracker(TorchDispatchMode):
     the count when it is freed (``weakref.finalize`` on the untyped storage).
     """
 
-    def __init__(self, resident: Iterable[torch.Tensor]) -> None:
+    def __init__(self, resident: Iterable[torch.Tensor], label: Callable[[Any], str] | None = None) -> None:
         super().__init__()
         self.live: dict[int, int] = {}
+        self.labels: dict[int, str] = {}  # key -> label(op that created it), when `label` is given
         self.current = 0
         self.peak = 0
+        self._label = label
         self._finalizers: list[weakref.finalize] = []
         for t in resident:
             self._track(t.untyped_storage())
 
-    def _track(self, storage: torch.UntypedStorage) -> None:
+    def _track(self, storage: torch.UntypedStorage, func: Any = None) -> None:
         key, nbytes = storage.data_ptr(), storage.nbytes()
         if nbytes == 0 or key in self.live:
             return
         self.live[key] = nbytes
+        if self._label is not None and func is not None:
+            self.labels[key] = self._label(func)
         self.current += nbytes
         self.peak = max(self.peak, self.current)
         self._finalizers.append(weakref.finalize(storage, self._release, key))
@@ -211,7 +278,7 @@ class _LiveStorageTracker(TorchDispatchMode):
         inputs = set() if fresh else {_storage_key(t) for t in _dense_tensors((args, kwargs))}
         for t in _dense_tensors(out):
             if _storage_key(t) not in inputs:
-                self._track(t.untyped_storage())
+                self._track(t.untyped_storage(), func)
         return out
 
 

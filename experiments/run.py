@@ -8,32 +8,28 @@ run folder is written every epoch, every `trainer.checkpoint_every` steps and on
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import platform
-import random
 import signal
 from importlib.metadata import version
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-import wasi
 from experiments import checkpoint, distributed, metrics
-from experiments.checkpoint import Progress, TrainingInterrupted
-from experiments.data import build_datasets
+from experiments.checkpoint import Progress
+from experiments.hardware import autocast, seed_everything, setup_hardware
 from experiments.logger import WandbLogger, flatten, resolved_config, write_results
 from experiments.methods import first_batch
-from experiments.models import build_model
+from experiments.signals import StopRequest, TrainingInterrupted
+from experiments.variant import build_variant, train_step
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +44,11 @@ def run(cfg: DictConfig) -> dict:
     SIGINT/SIGTERM write last.ckpt at the next step boundary, then raise TrainingInterrupted (a
     SystemExit with status 130/143); a second SIGINT stops at once.
     """
-    with distributed.process_group(cfg.hardware.device) as ctx, checkpoint.StopRequest() as stop:
+    with distributed.process_group(cfg.hardware.device) as ctx, StopRequest() as stop:
         return train(cfg, ctx, stop)
 
 
-def train(cfg: DictConfig, ctx: distributed.Context, stop: checkpoint.StopRequest) -> dict:
+def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
     """The body of `run` for this process (rank ctx.rank of ctx.world_size)."""
     device = setup_hardware(cfg.hardware, ctx.local_rank)
     run_dir = Path(distributed.broadcast(cfg.paths.run_dir, ctx))  # rank 0's: the default name holds a time
@@ -62,7 +58,7 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: checkpoint.StopReques
 
     # Data, model, method, optimizer. Each rank trains on its shard of every global batch; the method
     # is calibrated on the same images on every rank (the global batches of epoch 0).
-    data = build_datasets(cfg.dataset, cfg.model.image_size, cfg.seed)
+    data = hydra.utils.instantiate(cfg.dataset)(image_size=cfg.model.image_size, seed=cfg.seed)
     sampler = distributed.EpochSampler(data.train, ctx, cfg.seed)
     train_loader = DataLoader(data.train, tc.batch_size, sampler=sampler, generator=sampler.generator,
                               num_workers=tc.num_workers)
@@ -70,10 +66,8 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: checkpoint.StopReques
                              sampler=distributed.EpochSampler(data.train, distributed.Context(), cfg.seed))
     val_loader = DataLoader(distributed.shard(data.val, ctx), tc.batch_size, num_workers=tc.num_workers)
     test_loader = DataLoader(distributed.shard(data.test, ctx), tc.batch_size, num_workers=tc.num_workers)
-    model = build_model(cfg.model, data.num_classes).to(device)
-    method = hydra.utils.instantiate(cfg.method)
-    summary = method.apply(model, calibration, device)
-    optimizer = method.build_optimizer(model, hydra.utils.instantiate(cfg.optimizer))
+    variant = build_variant(cfg, data.num_classes, calibration, device)
+    model, optimizer = variant.model, variant.optimizer
     base_lr = optimizer.param_groups[0]["lr"]
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs, eta_min=tc.min_lr_ratio * base_lr)
     amp = autocast(cfg.hardware, device)
@@ -149,10 +143,12 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: checkpoint.StopReques
         "train/loss": loss,
         "train/steps": step,
         **{f"params/{k}": v for k, v in metrics.count_parameters(model).items()},
-        **{f"method/{k}": v for k, v in flatten(summary).items()},
+        **{f"method/{k}": v for k, v in flatten(variant.summary).items()},
     }
     if tc.measure:  # on every rank (SubspaceSGD steps are collectives), per-process batch
-        results.update(measure(model, method, optimizer, first_batch(train_loader, device), cfg, device, amp))
+        x, y = first_batch(train_loader, device)
+        results.update(metrics.measure(variant, x, y, grad_clip=tc.grad_clip, amp=amp, image_size=cfg.model.image_size,
+                                       device=device, repeats=tc.timing_repeats))
     results.update({f"versions/{k}": v for k, v in library_versions().items()})
     results.update({f"config/{k}": v for k, v in flatten(config).items()})
     if ctx.is_main:
@@ -160,25 +156,6 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: checkpoint.StopReques
         logger.finish(results)
         log.info("test/acc %.4f  (results: %s)", test_acc, run_dir / "results.json")
     return results
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    grad_clip: float | None,
-    amp: contextlib.AbstractContextManager,
-) -> torch.Tensor:
-    """One optimizer step on a batch x: (B, 3, H, W), y: (B,); returns the loss (detached)."""
-    with amp:
-        loss = F.cross_entropy(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        wasi.clip_grad_norm_(model, grad_clip)
-    optimizer.step()
-    return loss.detach()
 
 
 def write_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
@@ -207,52 +184,6 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp, ma
     model.train()
     correct, total = distributed.all_sum([correct, total], ctx, device)
     return correct / max(total, 1)
-
-
-def measure(model: nn.Module, method, optimizer, batch, cfg: DictConfig, device: torch.device, amp) -> dict:
-    """FLOPs, memory and time of one training step at the configured batch size, and of inference."""
-    x, y = batch
-    step = lambda: train_step(model, optimizer, x, y, cfg.trainer.grad_clip, amp)  # noqa: E731
-    step()  # optimizer state exists from here on, as in any later step
-    deployed = method.inference_model(model)
-    out = {
-        "flops/inference_per_image": metrics.inference_flops(deployed, cfg.model.image_size, device),
-        "flops/train_step": metrics.train_step_flops(step),
-        "memory/activation_bytes": metrics.activation_bytes(step, model),
-        "memory/weight_bytes": metrics.weight_bytes(model, optimizer),
-        "memory/peak_bytes": metrics.peak_bytes(step, device, model, optimizer),
-        "time/train_step_s": metrics.median_time(step, repeats=cfg.trainer.timing_repeats, device=device),
-        **metrics.compressed_layers_bytes(model),
-    }
-    deployed.eval()
-    with torch.no_grad(), amp:
-        per_batch = metrics.median_time(lambda: deployed(x), repeats=cfg.trainer.timing_repeats, device=device)
-    model.train()
-    out["time/inference_per_image_s"] = per_batch / x.shape[0]
-    return out
-
-
-def setup_hardware(hw: DictConfig, local_rank: int = 0) -> torch.device:
-    """The device of this process (`cuda:local_rank` under torchrun) and the CPU thread count."""
-    if hw.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("hardware=cuda but no CUDA device is visible. Fix: run on a GPU machine or use hardware=cpu.")
-    if hw.threads:
-        torch.set_num_threads(hw.threads)
-    return torch.device("cuda", local_rank) if hw.device == "cuda" else torch.device(hw.device)
-
-
-def autocast(hw: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if hw.precision == "fp32":
-        return contextlib.nullcontext()
-    if hw.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ValueError(f"hardware.precision must be fp32 or bf16, got {hw.precision!r}")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def library_versions() -> dict:

@@ -20,13 +20,14 @@ from torch import nn
 import experiments.run as run_module
 import wasi
 from experiments import checkpoint
-from experiments.checkpoint import CheckpointError, NonFiniteWeightsError, Progress, TrainingInterrupted
+from experiments.checkpoint import CheckpointError, NonFiniteWeightsError, Progress
+from experiments.signals import TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 # WASI with momentum, dropout and random flips, so optimizer state, Tucker warm start and every RNG matter.
 # 128 train images / 16 = 8 steps per epoch, 16 in all; checkpoints every 3 steps land mid-epoch.
-TINY = ["model=vit_tiny_cpu", "model.kwargs.depth=2", "+model.kwargs.drop_rate=0.1", "dataset.train_size=160",
-        "dataset.test_size=64", "dataset.hflip=true", "trainer.epochs=2", "trainer.batch_size=16",
+TINY = ["model=vit_tiny_cpu", "model.kwargs.depth=2", "+model.kwargs.drop_rate=0.1", "dataset.source.train_size=160",
+        "dataset.source.test_size=64", "dataset.hflip=true", "trainer.epochs=2", "trainer.batch_size=16",
         "trainer.measure=false", "logger.mode=disabled", "method=wasi", "optimizer.momentum=0.9",
         "hardware.threads=1"]
 

@@ -15,23 +15,29 @@ import scipy.io
 import torch
 import torchvision.datasets.cifar as tv_cifar
 import torchvision.datasets.flowers102 as tv_flowers
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from experiments import data
-from experiments.data import DatasetNotFoundError, build_datasets
+from experiments import data, shapes
+from experiments.data import DatasetNotFoundError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 CIFAR = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # (mean, std) of the paper's preprocessing
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 
-def dataset_cfg(name: str, **overrides):
-    """conf/dataset/<name>.yaml with overrides (e.g. root=tmp_path instead of ${paths.data_dir})."""
+def dataset_cfg(name: str, **source):
+    """conf/dataset/<name>.yaml with overrides of its source (e.g. root=tmp_path instead of ${paths.data_dir})."""
     cfg = OmegaConf.load(CONF / f"{name}.yaml")
-    cfg.merge_with(overrides)
+    cfg.source.merge_with(source)
     return cfg
+
+
+def build_datasets(cfg, image_size: int, seed: int) -> data.DataSplits:
+    """What the training loop does with a dataset config."""
+    return instantiate(cfg)(image_size=image_size, seed=seed)
 
 
 def colour(label: int, uid: int) -> tuple[int, int, int]:
@@ -206,7 +212,7 @@ def test_missing_torchvision_data_names_path_and_fix(tmp_path, name, folder):
         build_datasets(dataset_cfg(name, root=str(tmp_path)), image_size=16, seed=0)
     message = str(info.value)
     assert str(tmp_path / folder) in message
-    assert "dataset.download=true" in message and "paths.data_dir=" in message
+    assert "dataset.source.download=true" in message and "paths.data_dir=" in message
     assert isinstance(info.value, FileNotFoundError)
     assert info.value.__suppress_context__  # no torchvision traceback chained underneath
 
@@ -247,22 +253,22 @@ def test_digits_sizes_labels_and_pixels():
 
 
 def test_shapes_render_deterministic_and_seeded():
-    a, labels = data.render_shapes(20, "train", seed=0, resolution=32)
-    b, _ = data.render_shapes(20, "train", seed=0, resolution=32)
-    c, _ = data.render_shapes(20, "train", seed=1, resolution=32)
-    t, _ = data.render_shapes(20, "test", seed=0, resolution=32)
-    longer, _ = data.render_shapes(30, "train", seed=0, resolution=32)
+    a, labels = shapes.render_shapes(20, "train", seed=0, resolution=32)
+    b, _ = shapes.render_shapes(20, "train", seed=0, resolution=32)
+    c, _ = shapes.render_shapes(20, "train", seed=1, resolution=32)
+    t, _ = shapes.render_shapes(20, "test", seed=0, resolution=32)
+    longer, _ = shapes.render_shapes(30, "train", seed=0, resolution=32)
     assert a.shape == (20, 32, 32, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and np.array_equal(a, longer[:20])
     assert all(not np.array_equal(x, y) for x, y in zip(a, c))
     assert all(not np.array_equal(x, y) for x, y in zip(a, t))
     assert labels.tolist() == [i % 10 for i in range(20)]
-    assert data.render_shapes(2, "train", seed=0, resolution=224)[0].shape == (2, 224, 224, 3)
+    assert shapes.render_shapes(2, "train", seed=0, resolution=224)[0].shape == (2, 224, 224, 3)
 
 
 def test_shapes_splits_balanced_and_varied():
     cfg = dataset_cfg("shapes", train_size=200, test_size=50, resolution=32)
-    assert cfg.num_classes == len(data.SHAPES) == 10
+    assert cfg.num_classes == len(shapes.SHAPES) == 10
     splits = build_datasets(cfg, image_size=16, seed=0)
     assert (len(splits.train), len(splits.val), len(splits.test), splits.num_classes) == (160, 40, 50, 10)
     train_labels = [y for _, y in splits.train] + [y for _, y in splits.val]
@@ -270,7 +276,7 @@ def test_shapes_splits_balanced_and_varied():
     assert np.bincount([y for _, y in splits.test]).tolist() == [5] * 10
     x, _ = splits.train[0]
     assert x.shape == (3, 16, 16) and -1.0 <= x.min() and x.max() <= 1.0
-    images, labels = data.render_shapes(200, "train", seed=0, resolution=32)
+    images, labels = shapes.render_shapes(200, "train", seed=0, resolution=32)
     for k in range(10):
         members = images[labels == k].reshape(20, -1)
         assert len(np.unique(members, axis=0)) == 20
@@ -318,12 +324,10 @@ def test_shapes_learnable_by_a_small_cnn(one_thread):
 def test_dataset_configs_follow_the_contract(path):
     cfg = OmegaConf.load(path)
     assert cfg.name == path.stem
-    assert {"_target_", "num_classes", "mean", "std", "val_fraction"} <= set(cfg)
-    module, _, function = cfg._target_.rpartition(".")
-    assert module == "experiments.data" and callable(getattr(data, function))
+    assert cfg._target_ == "experiments.data.build_datasets" and cfg._partial_ and cfg.source._partial_
+    assert {"num_classes", "mean", "std", "val_fraction", "hflip"} <= set(cfg)
     assert len(cfg.mean) == len(cfg.std) == 3
-    if "download" in cfg:
-        assert cfg.download is False
+    assert cfg.source.get("download", False) is False  # never download unless asked
 
 
 def test_image_transform_hflip_is_random_and_optional():

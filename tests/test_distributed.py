@@ -18,6 +18,7 @@ import experiments.run as run_module
 import wasi
 import wasi.distributed
 from experiments import checkpoint, distributed
+from experiments.variant import train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, GLOBAL_BATCH = 3, 8
@@ -51,7 +52,7 @@ def tiny_vit_steps(kwargs: dict, ctx: distributed.Context, steps: int = STEPS) -
     for _ in range(steps):
         x, y = torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=data), torch.randint(0, 5, (GLOBAL_BATCH,), generator=data)
         x, y = x[ctx.rank::ctx.world_size], y[ctx.rank::ctx.world_size]
-        run_module.train_step(ddp_model, optimizer, x, y, 0.5, contextlib.nullcontext())
+        train_step(ddp_model, optimizer, x, y, 0.5, contextlib.nullcontext())
     distributed.check_replicas_equal(model, ctx)
     state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
     state.update({f"momentum.{i}": s["momentum_buffer"].clone() for i, s in enumerate(optimizer.state.values())})
@@ -115,7 +116,7 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):
 
 def test_torchrun_two_processes_match_one_process_run(tmp_path):
     """`torchrun --nproc_per_node=2 train.py` with batch 8 per process trains like one process with batch 16."""
-    overrides = ["model=vit_tiny_cpu", "model.kwargs.depth=2", "dataset.train_size=160", "dataset.test_size=64",
+    overrides = ["model=vit_tiny_cpu", "model.kwargs.depth=2", "dataset.source.train_size=160", "dataset.source.test_size=64",
                  "trainer.epochs=1", "trainer.measure=false", "logger.mode=disabled", "method=wsi",
                  "optimizer.momentum=0.9", "hardware.threads=1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

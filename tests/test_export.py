@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from experiments.data import build_datasets
 from experiments.export import RunExportError, export_run
 from experiments.export import main as export_main
 from experiments.inference import ExportFormatError, LowRankLinear, load_exported
@@ -73,7 +72,7 @@ def test_exported_model_reproduces_the_run(wasi_run: Path, wasi_export: Path):
 
     # The original: replay the run's build (same seed order as the training loop), load its best weights.
     seed_all(cfg.seed)
-    data = build_datasets(cfg.dataset, cfg.model.image_size, cfg.seed)
+    data = hydra.utils.instantiate(cfg.dataset)(image_size=cfg.model.image_size, seed=cfg.seed)
     original = build_model(cfg.model, data.num_classes)
     shuffle = torch.Generator().manual_seed(cfg.seed)
     train = DataLoader(data.train, cfg.trainer.batch_size, shuffle=True, generator=shuffle)

@@ -108,24 +108,38 @@ def test_activation_bytes_mlp_hand_count():
     b, i, h, o = 8, 6, 10, 4
     model = _mlp(i, h, o)
     x = torch.randn(b, i)
-    step = _sgd_step(model, x, torch.optim.SGD(model.parameters(), lr=0.1))
-    # autograd saves: x (fc1 weight grad), ReLU output (ReLU backward) and the same tensor again as
-    # fc2's input (fc2 weight grad), fc2.weightᵀ (fc2 input grad). x needs no grad, so fc1.weight
-    # is not saved. The ReLU output counts once; fc2.weightᵀ is a weight, not an activation.
-    assert metrics.activation_bytes(step, model) == F32 * (b * i + b * h)
-    # Without the model, the Wᵀ view (not an nn.Parameter instance) cannot be told apart.
-    assert metrics.activation_bytes(step) == F32 * (b * i + b * h + h * o)
+    # Held for backward: the ReLU output (saved by ReLU and again, same storage, as fc2's input). fc1's
+    # output is freed (ReLU saves its result), x existed before the forward, fc2.weightᵀ is a weight view.
+    assert metrics.activation_bytes(lambda: model(x).sum(), model) == F32 * b * h
+    assert metrics.held_activations(lambda: model(x).sum(), model) == {"1 (ReLU) / relu": F32 * b * h}
 
 
 def test_activation_bytes_counts_shared_storage_once():
     base = torch.randn(6, 5, requires_grad=True)
 
-    def step() -> None:
-        first, second = base[:2], base[2:]  # two views of one storage
-        (first * first).sum().backward()  # saves `first` twice
-        (first.sum(0) * second).sum().backward()  # saves views of base again, and first.sum(0)
+    def forward() -> torch.Tensor:
+        h = base.exp()  # exp saves its result
+        return (h[:2] * h[2:4]).sum()  # mul saves two views of the same storage
 
-    assert metrics.activation_bytes(step) == F32 * (6 * 5 + 5)  # whole base storage once + the sum
+    assert metrics.activation_bytes(forward, nn.Identity()) == F32 * 6 * 5
+
+
+def test_activation_bytes_counts_what_checkpointing_holds():
+    """With non-reentrant checkpointing the block keeps only its input; a saved-tensor count misses it."""
+    b, i, h = 4, 6, 16
+    torch.manual_seed(0)
+    stem, block = nn.Linear(i, i), nn.Sequential(nn.Linear(i, h), nn.GELU(), nn.Linear(h, i))
+    model = nn.Sequential(stem, block)
+    x = torch.randn(b, i)
+
+    def forward(checkpointed: bool) -> torch.Tensor:
+        a = stem(x)
+        out = torch.utils.checkpoint.checkpoint(block, a, use_reentrant=False) if checkpointed else block(a)
+        return out.sum()
+
+    # a (block input, saved by its first linear), the first linear's output (GELU input), GELU's output.
+    assert metrics.activation_bytes(lambda: forward(False), model) == F32 * (b * i + 2 * b * h)
+    assert metrics.activation_bytes(lambda: forward(True), model) == F32 * b * i  # a, held by the checkpoint
 
 
 # ----------------------------------------------------------------------------- weight_bytes
@@ -216,10 +230,10 @@ def test_peak_bytes_cpu_mlp_step_bounds():
 
     step()
     params = _param_bytes(model)
-    saved = F32 * (b * i + b * h)  # x and the ReLU output (see the activation_bytes hand count)
+    saved = F32 * (b * i + b * h)  # x and the ReLU output
     peak = metrics.peak_bytes(step, "cpu", model, opt)
     assert 2 * params + saved <= peak <= 2 * params + 3 * (params + saved)
-    assert peak >= 2 * params + metrics.activation_bytes(step, model)
+    assert peak >= 2 * params + metrics.activation_bytes(lambda: model(torch.randn(b, i)).sum(), model)
 
 
 # ----------------------------------------------------------------------------- median_time, counts

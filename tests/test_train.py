@@ -19,7 +19,7 @@ METRICS = [
 
 
 def test_short_run_writes_every_metric_to_results_and_wandb(tmp_path):
-    train(*QUICK, "method=wasi", "dataset.train_size=160", "dataset.test_size=64", "logger.mode=offline", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache")
+    train(*QUICK, "method=wasi", "dataset.source.train_size=160", "dataset.source.test_size=64", "logger.mode=offline", f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache")
     results = json.loads((tmp_path / "results.json").read_text())
     missing = [k for k in METRICS + ["memory/compressed_layers_bytes", "memory/compressed_layers_vanilla_bytes"] if k not in results]
     assert not missing
@@ -44,7 +44,7 @@ def test_missing_dataset_offline_names_the_fix(tmp_path):
     proc = train(*QUICK, "dataset=cifar10", f"paths.data_dir={tmp_path}", "logger.mode=disabled",
                  f"hydra.run.dir={tmp_path}/run", check=False)
     assert proc.returncode != 0
-    assert "DatasetNotFoundError" in proc.stderr and "dataset.download=true" in proc.stderr
+    assert "DatasetNotFoundError" in proc.stderr and "dataset.source.download=true" in proc.stderr
 
 
 def test_factored_update_with_adamw_is_refused(tmp_path):
@@ -53,7 +53,7 @@ def test_factored_update_with_adamw_is_refused(tmp_path):
 
 
 def test_every_method_in_one_multirun_writes_every_metric(tmp_path):
-    train("-m", *QUICK, "dataset.train_size=160", "dataset.test_size=64", "logger.mode=disabled",
+    train("-m", *QUICK, "dataset.source.train_size=160", "dataset.source.test_size=64", "logger.mode=disabled",
           "method=vanilla,lora,svd_llm,wsi,asi,wasi", f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache")
     results = sweep_results(tmp_path)
     assert [r["method"] for r in results] == ["vanilla", "lora", "svd_llm", "wsi", "asi", "wasi"]

@@ -1,0 +1,351 @@
+"""Measure fine-tuning variants side by side in one process: cost (FLOPs, memory) and time.
+
+    python -m experiments.bench --model vit_b32 --batch 128 --methods vanilla wasi --eps 0.4 0.8 \\
+        --recompute none mlp block --spectrum pretrained --data shapes --measure cost
+    python -m experiments.bench --model vit_b32 --batch 32 --threads 2 --measure time ...
+    make pi-latency     # python -m device.latency: this tool with the Raspberry Pi 5 profile
+
+Every variant (method × ε × recompute) is composed from conf/ and built by
+`experiments.variant.build_variant`, exactly as a training run builds it, on the same weights
+(`--spectrum`, `--checkpoint`) and measured on the same batch (`--data`: the first --batch training
+images of a dataset config, or `noise`). `--measure cost` uses the functions behind a run's
+results.json (`experiments.metrics.measure`, one variant at a time); `--measure time` times every
+variant's forward, backward and optimizer step and its inference round-robin (repetition r of every
+variant, starting one variant later each round), so a slow spell of the machine hits all alike.
+Ratios `×` are the reference's value over the variant's (reference: vanilla without recompute, else
+the first variant), from medians. Writes under --out: variants.csv (one row per variant),
+summary.md, saved_tensors.csv (cost), timing.csv, timing_raw.csv, latency.png (time) and run.json.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from experiments import metrics
+from experiments.hardware import autocast, seed_everything, setup_hardware
+from experiments.variant import Variant, build_variant, train_step
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PHASES = ("forward", "backward", "optimizer", "train_step", "inference")
+COST = ("memory/activation_bytes", "memory/peak_bytes", "memory/weight_bytes", "flops/train_step",
+        "flops/inference_per_image")
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Spec:
+    """One variant to build: its label, what it is, and the Hydra overrides that compose it."""
+
+    label: str
+    method: str
+    epsilon: float | None
+    recompute: str | None
+    overrides: list[str]
+
+
+def compose_cfg(overrides: Sequence[str]) -> DictConfig:
+    """conf/config.yaml composed with these overrides, as train.py composes it."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def base_overrides(args: argparse.Namespace) -> list[str]:
+    """Overrides shared by every variant: model, weights, data, batch, hardware, then --set."""
+    out = [f"model={args.model}", f"hardware={args.hardware}", f"trainer.batch_size={args.batch}"]
+    out += [f"model.checkpoint={args.checkpoint}"] if args.checkpoint else [f"model.pretrained={args.hub}"]
+    out += [] if args.data == "noise" else [f"dataset={args.data}"]
+    out += [f"hardware.threads={args.threads}"] if args.threads else []
+    return [*out, *args.set]
+
+
+def variant_specs(args: argparse.Namespace, base: list[str]) -> list[Spec]:
+    """Every method of --methods, once per --eps value where ε matters to it (a weight rank K or
+    activation ranks from epsilon_act), once per --recompute mode it supports ("mlp" needs WSI/WASI)."""
+    specs = []
+    for name in args.methods:
+        method = compose_cfg([*base, f"method={name}"]).method
+        uses_eps = "epsilon" in method and (method.get("weight", True) or method.get("epsilon_act") is not None)
+        for eps in args.eps if uses_eps else [None]:
+            for mode in args.recompute or [None]:
+                if mode == "mlp" and not method.get("weight", False):
+                    continue
+                label = name + ("" if eps is None else f" ε={eps:g}") + ("" if mode is None else f" [{mode}]")
+                overrides = [*base, f"method={name}"] + ([] if eps is None else [f"method.epsilon={eps}"])
+                overrides += [] if mode is None else [f"method.recompute={mode}"]
+                specs.append(Spec(label, name, eps, mode, overrides))
+    return specs
+
+
+def make_batch(cfg: DictConfig, size: int, data: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """x: (size, 3, S, S), y: (size,) and the number of classes: the first `size` training images of
+    cfg.dataset, or seeded N(0, 1) noise with random labels of 10 classes for data="noise"."""
+    s = cfg.model.image_size
+    if data == "noise":
+        g = torch.Generator().manual_seed(cfg.seed)
+        return torch.randn(size, 3, s, s, generator=g), torch.randint(0, 10, (size,), generator=g), 10
+    splits = instantiate(cfg.dataset)(image_size=s, seed=cfg.seed)
+    if len(splits.train) < size:
+        raise ValueError(f"--batch {size} is larger than the {len(splits.train)} training images of {data}")
+    x, y = zip(*(splits.train[i] for i in range(size)))
+    return torch.stack(x), torch.tensor(y), splits.num_classes
+
+
+def describe(spec: Spec, variant: Variant) -> dict[str, Any]:
+    """The row's identity: method, ε, recompute, ranks and parameter counts."""
+    layers = variant.summary.get("layers", [])
+    ks = [layer["weight_rank"] for layer in layers if layer["weight_rank"] is not None]
+    return {"label": spec.label, "method": spec.method, "epsilon": spec.epsilon,
+            "recompute": getattr(variant.method, "recompute", None),
+            "K_mean": sum(ks) / len(ks) if ks else None, "K": ks or None,
+            "act_ranks": [layer["act_ranks"] for layer in layers if layer["act_ranks"]] or None,
+            **{f"params/{k}": v for k, v in metrics.count_parameters(variant.model).items()}}
+
+
+def measure_cost(variant: Variant, cfg: DictConfig, x: torch.Tensor, y: torch.Tensor,
+                 device: torch.device) -> tuple[dict[str, Any], dict[str, int]]:
+    """(cost metrics of one training step, held activation bytes by source) of a freshly built variant."""
+    amp = autocast(cfg.hardware, device)
+    row = metrics.measure(variant, x, y, grad_clip=cfg.trainer.grad_clip, amp=amp,
+                          image_size=cfg.model.image_size, device=device, repeats=0)
+
+    def forward() -> torch.Tensor:
+        with amp:
+            return F.cross_entropy(variant.model(x), y)
+
+    return row, metrics.held_activations(forward, variant.model)
+
+
+def time_round_robin(built: list[tuple[Spec, Variant, DictConfig]], x: torch.Tensor, y: torch.Tensor,
+                     device: torch.device, warmup: int, reps: int) -> pd.DataFrame:
+    """Seconds per phase of every variant, round-robin; one row per (label, rep, phase)."""
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    rows, n = [], len(built)
+    for r in range(warmup + reps):
+        for spec, variant, cfg in (built[(r + i) % n] for i in range(n)):
+            amp, marks = autocast(cfg.hardware, device), []
+
+            def clock() -> None:
+                sync()
+                marks.append(time.perf_counter())
+
+            variant.model.train()
+            clock()
+            train_step(variant.model, variant.optimizer, x, y, cfg.trainer.grad_clip, amp, clock)
+            deployed = variant.method.inference_model(variant.model).eval()
+            with torch.no_grad(), amp:
+                clock()
+                deployed(x)
+                clock()
+            t = [b - a for a, b in zip(marks, marks[1:])]
+            seconds = {"forward": t[0], "backward": t[1], "optimizer": t[2], "train_step": sum(t[:3]), "inference": t[4]}
+            if r >= warmup:
+                rows += [{"label": spec.label, "rep": r - warmup, "phase": p, "seconds": seconds[p]} for p in PHASES]
+        log.info("timing round %d/%d (%s)", r + 1, warmup + reps, "warm-up" if r < warmup else "timed")
+    return pd.DataFrame(rows)
+
+
+def timing_stats(raw: pd.DataFrame, reference: str, threads: int) -> pd.DataFrame:
+    """Median and IQR per (label, phase), by torch.utils.benchmark's Measurement, and the speed-up
+    median(reference) / median(label) of the same phase."""
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "No CUDA runtime" on import
+    import torch.utils.benchmark as benchmark
+
+    rows = []
+    for (label, phase), group in raw.groupby(["label", "phase"], sort=False):
+        m = benchmark.Measurement(1, group["seconds"].tolist(), benchmark.TaskSpec(
+            stmt=phase, setup="", label="train step phases", sub_label=label, description=phase, num_threads=threads))
+        rows.append({"label": label, "phase": phase, "n": len(group), "median_s": m.median, "iqr_s": m.iqr})
+    stats = pd.DataFrame(rows)
+    ref = stats[stats.label == reference].set_index("phase")["median_s"]
+    stats["speedup"] = stats["phase"].map(ref) / stats["median_s"]
+    return stats
+
+
+def add_ratios(table: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """`<metric> ×` = reference's value / the row's, for the cost metrics; and
+    `layers ×`, the paper's per-layer figure (dense / compressed bytes of the converted layers)."""
+    ref = table.set_index("label").loc[reference]
+    for key in COST:
+        if key in table:
+            table[f"{key} ×"] = ref[key] / table[key]
+    if "memory/compressed_layers_bytes" in table:
+        table["layers ×"] = table["memory/compressed_layers_vanilla_bytes"] / table["memory/compressed_layers_bytes"]
+    return table
+
+
+def markdown(table: pd.DataFrame, breakdown: dict[str, dict[str, int]], header: str) -> str:
+    """summary.md: the main table (MiB, GFLOPs, ms, × vs the reference), ranks, saved-tensor sources."""
+    mib, g = 2.0**20, 1e9
+    cols = {"label": ("variant", None), "K_mean": ("K mean", 1), "memory/compressed_layers_bytes": ("layers MiB", mib),
+            "layers ×": ("layers ×", 1), "memory/activation_bytes": ("act MiB", mib),
+            "memory/activation_bytes ×": ("act ×", 1), "memory/peak_bytes": ("peak MiB", mib),
+            "memory/peak_bytes ×": ("peak ×", 1), "memory/weight_bytes": ("weights MiB", mib),
+            "flops/train_step": ("train GFLOPs", g), "flops/train_step ×": ("train FLOPs ×", 1),
+            "flops/inference_per_image": ("infer GFLOPs/img", g), "time/train_step_s": ("step ms", 1e-3),
+            "time/train_step_s ×": ("step ×", 1), "time/inference_s": ("infer ms", 1e-3),
+            "time/inference_s ×": ("infer ×", 1)}
+    shown = pd.DataFrame({name: table[key] if scale is None else (table[key] / scale).round(2)
+                          for key, (name, scale) in cols.items() if key in table})
+    lines = [header, "", shown.to_markdown(index=False, floatfmt="g"), ""]
+    ranked = table.dropna(subset=["K"]) if "K" in table else table.iloc[:0]
+    if len(ranked) or ("act_ranks" in table and table["act_ranks"].notna().any()):
+        lines += ["Weight ranks K and activation ranks per converted layer, in forward order:", ""]
+        lines += [f"- {r.label}: K={r.K}; act_ranks={r.act_ranks}" for r in table.itertuples() if r.K or r.act_ranks]
+    if breakdown:
+        sources = pd.DataFrame(breakdown).fillna(0) / mib
+        sources = sources.loc[sources.max(axis=1).sort_values(ascending=False).index]
+        sources.loc["total"] = sources.sum()
+        lines += ["", "Memory held from forward to backward by the module and op that created it (MiB, all "
+                  "blocks summed; `metrics.held_activations`):", "", sources.round(1).to_markdown(floatfmt="g")]
+    return "\n".join(lines) + "\n"
+
+
+def plot_latency(stats: pd.DataFrame, path: Path) -> None:
+    """Stacked forward / backward / optimizer medians per variant, train-step speed-ups annotated."""
+    labels = list(dict.fromkeys(stats.label))
+    median = stats.pivot(index="label", columns="phase", values="median_s").loc[labels] * 1e3
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.2 * len(labels)), 4.5))
+    median[["forward", "backward", "optimizer"]].plot.bar(stacked=True, ax=ax, rot=30)
+    speedup = stats[stats.phase == "train_step"].set_index("label")["speedup"]
+    for i, label in enumerate(labels):
+        ax.annotate(f"{speedup[label]:.2f}×", (i, median.loc[label, "train_step"]), xytext=(0, 3),
+                    textcoords="offset points", ha="center", fontsize=8)
+    ax.set_ylabel("ms per training step (median)")
+    ax.set_xlabel("")
+    ax.set_title("training step by phase; train-step speed-up vs the reference above the bars")
+    plt.setp(ax.get_xticklabels(), ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What the numbers depend on besides the code."""
+    import timm
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith(("model name", "Model"))), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    env = {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
+           "machine": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="vit_b32", help="conf/model choice")
+    p.add_argument("--methods", nargs="+", default=["vanilla", "wasi"], help="conf/method choices")
+    p.add_argument("--eps", nargs="+", type=float, default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+                   help="method.epsilon of the methods it matters to (epsilon_act follows it unless --set)")
+    p.add_argument("--recompute", nargs="+", choices=["none", "mlp", "block"], default=None,
+                   help="method.recompute modes to compare (default: each method's own)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--data", default="shapes", help="conf/dataset choice for the batch, or 'noise' (Gaussian)")
+    p.add_argument("--spectrum", choices=["random", "pretrained"], default="random",
+                   help="target weights as initialised, or with the pretrained-like spectrum (experiments.spectrum)")
+    p.add_argument("--checkpoint", default=None, help="local weights file (model.checkpoint)")
+    p.add_argument("--hub", action="store_true", help="pretrained weights from the hub (model.pretrained=true)")
+    p.add_argument("--hardware", default="cpu", help="conf/hardware choice")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the hardware config's)")
+    p.add_argument("--measure", nargs="+", choices=["cost", "time"], default=["cost"])
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds")
+    p.add_argument("--reps", type=int, default=10, help="timed rounds")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant")
+    p.add_argument("--out", type=Path, default=None, help="default: <--out-root>/<--tag or timestamp>")
+    p.add_argument("--out-root", type=Path, default=Path("results/bench"))
+    p.add_argument("--tag", default=None)
+    args = p.parse_args(argv)
+    if args.spectrum == "pretrained" and (args.checkpoint or args.hub):
+        p.error("--spectrum pretrained stands in for real weights; drop it with --checkpoint or --hub")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Build, measure and write every variant; returns the output folder."""
+    args = parse_args(argv)
+    out = args.out or args.out_root / (args.tag or datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    base = base_overrides(args)
+    probe = compose_cfg(base)
+    device = setup_hardware(probe.hardware)
+    x, y, num_classes = make_batch(probe, args.batch, args.data)
+    x, y = x.to(device), y.to(device)
+    specs = variant_specs(args, base)
+    reference = next((s.label for s in specs if s.method == "vanilla" and s.recompute in (None, "none")), specs[0].label)
+    weights = {"random": "random init", "pretrained": "random init with a pretrained-like spectrum on the targets "
+               "(experiments.spectrum)"}[args.spectrum] if not (args.checkpoint or args.hub) else (
+        f"checkpoint {args.checkpoint}" if args.checkpoint else "pretrained (hub)")
+    inputs = "Gaussian noise" if args.data == "noise" else f"the first {args.batch} training images of dataset={args.data}"
+    header = (f"# Benchmark: {args.model}, batch {args.batch}\n\n`python -m experiments.bench "
+              f"{shlex.join(sys.argv[1:] if argv is None else argv)}`\n\nWeights: {weights}. Inputs: {inputs}. "
+              f"Device: {device}, {probe.hardware.precision}, {torch.get_num_threads()} threads. Reference for `×`: "
+              f"{reference} (its value / the row's).")
+    rows, breakdown, built = [], {}, []
+    for spec in specs:
+        cfg = compose_cfg(spec.overrides)
+        seed_everything(cfg.seed)
+        variant = build_variant(cfg, num_classes, [(x, y)], device, spectrum=args.spectrum)
+        rows.append(describe(spec, variant))
+        log.info("built %s", spec.label)
+        if "cost" in args.measure:
+            cost, breakdown[spec.label] = measure_cost(variant, cfg, x, y, device)
+            rows[-1].update(cost)
+        if "time" in args.measure:
+            built.append((spec, variant, cfg))
+        del variant
+        gc.collect()
+        table = add_ratios(pd.DataFrame(rows), reference if reference in {r["label"] for r in rows} else rows[0]["label"])
+        table.to_csv(out / "variants.csv", index=False)  # after every variant: a stopped run keeps what it has
+    if breakdown:
+        pd.DataFrame(breakdown).fillna(0).astype(int).rename_axis("source").to_csv(out / "saved_tensors.csv")
+    if built:
+        raw = time_round_robin(built, x, y, device, args.warmup, args.reps)
+        stats = timing_stats(raw, reference, torch.get_num_threads())
+        raw.to_csv(out / "timing_raw.csv", index=False)
+        stats.to_csv(out / "timing.csv", index=False)
+        plot_latency(stats, out / "latency.png")
+        for phase, key in (("train_step", "time/train_step_s"), ("inference", "time/inference_s")):
+            by_label = stats[stats.phase == phase].set_index("label")
+            table[key], table[f"{key} ×"] = table.label.map(by_label.median_s), table.label.map(by_label.speedup)
+        table.to_csv(out / "variants.csv", index=False)
+    (out / "summary.md").write_text(markdown(table, breakdown, header))
+    (out / "run.json").write_text(json.dumps({"argv": list(sys.argv[1:] if argv is None else argv),
+                                              "environment": environment(device), "reference": reference,
+                                              "weights": weights, "inputs": inputs}, indent=2))
+    log.info("wrote %s", out)
+    return out
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    print((main() / "summary.md").read_text())

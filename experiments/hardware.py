@@ -1,0 +1,34 @@
+"""Where and how a run computes: device, CPU threads, mixed precision, seeds (the `hardware` group)."""
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+
+def setup_hardware(hw: DictConfig, local_rank: int = 0) -> torch.device:
+    """The device of this process (`cuda:local_rank` under torchrun) and the CPU thread count."""
+    if hw.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("hardware=cuda but no CUDA device is visible. Fix: run on a GPU machine or use hardware=cpu.")
+    if hw.threads:
+        torch.set_num_threads(hw.threads)
+    return torch.device("cuda", local_rank) if hw.device == "cuda" else torch.device(hw.device)
+
+
+def autocast(hw: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for `hardware.precision=bf16`, nothing for fp32."""
+    if hw.precision == "fp32":
+        return contextlib.nullcontext()
+    if hw.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"hardware.precision must be fp32 or bf16, got {hw.precision!r}")
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy and torch (CPU and CUDA) random streams."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

@@ -1,0 +1,74 @@
+"""One fine-tuning variant: a model from the `model` group with a `method` applied, and its optimizer.
+
+The training loop and the benchmark (`experiments.bench`) build variants with the same function,
+so a benchmark row measures exactly what a training run trains.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+
+import wasi
+from experiments.models import build_model
+from experiments.spectrum import pretrained_like_
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Variant:
+    """model: the timm model after `method.apply`; method: the `experiments.methods` object;
+    optimizer: from `method.build_optimizer`; summary: what `apply` reported (JSON-able)."""
+
+    model: nn.Module
+    method: Any
+    optimizer: torch.optim.Optimizer
+    summary: dict
+
+
+def build_variant(cfg: DictConfig, num_classes: int, calibration: Iterable[Batch], device: torch.device,
+                  spectrum: str = "random") -> Variant:
+    """Build `cfg.model` with a `num_classes` head on `device`, apply `cfg.method` (it may read
+    calibration batches x: (B, 3, S, S), y: (B,)) and build its optimizer from `cfg.optimizer`.
+
+    spectrum="pretrained" (benchmarks only) first gives the method's target weights the pretrained-like
+    spectrum of `experiments.spectrum`; "random" keeps the weights as built.
+    """
+    model = build_model(cfg.model, num_classes).to(device)
+    if spectrum == "pretrained":
+        pretrained_like_(model, wasi.find_targets(model, cfg.method.targets))
+    elif spectrum != "random":
+        raise ValueError(f"spectrum must be 'random' or 'pretrained', got {spectrum!r}")
+    method = hydra.utils.instantiate(cfg.method)
+    summary = method.apply(model, calibration, device)
+    optimizer = method.build_optimizer(model, hydra.utils.instantiate(cfg.optimizer))
+    return Variant(model, method, optimizer, summary)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               grad_clip: float | None, amp: contextlib.AbstractContextManager,
+               clock: Callable[[], None] = lambda: None) -> torch.Tensor:
+    """One optimizer step on a batch x: (B, 3, H, W), y: (B,); returns the loss (detached).
+
+    `clock` is called after the forward (model + loss), after the backward and after the optimizer
+    step (clipping included): the benchmark times the three phases with it.
+    """
+    with amp:
+        loss = F.cross_entropy(model(x), y)
+    clock()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clock()
+    if grad_clip:
+        wasi.clip_grad_norm_(model, grad_clip)
+    optimizer.step()
+    clock()
+    return loss.detach()

@@ -1,0 +1,116 @@
+"""experiments.bench end to end on the tiny CPU model (2 blocks): files, ratios against the reference,
+hand-counted layer bytes, the held-memory breakdown, timing statistics and round-robin order."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from device import latency
+from experiments import bench
+from experiments.models import build_model
+
+SMALL = ["--model", "vit_tiny_cpu", "--batch", "4", "--set", "model.kwargs.depth=2", "hardware.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return bench.main([*SMALL, "--eps", "0.6", "--measure", "cost", "time", "--warmup", "1", "--reps", "3",
+                       "--out", str(tmp_path_factory.mktemp("bench"))])
+
+
+@pytest.fixture(scope="module")
+def table(out: Path) -> pd.DataFrame:
+    return pd.read_csv(out / "variants.csv").set_index("label")
+
+
+def test_rows_ranks_and_ratios(table: pd.DataFrame) -> None:
+    assert list(table.index) == ["vanilla", "wasi ε=0.6"]
+    vanilla, wasi = table.loc["vanilla"], table.loc["wasi ε=0.6"]
+    assert wasi.method == "wasi" and wasi.epsilon == 0.6
+    assert len(json.loads(wasi.K)) == 4 and wasi.K_mean == sum(json.loads(wasi.K)) / 4  # 2 blocks x (fc1, fc2)
+    assert [len(r) for r in json.loads(wasi.act_ranks)] == [3] * 4  # (B, N, I) modes
+    for key in bench.COST:
+        assert wasi[f"{key} ×"] == pytest.approx(vanilla[key] / wasi[key], rel=1e-12)
+        assert vanilla[f"{key} ×"] == 1.0
+    assert wasi["layers ×"] == pytest.approx(wasi["memory/compressed_layers_vanilla_bytes"]
+                                             / wasi["memory/compressed_layers_bytes"])
+
+
+def test_converted_layers_dense_bytes_match_a_hand_count(table: pd.DataFrame) -> None:
+    model = build_model(bench.compose_cfg(["model=vit_tiny_cpu", "model.kwargs.depth=2"]).model, 10)
+    t, (h, d) = model.patch_embed.num_patches + 1, model.blocks[0].mlp.fc1.weight.shape
+    per_block = 4 * t * d + h * d + h + 4 * t * h + d * h + d  # dense x (B=4, T, I) + W + b of fc1 and fc2
+    assert table.loc["wasi ε=0.6", "memory/compressed_layers_vanilla_bytes"] == 2 * per_block * 4
+
+
+def test_held_memory_breakdown_adds_up_and_names_the_gelu_input(out: Path, table: pd.DataFrame) -> None:
+    sources = pd.read_csv(out / "saved_tensors.csv").set_index("source")
+    for label in table.index:
+        assert sources[label].sum() == table.loc[label, "memory/activation_bytes"]
+    model = build_model(bench.compose_cfg(["model=vit_tiny_cpu", "model.kwargs.depth=2"]).model, 10)
+    t, h = model.patch_embed.num_patches + 1, model.blocks[0].mlp.fc1.out_features
+    gelu_input = 2 * 4 * t * h * 4  # fc1's output (B, T, H) in float32, kept for GELU's backward, per block
+    assert sources.loc["mlp.fc1 (Linear) / addmm", "vanilla"] == gelu_input
+
+
+def test_timing_statistics_come_from_the_raw_times(out: Path) -> None:
+    raw, stats = pd.read_csv(out / "timing_raw.csv"), pd.read_csv(out / "timing.csv")
+    assert len(raw) == 2 * 3 * len(bench.PHASES)
+    steps = raw.pivot_table(index=["label", "rep"], columns="phase", values="seconds")
+    assert ((steps.forward + steps.backward + steps.optimizer - steps.train_step).abs() < 1e-12).all()
+    median = {key: statistics.median(group.seconds) for key, group in raw.groupby(["label", "phase"])}
+    for row in stats.itertuples():
+        assert row.median_s == pytest.approx(median[row.label, row.phase], rel=1e-12)
+        assert row.speedup == pytest.approx(median["vanilla", row.phase] / row.median_s, rel=1e-12)
+
+
+def test_summary_and_plot(out: Path) -> None:
+    text = (out / "summary.md").read_text()
+    for needle in ("Weights: random init", "training images of dataset=shapes", "| vanilla ", "| wasi ε=0.6 ",
+                   "K=[", "mlp.fc1 (Linear) / addmm"):
+        assert needle in text
+    with Image.open(out / "latency.png") as im:
+        assert im.format == "PNG" and im.size[0] > 100
+    assert json.loads((out / "run.json").read_text())["reference"] == "vanilla"
+
+
+def test_round_robin_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def fake_step(model, optimizer, x, y, grad_clip, amp, clock) -> None:
+        calls.append(model.label)
+        for _ in range(3):
+            clock()
+
+    monkeypatch.setattr(bench, "train_step", fake_step)
+    built = []
+    for label in "abc":
+        model = torch.nn.Identity()
+        model.label = label
+        method = SimpleNamespace(inference_model=lambda m: m)
+        built.append((bench.Spec(label, label, None, None, []), SimpleNamespace(model=model, optimizer=None, method=method),
+                      bench.compose_cfg(["hardware=cpu"])))
+    raw = bench.time_round_robin(built, torch.zeros(1), torch.zeros(1), torch.device("cpu"), warmup=1, reps=2)
+    assert calls == list("abc" "bca" "cab")
+    assert list(raw[raw.phase == "forward"].label) == list("bca" "cab")
+
+
+def test_variants_sweep_epsilon_and_recompute_only_where_they_apply() -> None:
+    args = bench.parse_args(["--model", "vit_tiny_cpu", "--methods", "vanilla", "wasi", "asi", "--eps", "0.5", "0.7"])
+    specs = bench.variant_specs(args, bench.base_overrides(args))
+    assert [s.label for s in specs] == ["vanilla", "wasi ε=0.5", "wasi ε=0.7", "asi ε=0.5", "asi ε=0.7"]
+    cfg = bench.compose_cfg(specs[2].overrides)
+    assert (cfg.method.epsilon, cfg.method.epsilon_act, cfg.model.pretrained) == (0.7, 0.7, False)
+
+
+def test_pi_profile_defaults_can_be_overridden() -> None:
+    args = bench.parse_args([*latency.DEFAULTS, "--hardware", "cpu", "--batch", "8"])
+    assert (args.hardware, args.measure, args.batch, str(args.out_root)) == ("cpu", ["time"], 8, "results/pi_latency")
+    assert bench.parse_args(latency.DEFAULTS).hardware == "cpu_pi"
