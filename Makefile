@@ -1,12 +1,13 @@
-# `make run` and `make test` set everything up on a fresh machine (a .venv from requirements.txt).
+# `make run` and `make test` set everything up on a fresh machine: a .venv with this repository
+# installed editable with its suite and test extras (pyproject.toml, via requirements.txt).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-RUN_ARGS ?= trainer.epochs=12 trainer.batch_size=64 optimizer.momentum=0.9
+RUN_ARGS ?=
 
-.PHONY: setup run test test-slow sweep pi-latency report clean
+.PHONY: setup run test lint test-slow sweep pi-latency report clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
@@ -16,8 +17,12 @@ setup: $(VENV)/.installed
 run: setup  ## the main job: fine-tune on the embedded default dataset, offline
 	$(PY) train.py $(RUN_ARGS)
 
-test: setup  ## the default (fast) test suite
+test: setup lint  ## lint, then the default (fast) test suite
 	$(PY) -m pytest -q -m "not slow"
+
+lint: setup  ## ruff on everything, mypy on the library
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
