@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-RUN_ARGS ?=
+RUN_ARGS ?= trainer.epochs=12 trainer.batch_size=64 optimizer.momentum=0.9
 
 .PHONY: setup run test lint test-slow sweep pi-latency report clean
 
