@@ -1,6 +1,6 @@
 """Load a model exported by `python -m experiments.export` for inference.
 
-Needs only torch, timm and safetensors: no training loop, Hydra, W&B or calibration data.
+Needs only torch, timm, safetensors and the `wasi` library: no training loop, Hydra, W&B or calibration data.
 An export folder holds `model.json` (an `ExportSpec`: timm name and kwargs, classes, input size,
 normalisation, and the low-rank layers to swap in) and `model.safetensors` (every weight; a
 low-rank layer stores its factors `L`, `R` and `bias`, every other module its dense tensors).
