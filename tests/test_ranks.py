@@ -68,6 +68,51 @@ def test_coarse_granularity_stays_within_budget(seed):
             assert cost <= _brute_force(table, budget - n * bound_g) + 1e-9
 
 
+def _own_best(table: RankTable) -> list[int]:
+    """Each layer's lowest-perplexity ε index; ties go to the later entry of eps_set."""
+    return [max(i for i, p in enumerate(row) if p == min(row)) for row in table.perplexity]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_budget_affording_every_layers_best_eps_takes_it(seed):
+    """From Σ m of the per-layer best assignment up to (and past) Σ max m, the default (coarse) granularity
+    must still give the unconstrained optimum, which brute force confirms."""
+    rng = random.Random(seed)
+    table = _random_table(rng, 5, 4, scale=997)
+    best = _own_best(table)
+    best_mem = sum(table.memory_bytes[l][i] for l, i in enumerate(best))
+    hi = sum(max(r) for r in table.memory_bytes)
+    n = len(table.layers)
+    for budget in sorted({best_mem, best_mem + 1, (best_mem + hi) // 2, hi - 1, hi, hi + 1, hi + n * 997 - 1}):
+        if budget < best_mem:
+            continue
+        assignment = solve_budget(table, budget)
+        cost, mem = _cost(table, assignment)
+        assert mem <= budget
+        assert cost == pytest.approx(_brute_force(table, budget), abs=1e-9)
+        assert [table.eps_set.index(assignment[name]) for name in table.layers] == best
+
+
+def test_budget_at_max_memory_gives_best_eps_on_large_tables():
+    """24 layers (too many for brute force): at Σ max m and just above it every layer gets its own best ε."""
+    for seed in range(30):
+        rng = random.Random(100 + seed)
+        table = _random_table(rng, 24, 6, scale=rng.randint(1000, 50_000))
+        best = _own_best(table)
+        hi = sum(max(r) for r in table.memory_bytes)
+        for budget in (hi, hi + 24 * 17, hi + rng.randint(1, 24 * 1000)):
+            assignment = solve_budget(table, budget)
+            assert [table.eps_set.index(assignment[name]) for name in table.layers] == best
+
+
+def test_own_best_ties_go_to_the_later_eps():
+    table = RankTable(eps_set=[0.4, 0.6, 0.8], layers=["a", "b"], ranks=[[[1, 1, 1]] * 3] * 2,
+                      memory_bytes=[[10, 20, 30], [10, 20, 30]], perplexity=[[1.0, 0.5, 0.5], [2.0, 2.0, 2.0]],
+                      calibration_shape=[1, 3, 8, 8])
+    assert solve_budget(table, 60) == {"a": 0.8, "b": 0.8}
+    assert solve_budget(table, 60, granularity_bytes=1) == solve_budget(table, 60)
+
+
 def test_infeasible_budget_states_smallest_feasible_budget():
     table = _random_table(random.Random(8), 4, 3, scale=300_000)
     smallest = min(sum(table.memory_bytes[l][e] for l, e in enumerate(c))

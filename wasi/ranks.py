@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -206,6 +206,8 @@ def solve_budget(table: RankTable, budget_bytes: int, granularity_bytes: int | N
     budget − n_layers·granularity bytes. Default granularity: ceil(C / 2048) bytes, where C is the
     usable extra memory min(budget − Σ_l min m, Σ_l (max m − min m)), giving about 2048 buckets;
     granularity 1 makes the DP exact. Ties go to the later entry of eps_set.
+    When the budget affords every layer its own lowest-perplexity ε (the unconstrained optimum), that
+    assignment is returned as is, whatever the granularity.
     Raises InfeasibleBudgetError when budget_bytes < Σ_l min_ε m(l, ε) (that sum is feasible).
     """
     base = [min(row) for row in table.memory_bytes]
@@ -216,12 +218,15 @@ def solve_budget(table: RankTable, budget_bytes: int, granularity_bytes: int | N
             f"{len(table.layers)} layers and eps_set {table.eps_set}: the smallest feasible budget is "
             f"{min_total} bytes ({min_total / 2**20:.3f} MiB). Fix: set budget_bytes >= {min_total}, add smaller "
             "values to eps_set, or compress fewer layers (targets / last_n).", min_total)
+    if granularity_bytes is not None and granularity_bytes < 1:
+        raise ValueError(f"granularity_bytes must be a positive int, got {granularity_bytes}")
+    best_own = [max(range(len(row)), key=lambda i, row=row: (-row[i], i)) for row in table.perplexity]
+    if sum(table.memory_bytes[l][i] for l, i in enumerate(best_own)) <= budget_bytes:
+        return _assignment(table, best_own, budget_bytes, granularity_bytes)
     extra = [[m - b for m in row] for row, b in zip(table.memory_bytes, base)]
     usable = min(budget_bytes - min_total, sum(max(row) for row in extra))
     if granularity_bytes is None:
         granularity_bytes = max(1, math.ceil(usable / _TARGET_BUCKETS))
-    elif granularity_bytes < 1:
-        raise ValueError(f"granularity_bytes must be a positive int, got {granularity_bytes}")
     buckets = [[-(-e // granularity_bytes) for e in row] for row in extra]  # rounded up
     cap = min((budget_bytes - min_total) // granularity_bytes, sum(max(row) for row in buckets))
     inf = float("inf")
@@ -243,8 +248,14 @@ def solve_budget(table: RankTable, budget_bytes: int, granularity_bytes: int | N
         chosen.append(i)
         c -= weights[i]
     chosen.reverse()
-    _logger.info("budget %d bytes (granularity %d): Σ perplexity %.4g, Σ memory %d bytes", budget_bytes,
-                 granularity_bytes, best[cap], sum(table.memory_bytes[l][i] for l, i in enumerate(chosen)))
+    return _assignment(table, chosen, budget_bytes, granularity_bytes)
+
+
+def _assignment(table: RankTable, chosen: list[int], budget_bytes: int, granularity_bytes: int | None
+                ) -> dict[str, float]:
+    _logger.info("budget %d bytes (granularity %s): Σ perplexity %.4g, Σ memory %d bytes", budget_bytes,
+                 granularity_bytes, sum(table.perplexity[l][i] for l, i in enumerate(chosen)),
+                 sum(table.memory_bytes[l][i] for l, i in enumerate(chosen)))
     return {name: table.eps_set[i] for name, i in zip(table.layers, chosen)}
 
 
