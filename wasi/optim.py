@@ -143,10 +143,10 @@ class SubspaceSGD(torch.optim.Optimizer):
         a = (1 - lr * wd) * R if c is None else (1 - lr * wd) * R - lr * mu * c
         q = a.T - lr * p @ (g.T @ L)
         new_l = orth(L @ (a @ q) - lr * g @ (p.T @ q))
-        ltl, ltg = new_l.T @ L, new_l.T @ g
+        ltl, ltgp = new_l.T @ L, (new_l.T @ g) @ p.T
         if mu:
-            state["momentum_buffer"] = ltg @ p.T + ltl @ (wd * R if c is None else wd * R + mu * c)
-        R.copy_(ltl @ a - lr * ltg @ p.T)
+            state["momentum_buffer"] = ltgp + ltl @ (wd * R if c is None else wd * R + mu * c)
+        R.copy_(ltl @ a - lr * ltgp)
         L.copy_(new_l)
 
 
