@@ -3,8 +3,8 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from wasi import SubspaceSGD, WASILinear, WSILinear, clip_grad_norm_, orth
 from wasi.optim import factored_sq_norm

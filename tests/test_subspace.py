@@ -186,7 +186,7 @@ def test_tucker_random_start_is_orth_of_unfolding_times_documented_gaussian():
     """V: the Gaussian drawn from the generator in x's layout with mode m of size r_m, i.e. V_(m)ᵀ."""
     shape, ranks = (3, 6, 5, 9), [2, 6, 3, 4]
     x = torch.randn(*shape, dtype=torch.float64)
-    core, factors = tucker(x, ranks, generator=_gen(3))
+    _, factors = tucker(x, ranks, generator=_gen(3))
     g = _gen(3)
     for mode, (n, r) in enumerate(zip(shape, ranks)):
         if r == n:  # identity modes draw nothing
