@@ -6,8 +6,8 @@ import re
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from wasi.ranks import InfeasibleBudgetError, RankTable, build_rank_table, ranks_for, solve_budget
 from wasi.subspace import truncated_hosvd
@@ -263,3 +263,25 @@ def test_table_on_tiny_vit_and_budget_round_trip():
 def test_unknown_target_is_rejected():
     with pytest.raises(ValueError, match="not nn.Linear"):
         build_rank_table(_TokenMLP(), ["fc3"], torch.randn(2, 3, 10), torch.tensor([0, 1]))
+
+
+def test_table_on_tiny_swin_uses_four_mode_inputs():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=24,
+                              depths=(1, 1), num_heads=(1, 2), window_size=7, num_classes=5)
+    names = [f"layers.{s}.blocks.0.mlp.{fc}" for s in range(2) for fc in ("fc1", "fc2")]
+    x, y = torch.randn(2, 3, 56, 56), torch.tensor([1, 3])
+    table = build_rank_table(model, names, x, y, eps_set=(0.5, 0.8, 1.0))
+    assert table.input_shapes == [[2, 14, 14, 24], [2, 14, 14, 96], [2, 7, 7, 48], [2, 7, 7, 192]]
+    grids = {"layers.0": (14, 14), "layers.1": (7, 7)}
+    for l, name in enumerate(names):
+        a, dy, grad_w = _reference(model, name, x, y)  # a: (B, H·W, C) as the plain linear sees it
+        a4 = a.reshape(a.shape[0], *grids[name[:8]], a.shape[-1])
+        for e, eps in enumerate(table.eps_set):
+            core, factors = truncated_hosvd(a4, eps)
+            assert table.ranks[l][e] == [u.shape[1] for u in factors] and len(factors) == 4
+            assert table.memory_bytes[l][e] == (core.numel() + sum(u.numel() for u in factors)) * 4
+            x_hat = _reconstruct(core, factors).reshape(-1, a.shape[-1])
+            p_ref = torch.linalg.matrix_norm(dy.reshape(-1, dy.shape[-1]).T @ x_hat - grad_w)
+            assert table.perplexity[l][e] == pytest.approx(float(p_ref), rel=1e-3, abs=1e-5 * float(grad_w.norm()))

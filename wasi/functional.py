@@ -18,8 +18,8 @@ from torch import Tensor
 
 from wasi.subspace import mode_product
 
-__all__ = ["compute_dtype", "tucker_weight_grad", "dense_weight_grad", "LinearParams", "linear_forward",
-           "input_grad", "bias_grad", "weight_grad", "SubspaceLinearFn"]
+__all__ = ["LinearParams", "SubspaceLinearFn", "bias_grad", "compute_dtype", "dense_weight_grad", "input_grad",
+           "linear_forward", "tucker_weight_grad", "weight_grad"]
 
 
 class FactoredGradSink(Protocol):

@@ -15,13 +15,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
+from wasi.blocks import compression_views
 from wasi.functional import tucker_weight_grad
 from wasi.subspace import truncated_hosvd
 
-__all__ = ["RankTable", "InfeasibleBudgetError", "build_rank_table", "solve_budget", "ranks_for"]
+__all__ = ["InfeasibleBudgetError", "RankTable", "build_rank_table", "ranks_for", "solve_budget"]
 
 _logger = logging.getLogger(__name__)
 
@@ -128,11 +129,12 @@ def build_rank_table(model: nn.Module, target_names: Sequence[str], x: torch.Ten
                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> RankTable:
     """One forward + backward of the dense model on the calibration batch (x, y), then the table.
 
-    target_names: qualified names of nn.Linear modules, each called once per forward.
-    The pass runs in eval mode (no dropout, no BatchNorm statistics update); the model's modes
-    and `requires_grad` flags are restored, no hooks are left behind, and gradients are taken
+    target_names: qualified names of nn.Linear modules, each called once per forward. Each layer's input is
+    taken as the converted layer would compress it: Swin MLP inputs (B, H·W, C) as (B, H, W, C) (wasi.blocks),
+    so their ranks have 4 entries. The pass runs in eval mode (no dropout, no BatchNorm statistics update);
+    the model's modes and `requires_grad` flags are restored, no hooks are left behind, and gradients are taken
     with `torch.autograd.grad`, so no parameter `.grad` is written.
-    Perplexity uses the compressed contraction of section 4 in float32;
+    Perplexity uses the compressed contraction (docs/method.md, Compressed gradients) in float32;
     ∇W_exact = dy_(unfold)ᵀ x_(unfold). Memory uses the activation's element size.
     """
     modules = dict(model.named_modules())
@@ -144,40 +146,42 @@ def build_rank_table(model: nn.Module, target_names: Sequence[str], x: torch.Ten
     xs: dict[str, torch.Tensor] = {}
     dys: dict[str, torch.Tensor] = {}
 
-    def capture(name: str) -> Callable:
+    def capture(name: str, view: Callable[[str, torch.Tensor], torch.Tensor]) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if name in xs:
                 raise ValueError(f"target {name} is called more than once per forward; "
                                  "rank tables need one call per layer")
-            xs[name] = inputs[0].detach()
+            xs[name] = view(name, inputs[0].detach())
             output.register_hook(lambda g: dys.__setitem__(name, g.detach()))
         return hook
 
     modes = {m: m.training for m in model.modules()}
     flags = [(m.weight, m.weight.requires_grad) for m in targets]
-    handles = [m.register_forward_hook(capture(n)) for n, m in zip(target_names, targets)]
-    try:
-        model.eval()
-        for w, _ in flags:
-            w.requires_grad_(True)
-        with torch.enable_grad():
-            loss = loss_fn(model(x), y)
-            not_called = [n for n in target_names if n not in xs]
-            if not_called:
-                raise ValueError(f"targets {not_called} were not called in the forward pass; "
-                                 "pass names from find_targets(model)")
-            torch.autograd.grad(loss, [m.weight for m in targets])
-    finally:
-        for h in handles:
-            h.remove()
-        for w, req in flags:
-            w.requires_grad_(req)
-        for m, training in modes.items():
-            m.train(training)
+    with compression_views(model, target_names) as view:
+        handles = [m.register_forward_hook(capture(n, view)) for n, m in zip(target_names, targets)]
+        try:
+            model.eval()
+            for w, _ in flags:
+                w.requires_grad_(True)
+            with torch.enable_grad():
+                loss = loss_fn(model(x), y)
+                not_called = [n for n in target_names if n not in xs]
+                if not_called:
+                    raise ValueError(f"targets {not_called} were not called in the forward pass; "
+                                     "pass names from find_targets(model)")
+                torch.autograd.grad(loss, [m.weight for m in targets])
+        finally:
+            for h in handles:
+                h.remove()
+            for w, req in flags:
+                w.requires_grad_(req)
+            for m, training in modes.items():
+                m.train(training)
 
     ranks, memory, perplexity, shapes = [], [], [], []
     for name in target_names:
         a, dy = xs[name], dys[name]
+        dy = dy.reshape(*a.shape[:-1], dy.shape[-1])  # to a's modes, e.g. (B, H, W, O)
         exact = dy.reshape(-1, dy.shape[-1]).float().T @ a.reshape(-1, a.shape[-1]).float()
         r_row, m_row, p_row = [], [], []
         for eps in eps_set:
@@ -220,7 +224,7 @@ def solve_budget(table: RankTable, budget_bytes: int, granularity_bytes: int | N
             "values to eps_set, or compress fewer layers (targets / last_n).", min_total)
     if granularity_bytes is not None and granularity_bytes < 1:
         raise ValueError(f"granularity_bytes must be a positive int, got {granularity_bytes}")
-    best_own = [max(range(len(row)), key=lambda i, row=row: (-row[i], i)) for row in table.perplexity]
+    best_own = [_lowest(row) for row in table.perplexity]
     if sum(table.memory_bytes[l][i] for l, i in enumerate(best_own)) <= budget_bytes:
         return _assignment(table, best_own, budget_bytes, granularity_bytes)
     extra = [[m - b for m in row] for row, b in zip(table.memory_bytes, base)]
@@ -249,6 +253,12 @@ def solve_budget(table: RankTable, budget_bytes: int, granularity_bytes: int | N
         c -= weights[i]
     chosen.reverse()
     return _assignment(table, chosen, budget_bytes, granularity_bytes)
+
+
+def _lowest(row: Sequence[float]) -> int:
+    """Index of the smallest value; ties go to the later index."""
+    best = min(row)
+    return max(i for i, v in enumerate(row) if v == best)
 
 
 def _assignment(table: RankTable, chosen: list[int], budget_bytes: int, granularity_bytes: int | None

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["orth", "explained_variance_rank", "subspace_iteration", "unfold", "mode_view", "mode_product",
-           "mode_gram", "mode_cross", "tucker_ranks", "tucker", "project", "truncated_hosvd", "tucker_reconstruct"]
+__all__ = ["explained_variance_rank", "mode_cross", "mode_gram", "mode_product", "mode_view", "orth", "project",
+           "subspace_iteration", "truncated_hosvd", "tucker", "tucker_ranks", "tucker_reconstruct", "unfold"]
 
 
 def orth(m: Tensor) -> Tensor:
