@@ -19,17 +19,20 @@ torch.set_num_threads(1)
 
 
 @pytest.mark.parametrize("model_name", ["vit", "swin"])
-@pytest.mark.parametrize("config", [{}, {"recompute_none_is": "mlp"}, {"activation": False}, {"train_rest": True}])
+@pytest.mark.parametrize("config", [{}, {"recompute_none_is": "mlp"}, {"activation": False}, {"train_rest": True},
+                                    {"bf16": True}])
 def test_block_run_equals_none_run(model_name, config):
-    """WASI (factored update, momentum) by default; also against the fused-MLP run, WSI, and with the rest trainable.
-    Swin's drop path checks the RNG replay. Weights and the layers' Tucker warm-start factors must agree."""
+    """WASI (factored update, momentum) by default; also against the fused-MLP run, WSI, with the rest trainable,
+    and under bf16 autocast. Swin's drop path checks the RNG replay. Weights and the layers' Tucker warm-start
+    factors must agree."""
     config = dict(config)
     reference = config.pop("recompute_none_is", "none")
+    bf16 = config.pop("bf16", False)
     base, block = injected(model_name, recompute=reference, **config), injected(model_name, recompute="block", **config)
     assert all(is_checkpointed(block.get_submodule(n)) for n in wasi.blocks.find_blocks(block))
     data = batches(MODELS[model_name][1])
     for m in (base, block):
-        train(m, data)
+        train(m, data, bf16=bf16)
     expected, got = base.state_dict(), block.state_dict()
     assert got.keys() == expected.keys()
     for k in expected:

@@ -14,8 +14,7 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-__all__ = ["block_grid", "block_of", "compressed_modes", "compression_views", "find_blocks", "grid_view",
-           "is_mlp_linear"]
+__all__ = ["block_grid", "block_of", "compressed_modes", "compression_views", "find_blocks", "grid_view"]
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.\d+$")
 _MLP_LINEAR = re.compile(r"^(?P<block>(?:.*\.)?blocks\.\d+)\.mlp\.fc[12]$")
@@ -36,11 +35,6 @@ def block_of(name: str) -> str | None:
     """The block holding MLP linear `name` (`<block>.mlp.fc1` / `.fc2`), else None."""
     match = _MLP_LINEAR.match(name)
     return None if match is None else match.group("block")
-
-
-def is_mlp_linear(name: str) -> bool:
-    """True for a block's MLP linear `<block>.mlp.fc1` / `<block>.mlp.fc2`."""
-    return block_of(name) is not None
 
 
 def compressed_modes(name: str) -> int:

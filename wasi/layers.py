@@ -2,9 +2,9 @@
 L R, dense saved input) and WASI (both).
 
 Inputs are (…, I) with any number of leading modes: ViT tokens (B, N, I), channels-last Swin maps
-(B, H, W, C), or (T, I). A Swin MLP's (B, H·W, C) input is compressed as (B, H, W, C) once its block has
-set `token_grid` = (H, W) (wasi.blocks). At inference (eval mode, or no grad needed) the layers run plain
-`F.linear` ops, so tracers such as fvcore see ordinary linears.
+(B, H, W, C), or (T, I). A Swin MLP's (B, H·W, C) input is compressed as (B, H, W, C) once its block's
+pre-hook (`track_token_grid`) has set the layer's `token_grid` = (H, W). At inference (eval mode, or no
+grad needed) the layers run plain `F.linear` ops, so tracers such as fvcore see ordinary linears.
 """
 from __future__ import annotations
 

@@ -122,11 +122,12 @@ class _RecomputeMlpFn(torch.autograd.Function):
                 assert p2.bias is not None
                 grads[8] = bias_grad(dy, p2.bias)
             h = a = None
-            if need_dh or (need_w2 and not tucker2):
-                with torch.enable_grad():
-                    assert p1.L is not None
+            if need_dh or (need_w2 and not tucker2):  # recompute h = u L₁ᵀ + b₁ and a = act(h), as in forward
+                assert p1.L is not None
+                with torch.no_grad():
                     h = F.linear(u, p1.L.to(u.dtype), None if p1.bias is None else p1.bias.to(u.dtype))
-                    h = h.detach().requires_grad_(need_dh)
+                h.requires_grad_(need_dh)
+                with torch.enable_grad():
                     a = ctx.mlp.act(h)
             if tucker2:
                 grads[5] = weight_grad(dy, p2, need[5], factored2, core=second[0], factors=second[1:])

@@ -67,22 +67,19 @@ def mode_product(x: Tensor, m: Tensor, mode: int) -> Tensor:
 
 def mode_gram(x: Tensor, mode: int) -> Tensor:
     """X_(m) X_(m)ᵀ: (n_m, n_m), without unfolding x."""
-    v = mode_view(x, mode)
-    if v.shape[0] == 1:
-        return v[0] @ v[0].T
-    if v.shape[2] == 1:
-        return v[..., 0].T @ v[..., 0]
-    return torch.bmm(v, v.transpose(1, 2)).sum(0)
+    return mode_cross(x, x, mode)
 
 
 def mode_cross(x: Tensor, y: Tensor, mode: int) -> Tensor:
-    """X_(m) Y_(m)ᵀ for x, y equal in every mode but m. x: (…, n, …), y: (…, k, …) -> (n, k)."""
+    """X_(m) Y_(m)ᵀ for x, y equal in every mode but m. x: (…, n, …), y: (…, k, …) -> (n, k).
+
+    Inner modes: one product per leading index, summed in at least float32."""
     vx, vy = mode_view(x, mode), mode_view(y, mode)
     if vx.shape[0] == 1:
         return vx[0] @ vy[0].T
     if vx.shape[2] == 1:
         return vx[..., 0].T @ vy[..., 0]
-    return torch.bmm(vx, vy.transpose(1, 2)).sum(0)
+    return torch.bmm(vx, vy.transpose(1, 2)).sum(0, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)
 
 
 def tucker_ranks(shape: Sequence[int], ranks: Sequence[int]) -> list[int]:
