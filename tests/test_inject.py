@@ -323,3 +323,15 @@ def test_token_grid_hook_follows_deep_copies():
     F.cross_entropy(clone(x), y).backward()
     assert all(l.token_grid is not None for _, l in factored_layers(clone))
     assert all(l.token_grid is None and l.warm_start_state() == [] for _, l in factored_layers(model))
+
+
+def test_stale_three_mode_swin_rank_table_is_refused():
+    x, y = _batch(2, 56, 5)
+    names = find_targets(_swin())
+    table = build_rank_table(_swin(), names, x, y, (0.5, 0.8))
+    assert all(len(r) == 4 for rows in table.ranks for r in rows)
+    budget = sum(max(row) for row in table.memory_bytes)
+    inject(_swin(), WASIConfig(budget_bytes=budget, eps_set=(0.5, 0.8)), rank_table=table)
+    table.ranks = [[r[:3] for r in rows] for rows in table.ranks]  # as a table cached before 4-mode Swin inputs
+    with pytest.raises(ValueError, match="rebuild the table"):
+        inject(_swin(), WASIConfig(budget_bytes=budget, eps_set=(0.5, 0.8)), rank_table=table)

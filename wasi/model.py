@@ -197,6 +197,10 @@ def _activation_ranks(model: nn.Module, names: list[str], config: WASIConfig,
     if sorted(table.layers) != sorted(names):
         raise ValueError(f"rank_table covers layers {table.layers} but the targets are {names}; "
                          "rebuild it for this model, targets and last_n")
+    stale = [n for n, rows in zip(table.layers, table.ranks) if any(len(r) != compressed_modes(n) for r in rows)]
+    if stale:
+        raise ValueError(f"rank_table ranks of {stale[:3]} do not have one entry per compressed mode (Swin MLP inputs "
+                         "are compressed as (B, H, W, C)); rebuild the table with build_rank_table")
     assert config.budget_bytes is not None  # WASIConfig checks that exactly one rank source is set
     assignment = solve_budget(table, config.budget_bytes)
     return ranks_for(table, assignment), assignment, table
