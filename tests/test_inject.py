@@ -6,11 +6,23 @@ import numpy as np
 import pytest
 import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
-from wasi import (ASILinear, InfeasibleBudgetError, SubspaceSGD, WASIConfig, WASILinear, WSILinear,
-                  build_rank_table, clip_grad_norm_, factored_layers, find_targets, inject, solve_budget)
+from wasi import (
+    ASILinear,
+    InfeasibleBudgetError,
+    SubspaceSGD,
+    WASIConfig,
+    WASILinear,
+    WSILinear,
+    build_rank_table,
+    clip_grad_norm_,
+    factored_layers,
+    find_targets,
+    inject,
+    solve_budget,
+)
 from wasi.ranks import ranks_for
 
 torch.set_num_threads(1)
@@ -97,12 +109,16 @@ def test_inject_last_n_only_converts_and_trains_last_layers():
 
 def test_inject_swin_asi_mlp_and_attn():
     model = _swin()
-    summary = inject(model, WASIConfig(weight=False, ranks=[2, 8, 8], targets="mlp+attn"))
+    # fixed ranks cannot serve 3-mode attention and 4-mode (B, H, W, C) MLP inputs at once: ε_act ranks
+    summary = inject(model, WASIConfig(weight=False, epsilon_act=0.5, targets="mlp+attn"),
+                     calibration=_batch(2, 56, 5))
     names = [l.name for l in summary.layers]
-    assert names == [f"layers.{s}.blocks.0.{m}" for s in (0, 1) for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    assert names == [f"layers.{s}.blocks.0.{m}" for s in (0, 1)
+                     for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
     assert all(isinstance(model.get_submodule(n), ASILinear) for n in names)
     assert all(l.weight_rank is None and l.params_after == l.params_before for l in summary.layers)
-    assert _trainable(model) == {f"{n}.{p}" for n in names for p in ("weight", "bias")} | {"head.fc.weight", "head.fc.bias"}
+    assert _trainable(model) == ({f"{n}.{p}" for n in names for p in ("weight", "bias")}
+                                 | {"head.fc.weight", "head.fc.bias"})
     x, y = _batch(2, 56, 5)
     F.cross_entropy(model(x), y).backward()
     assert all(model.get_submodule(n).weight.grad is not None for n in names)
@@ -200,19 +216,19 @@ def test_bf16_autocast_training_step_on_vit():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(epsilon=1.5, ranks=[2, 2, 2]), "epsilon must be in \\(0, 1\\], got 1.5; set method.epsilon=0.8"),
-    (dict(epsilon=0.0, ranks=[2, 2, 2]), "epsilon must be in"),
-    (dict(epsilon_act=1.2), "epsilon_act must be in \\(0, 1\\]"),
-    (dict(ranks=[4, -1, 8]), "ranks must be positive"),
-    (dict(), "exactly one of epsilon_act, ranks, budget_bytes"),
-    (dict(ranks=[2, 2, 2], epsilon_act=0.5), "exactly one of"),
-    (dict(activation=False, ranks=[2, 2, 2]), "only apply when activation=True"),
-    (dict(weight=False, activation=False), "nothing to do"),
-    (dict(budget_bytes=0), "budget_bytes must be positive"),
-    (dict(ranks=[2, 2, 2], targets="all"), "set method.targets=mlp"),
-    (dict(ranks=[2, 2, 2], last_n=0), "last_n must be a positive int"),
-    (dict(ranks=[2, 2, 2], weight_update="dense"), "set method.weight_update=factored"),
-    (dict(ranks=[2, 2, 2], eps_set=(0.5, 1.5)), "eps_set must be"),
+    ({"epsilon": 1.5, "ranks": [2, 2, 2]}, "epsilon must be in \\(0, 1\\], got 1.5; set method.epsilon=0.8"),
+    ({"epsilon": 0.0, "ranks": [2, 2, 2]}, "epsilon must be in"),
+    ({"epsilon_act": 1.2}, "epsilon_act must be in \\(0, 1\\]"),
+    ({"ranks": [4, -1, 8]}, "ranks must be positive"),
+    ({}, "exactly one of epsilon_act, ranks, budget_bytes"),
+    ({"ranks": [2, 2, 2], "epsilon_act": 0.5}, "exactly one of"),
+    ({"activation": False, "ranks": [2, 2, 2]}, "only apply when activation=True"),
+    ({"weight": False, "activation": False}, "nothing to do"),
+    ({"budget_bytes": 0}, "budget_bytes must be positive"),
+    ({"ranks": [2, 2, 2], "targets": "all"}, "set method.targets=mlp"),
+    ({"ranks": [2, 2, 2], "last_n": 0}, "last_n must be a positive int"),
+    ({"ranks": [2, 2, 2], "weight_update": "dense"}, "set method.weight_update=factored"),
+    ({"ranks": [2, 2, 2], "eps_set": (0.5, 1.5)}, "eps_set must be"),
 ])
 def test_config_errors_name_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -222,3 +238,100 @@ def test_config_errors_name_the_fix(kwargs, message):
 def test_epsilon_act_needs_calibration():
     with pytest.raises(ValueError, match="calibration=\\(x, y\\)"):
         inject(_vit(), WASIConfig(epsilon_act=0.8))
+
+
+# --- Swin MLP inputs are compressed as (B, H, W, C) ---
+
+def _swin_mlp_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each MLP linear's (B, H·W, C) input with its block's (H, W) map, reshaped by hand to (B, H, W, C)."""
+    inputs, grids = {}, {}
+    handles = [blk.register_forward_pre_hook(lambda m, a, n=n: grids.__setitem__(n, a[0].shape[1:3]))
+               for n, blk in model.named_modules() if n.endswith(("blocks.0", "blocks.1")) and "layers" in n]
+    names = find_targets(model)
+    handles += [model.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: inputs.__setitem__(n, a[0].detach().reshape(a[0].shape[0], *grids[n.rsplit(".mlp", 1)[0]],
+                                                                          a[0].shape[-1]))) for n in names]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in handles:
+        h.remove()
+    model.train()
+    return inputs
+
+
+def test_swin_mlp_inputs_are_four_mode_tucker():
+    model = _swin()
+    x, y = _batch(2, 56, 5)
+    inputs = _swin_mlp_inputs(copy.deepcopy(model), x)
+    assert {n: tuple(a.shape) for n, a in inputs.items()} == {
+        "layers.0.blocks.0.mlp.fc1": (2, 14, 14, 24), "layers.0.blocks.0.mlp.fc2": (2, 14, 14, 96),
+        "layers.1.blocks.0.mlp.fc1": (2, 7, 7, 48), "layers.1.blocks.0.mlp.fc2": (2, 7, 7, 192)}
+    inject(model, WASIConfig(ranks=[2, 5, 4, 8], recompute="none"))
+    captured = {}
+
+    def capture(name):
+        def hook(module, args, output):  # the training input (drop path on) and the output grad
+            captured[name] = args[0].detach().reshape(inputs[name].shape)
+            output.register_hook(lambda g: captured.__setitem__(name + ".dy", g))
+        return hook
+
+    for name, layer in factored_layers(model):
+        layer.register_forward_hook(capture(name))
+    F.cross_entropy(model(x), y).backward()
+    for name, layer in factored_layers(model):
+        factors = layer.warm_start_state()
+        a = captured[name]
+        assert [u.shape for u in factors] == [(n, min(r, n)) for n, r in zip(a.shape, [2, 5, 4, 8])]
+        assert layer.token_grid == a.shape[1:3]
+        core = torch.einsum("bhwc,bi,hj,wk,cl->ijkl", a, *factors)
+        x_hat = torch.einsum("ijkl,bi,hj,wk,cl->bhwc", core, *factors)
+        dy = captured[name + ".dy"]
+        g, p = layer.factored_grad
+        torch.testing.assert_close(g @ p.T, dy.reshape(-1, dy.shape[-1]).T @ x_hat.reshape(-1, a.shape[-1]),
+                                   atol=1e-5, rtol=1e-4)
+        assert layer.memory_report()["activation_bytes"] == 4 * (core.numel() + sum(u.numel() for u in factors))
+
+
+def test_swin_fixed_ranks_need_four_entries_and_vit_three():
+    with pytest.raises(ValueError, match=r"give 4 ranks, one per mode, e.g. method.ranks=\[8, 8, 8, 8\]"):
+        inject(_swin(), WASIConfig(ranks=[2, 8, 8]))
+    with pytest.raises(ValueError, match="give 3 ranks"):
+        inject(_vit(), WASIConfig(ranks=[2, 8, 8, 8]))
+    with pytest.raises(ValueError, match="epsilon_act"):
+        inject(_swin(), WASIConfig(ranks=[2, 8, 8, 8], targets="mlp+attn"))
+    swin = _swin()
+    inject(swin, WASIConfig(weight=False, ranks=[2, 8, 8, 8], last_n=2))  # ASI: the same rule
+    assert swin.get_submodule("layers.1.blocks.0.mlp.fc1").act_ranks == [2, 8, 8, 8]
+
+
+def test_swin_epsilon_act_ranks_are_four_mode_hosvd():
+    model = _swin()
+    x, y = _batch(2, 56, 5)
+    inputs = _swin_mlp_inputs(copy.deepcopy(model), x)
+    summary = inject(model, WASIConfig(epsilon_act=0.7), calibration=(x, y))
+    for info in summary.layers:
+        a = inputs[info.name]
+        assert info.act_ranks == [_rank(a.movedim(m, 0).reshape(a.shape[m], -1), 0.7) for m in range(4)]
+    F.cross_entropy(model(x), y).backward()  # 4 ranks fit the 4-mode inputs
+
+
+def test_token_grid_hook_follows_deep_copies():
+    model = _swin()
+    inject(model, WASIConfig(ranks=[2, 5, 4, 8]))
+    clone = copy.deepcopy(model)
+    x, y = _batch(2, 56, 5)
+    F.cross_entropy(clone(x), y).backward()
+    assert all(l.token_grid is not None for _, l in factored_layers(clone))
+    assert all(l.token_grid is None and l.warm_start_state() == [] for _, l in factored_layers(model))
+
+
+def test_stale_three_mode_swin_rank_table_is_refused():
+    x, y = _batch(2, 56, 5)
+    names = find_targets(_swin())
+    table = build_rank_table(_swin(), names, x, y, (0.5, 0.8))
+    assert all(len(r) == 4 for rows in table.ranks for r in rows)
+    budget = sum(max(row) for row in table.memory_bytes)
+    inject(_swin(), WASIConfig(budget_bytes=budget, eps_set=(0.5, 0.8)), rank_table=table)
+    table.ranks = [[r[:3] for r in rows] for rows in table.ranks]  # as a table cached before 4-mode Swin inputs
+    with pytest.raises(ValueError, match="rebuild the table"):
+        inject(_swin(), WASIConfig(budget_bytes=budget, eps_set=(0.5, 0.8)), rank_table=table)

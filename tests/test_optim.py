@@ -3,8 +3,8 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from wasi import SubspaceSGD, WASILinear, WSILinear, clip_grad_norm_, orth
 from wasi.optim import factored_sq_norm
@@ -57,7 +57,7 @@ def test_factored_step_equals_dense_formula():
     layer = model.fc1
     L, R = layer.L.detach().clone(), layer.R.detach().clone()
     g, p = layer.factored_grad
-    w_new = (1 - lr * wd) * L @ R - lr * g @ p.T  # materialised W' of section 2
+    w_new = (1 - lr * wd) * L @ R - lr * g @ p.T  # materialised W' (docs/method.md, Weight subspace (WSI))
     l_ref = orth(w_new @ (w_new.T @ L))
     r_ref = l_ref.T @ w_new
     bias_ref = layer.bias.detach() - lr * (layer.bias.grad + wd * layer.bias.detach())

@@ -6,8 +6,8 @@ import re
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from wasi.ranks import InfeasibleBudgetError, RankTable, build_rank_table, ranks_for, solve_budget
 from wasi.subspace import truncated_hosvd
@@ -66,6 +66,51 @@ def test_coarse_granularity_stays_within_budget(seed):
             assert mem <= budget
             assert cost >= _brute_force(table, budget) - 1e-9
             assert cost <= _brute_force(table, budget - n * bound_g) + 1e-9
+
+
+def _own_best(table: RankTable) -> list[int]:
+    """Each layer's lowest-perplexity ε index; ties go to the later entry of eps_set."""
+    return [max(i for i, p in enumerate(row) if p == min(row)) for row in table.perplexity]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_budget_affording_every_layers_best_eps_takes_it(seed):
+    """From Σ m of the per-layer best assignment up to (and past) Σ max m, the default (coarse) granularity
+    must still give the unconstrained optimum, which brute force confirms."""
+    rng = random.Random(seed)
+    table = _random_table(rng, 5, 4, scale=997)
+    best = _own_best(table)
+    best_mem = sum(table.memory_bytes[l][i] for l, i in enumerate(best))
+    hi = sum(max(r) for r in table.memory_bytes)
+    n = len(table.layers)
+    for budget in sorted({best_mem, best_mem + 1, (best_mem + hi) // 2, hi - 1, hi, hi + 1, hi + n * 997 - 1}):
+        if budget < best_mem:
+            continue
+        assignment = solve_budget(table, budget)
+        cost, mem = _cost(table, assignment)
+        assert mem <= budget
+        assert cost == pytest.approx(_brute_force(table, budget), abs=1e-9)
+        assert [table.eps_set.index(assignment[name]) for name in table.layers] == best
+
+
+def test_budget_at_max_memory_gives_best_eps_on_large_tables():
+    """24 layers (too many for brute force): at Σ max m and just above it every layer gets its own best ε."""
+    for seed in range(30):
+        rng = random.Random(100 + seed)
+        table = _random_table(rng, 24, 6, scale=rng.randint(1000, 50_000))
+        best = _own_best(table)
+        hi = sum(max(r) for r in table.memory_bytes)
+        for budget in (hi, hi + 24 * 17, hi + rng.randint(1, 24 * 1000)):
+            assignment = solve_budget(table, budget)
+            assert [table.eps_set.index(assignment[name]) for name in table.layers] == best
+
+
+def test_own_best_ties_go_to_the_later_eps():
+    table = RankTable(eps_set=[0.4, 0.6, 0.8], layers=["a", "b"], ranks=[[[1, 1, 1]] * 3] * 2,
+                      memory_bytes=[[10, 20, 30], [10, 20, 30]], perplexity=[[1.0, 0.5, 0.5], [2.0, 2.0, 2.0]],
+                      calibration_shape=[1, 3, 8, 8])
+    assert solve_budget(table, 60) == {"a": 0.8, "b": 0.8}
+    assert solve_budget(table, 60, granularity_bytes=1) == solve_budget(table, 60)
 
 
 def test_infeasible_budget_states_smallest_feasible_budget():
@@ -218,3 +263,25 @@ def test_table_on_tiny_vit_and_budget_round_trip():
 def test_unknown_target_is_rejected():
     with pytest.raises(ValueError, match="not nn.Linear"):
         build_rank_table(_TokenMLP(), ["fc3"], torch.randn(2, 3, 10), torch.tensor([0, 1]))
+
+
+def test_table_on_tiny_swin_uses_four_mode_inputs():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56, embed_dim=24,
+                              depths=(1, 1), num_heads=(1, 2), window_size=7, num_classes=5)
+    names = [f"layers.{s}.blocks.0.mlp.{fc}" for s in range(2) for fc in ("fc1", "fc2")]
+    x, y = torch.randn(2, 3, 56, 56), torch.tensor([1, 3])
+    table = build_rank_table(model, names, x, y, eps_set=(0.5, 0.8, 1.0))
+    assert table.input_shapes == [[2, 14, 14, 24], [2, 14, 14, 96], [2, 7, 7, 48], [2, 7, 7, 192]]
+    grids = {"layers.0": (14, 14), "layers.1": (7, 7)}
+    for l, name in enumerate(names):
+        a, dy, grad_w = _reference(model, name, x, y)  # a: (B, H·W, C) as the plain linear sees it
+        a4 = a.reshape(a.shape[0], *grids[name[:8]], a.shape[-1])
+        for e, eps in enumerate(table.eps_set):
+            core, factors = truncated_hosvd(a4, eps)
+            assert table.ranks[l][e] == [u.shape[1] for u in factors] and len(factors) == 4
+            assert table.memory_bytes[l][e] == (core.numel() + sum(u.numel() for u in factors)) * 4
+            x_hat = _reconstruct(core, factors).reshape(-1, a.shape[-1])
+            p_ref = torch.linalg.matrix_norm(dy.reshape(-1, dy.shape[-1]).T @ x_hat - grad_w)
+            assert table.perplexity[l][e] == pytest.approx(float(p_ref), rel=1e-3, abs=1e-5 * float(grad_w.norm()))

@@ -130,3 +130,142 @@ def test_truncated_hosvd_bases_span_numpy_leading_singular_vectors(shape):
     for mode, u in enumerate(factors):
         ref = np.linalg.svd(_np_unfold(x.numpy(), mode), full_matrices=False)[0][:, : u.shape[1]]
         np.testing.assert_allclose(u.numpy() @ u.numpy().T, ref @ ref.T, atol=1e-4)
+
+
+# --- In-place mode contractions against the unfolding-based formulas (reference kept here, not in wasi) ---
+
+def _ref_unfold(x: torch.Tensor, mode: int) -> torch.Tensor:
+    return x.movedim(mode, 0).reshape(x.shape[mode], -1)
+
+
+def _ref_mode_product(x: torch.Tensor, m: torch.Tensor, mode: int) -> torch.Tensor:
+    return torch.tensordot(x, m, dims=([mode], [1])).movedim(-1, mode)
+
+
+def _ref_weight_grad(dy, core, factors):
+    z = dy
+    for mode, u in enumerate(factors[:-1]):
+        z = _ref_mode_product(z, u.T, mode)
+    lead = list(range(core.dim() - 1))
+    return torch.tensordot(z, core, dims=(lead, lead))
+
+
+SHAPES = [(7,), (3, 5), (4, 6, 5), (2, 3, 4, 5), (1, 4, 3), (3, 1, 4, 1)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_mode_contractions_equal_unfolding_formulas(shape):
+    from wasi.subspace import mode_cross, mode_gram, mode_product, mode_view
+    x = torch.randn(*shape, dtype=torch.float64)
+    for mode, n in enumerate(shape):
+        v = mode_view(x, mode)
+        assert v.data_ptr() == x.data_ptr()  # a view, not a copy
+        torch.testing.assert_close(v.transpose(0, 1).reshape(n, -1), _ref_unfold(x, mode))
+        m = torch.randn(3, n, dtype=torch.float64)
+        torch.testing.assert_close(mode_product(x, m, mode), _ref_mode_product(x, m, mode))
+        torch.testing.assert_close(mode_gram(x, mode), _ref_unfold(x, mode) @ _ref_unfold(x, mode).T)
+        y = _ref_mode_product(x, m, mode).contiguous()
+        torch.testing.assert_close(mode_cross(x, y, mode), _ref_unfold(x, mode) @ _ref_unfold(y, mode).T)
+
+
+@pytest.mark.parametrize("ranks", [[2, 3, 2, 4], [1, 2, 4, 2], [2, 6, 3, 5]])  # Gram and two-product paths
+def test_tucker_warm_start_equals_unfolding_formula(ranks):
+    shape = (3, 6, 5, 9)
+    x = torch.randn(*shape, dtype=torch.float64)
+    prev = [orth(torch.randn(n, r, dtype=torch.float64)) if r < n else torch.eye(n, dtype=torch.float64)
+            for n, r in zip(shape, ranks)]
+    core, factors = tucker(x, ranks, prev=prev)
+    for mode, (u, u_prev) in enumerate(zip(factors, prev)):
+        xm = _ref_unfold(x, mode)
+        expected = orth(xm @ (xm.T @ u_prev)) if ranks[mode] < shape[mode] else torch.eye(shape[mode], dtype=x.dtype)
+        torch.testing.assert_close(u, expected, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(core, _einsum_core(x, factors))
+
+
+def test_tucker_random_start_is_orth_of_unfolding_times_documented_gaussian():
+    """V: the Gaussian drawn from the generator in x's layout with mode m of size r_m, i.e. V_(m)ᵀ."""
+    shape, ranks = (3, 6, 5, 9), [2, 6, 3, 4]
+    x = torch.randn(*shape, dtype=torch.float64)
+    _, factors = tucker(x, ranks, generator=_gen(3))
+    g = _gen(3)
+    for mode, (n, r) in enumerate(zip(shape, ranks)):
+        if r == n:  # identity modes draw nothing
+            assert torch.equal(factors[mode], torch.eye(n, dtype=x.dtype))
+            continue
+        v = torch.randn(*shape[:mode], r, *shape[mode + 1:], generator=g).double()  # drawn in float32
+        expected = orth(_ref_unfold(x, mode) @ _ref_unfold(v, mode).T)
+        torch.testing.assert_close(factors[mode], expected)
+
+
+def test_tucker_full_rank_modes_are_identity_without_qr(monkeypatch):
+    """One QR per compressed mode; modes with r_m = n_m get U_m = I and the core keeps them as they are."""
+    calls = []
+    qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda m, mode="reduced": calls.append(m.shape) or qr(m, mode=mode))
+    x = torch.randn(4, 6, 5, 9, dtype=torch.float64)
+    core, factors = tucker(x, [4, 3, 5, 2], generator=_gen())
+    assert calls == [(6, 3), (9, 2)]
+    assert torch.equal(factors[0], torch.eye(4, dtype=x.dtype)) and torch.equal(factors[2], torch.eye(5, dtype=x.dtype))
+    torch.testing.assert_close(core, _einsum_core(x, factors))
+    calls.clear()
+    tucker(x, [4, 3, 5, 2], prev=factors)
+    assert calls == [(6, 3), (9, 2)]
+
+
+def test_tucker_caps_rank_at_what_the_mode_can_hold():
+    """r_m <= min(n_m, ∏_{j≠m} n_j): X_(3) of a (2, 5, 768) tensor has rank <= 10, so 768 directions
+    (768×768 factor, 2.39 MB) would store 78× x's 30 KB; capped, every stored tensor is at most x's size."""
+    x = torch.randn(2, 5, 768, generator=_gen(1))
+    core, factors = tucker(x, [2, 5, 768], generator=_gen())
+    assert [tuple(u.shape) for u in factors] == [(2, 2), (5, 5), (768, 10)] and core.shape == (2, 5, 10)
+    nbytes = (core.numel() + sum(u.numel() for u in factors)) * 4
+    dense = x.numel() * 4
+    assert nbytes == (2 * 5 * 10 + 2 * 2 + 5 * 5 + 768 * 10) * 4  # = dense + core + the two identities
+    assert all(t.numel() <= x.numel() for t in (core, *factors)) and nbytes < 1.02 * dense
+    x64 = x.double()  # lossless: U_3 spans all of X_(3)'s 10 columns (float64: one random-start step, no error)
+    core, factors = tucker(x64, [2, 5, 768], generator=_gen())
+    torch.testing.assert_close(tucker_reconstruct(core, factors), x64)
+    core, factors = tucker(x64, [2, 5, 768], prev=factors)  # the capped factor warm-starts
+    assert factors[2].shape == (768, 10)
+    torch.testing.assert_close(tucker_reconstruct(core, factors), x64)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (2, 3, 4, 6)])
+def test_tucker_weight_grad_equals_unfolding_formula(shape):
+    from wasi.functional import tucker_weight_grad
+    x = torch.randn(*shape, dtype=torch.float64)
+    dy = torch.randn(*shape[:-1], 4, dtype=torch.float64)
+    ranks = [shape[0], 2] + [3] * (len(shape) - 2)  # the batch mode full: identity, skipped
+    core, factors = tucker(x, ranks, generator=_gen())
+    identity = [u.shape[0] == u.shape[1] for u in factors]
+    assert identity[0] and not any(identity[1:])
+    g, p = tucker_weight_grad(dy, core, factors, identity)
+    assert p is factors[-1]
+    torch.testing.assert_close(g, _ref_weight_grad(dy, core, factors))
+    torch.testing.assert_close(tucker_weight_grad(dy, core, factors)[0], g)
+    x_hat = tucker_reconstruct(core, factors)
+    torch.testing.assert_close(g @ p.T, dy.reshape(-1, 4).T @ x_hat.reshape(-1, shape[-1]))
+
+
+def test_tucker_and_weight_grad_make_no_copies():
+    """Mode contractions on views: no aten::copy_/clone outside QR for a contiguous input."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from wasi.functional import tucker_weight_grad
+    x = torch.randn(4, 6, 5, 9)
+    dy = torch.randn(4, 6, 5, 7)
+    _, prev = tucker(x, [2, 3, 4, 2], generator=_gen())
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        core, factors = tucker(x, [2, 3, 4, 2], prev=prev)
+        tucker_weight_grad(dy, core, factors)
+        tucker(x, [2, 3, 4, 2], generator=_gen())
+
+    def under_qr(e) -> bool:
+        while e is not None:
+            if e.name == "aten::linalg_qr":
+                return True
+            e = e.cpu_parent
+        return False
+
+    copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone") and not under_qr(e)]
+    assert copies == []

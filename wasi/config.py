@@ -1,13 +1,14 @@
-"""WASIConfig: what `inject` converts and how (the method page's ASI / WSI / WASI variants)."""
+"""WASIConfig: what `inject` converts and how (docs/method.md, Variants and which layers train)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from wasi.layers import WEIGHT_UPDATES
 
-__all__ = ["WASIConfig", "TARGETS"]
+__all__ = ["RECOMPUTE", "TARGETS", "WASIConfig"]
 
 TARGETS = ("mlp", "mlp+attn")
+RECOMPUTE = ("none", "mlp", "block")
 
 
 @dataclass
@@ -18,14 +19,26 @@ class WASIConfig:
     epsilon: weight explained-variance threshold in (0, 1] giving each layer's rank K.
     Activation ranks (when activation=True) come from exactly one of
       epsilon_act: per-layer truncated-HOSVD ranks of the calibration batch's layer inputs;
-      ranks: fixed ranks, one per input mode in order, clipped to each mode's size at run time: 3 for
-        ViT tokens (B, N, I) and for timm Swin MLPs, whose input is (B, H·W, C); 4 for (B, H, W, C);
+      ranks: fixed ranks, one per compressed input mode in order, clipped at run time to what each mode
+        can hold: 3 for ViT tokens (B, N, C) and attention inputs, 4 for Swin MLP inputs, compressed as
+        (B, H, W, C); a model needing both (Swin with targets="mlp+attn") takes epsilon_act or budget_bytes;
       budget_bytes: per-layer ε from eps_set chosen by the perplexity knapsack (wasi.ranks).
     targets: "mlp" (blocks' mlp.fc1/fc2) or "mlp+attn" (also attn.qkv/attn.proj).
     last_n: convert and train only the last n target layers (None: all).
+    train_rest: False: only the converted layers and the classifier head train; True: as the authors' scripts,
+      everything else trains too (densely), except, with last_n set, the parameters before the first converted
+      layer (wasi.set_trainable).
     weight_update: "factored" (no dense weight ever), "reference" (dense W = L R, one subspace-iteration
       step per optimizer step) or "svd" (the paper's "SVD every iteration" ablation: full dense W, a
       fresh truncated SVD at ε every step, so K may change).
+    recompute: what a training step recomputes in backward instead of saving (docs/method.md, Whole-step
+      recompute; exact either way):
+      "none": nothing; every op saves what autograd saves (GELU its (…, 4D) input, attention q, k, v, output
+        and log-sum-exp, LayerNorm its input);
+      "mlp": each MLP whose fc1 and fc2 are converted becomes a wasi.RecomputeMlp that saves fc1's low-rank
+        x Rᵀ (…, K) instead of anything of the hidden width (…, 4D) (needs weight=True);
+      "block": every transformer block saves only its input (wasi.checkpoint_blocks), recomputing the rest.
+      Default (None): "mlp" when weight=True, else "none".
     seed: seeds each layer's Gaussian Tucker initialisation (layer i uses seed + i).
     """
 
@@ -38,13 +51,17 @@ class WASIConfig:
     eps_set: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     targets: str = "mlp"
     last_n: int | None = None
+    train_rest: bool = False
     weight_update: str = "factored"
+    recompute: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.ranks is not None:
             self.ranks = [int(r) for r in self.ranks]
         self.eps_set = tuple(float(e) for e in self.eps_set)
+        if self.recompute is None:
+            self.recompute = "mlp" if self.weight else "none"
         _check(self)
 
 
@@ -79,7 +96,13 @@ def _check(c: WASIConfig) -> None:
     if c.targets not in TARGETS:
         raise ValueError(f"targets must be one of {TARGETS}, got {c.targets!r}; set method.targets=mlp")
     if c.last_n is not None and c.last_n < 1:
-        raise ValueError(f"last_n must be a positive int or null, got {c.last_n}; set method.last_n=null for all layers")
+        raise ValueError(f"last_n must be a positive int or null, got {c.last_n}; "
+                         "set method.last_n=null for all layers")
+    if c.recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {c.recompute!r}; set method.recompute=none")
+    if c.recompute == "mlp" and not c.weight:
+        raise ValueError("recompute='mlp' recomputes fc1's output from the low-rank x Rᵀ, which weight=False (ASI) "
+                         "does not have; set method.recompute=none or method.recompute=block")
     if c.weight_update not in WEIGHT_UPDATES:
         raise ValueError(f"weight_update must be one of {WEIGHT_UPDATES}, got {c.weight_update!r}; "
                          "set method.weight_update=factored")

@@ -14,13 +14,12 @@ from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from wasi.layers import WSILinear
 from wasi.model import factored_layers
 
-__all__ = ["is_distributed", "all_gather_factored_grad", "reduce_factored_grads", "factor_names", "broadcast_factors_"]
+__all__ = ["all_gather_factored_grad", "broadcast_factors_", "factor_names", "is_distributed", "reduce_factored_grads"]
 
 
 def is_distributed() -> bool:

@@ -1,11 +1,16 @@
 """Custom autograd for subspace linear layers: compressed saved input, gradients in compressed form.
 
-Notation (method page, sections 3-4): input x: (n_1, …, n_{d-1}, I), output grad dy: (n_1, …, n_{d-1}, O),
-∇W = dy_(unfold)ᵀ x_(unfold) = G Pᵀ with G: (O, r), P: (I, r).
+Notation (docs/method.md, Activation subspace (ASI) and Compressed gradients): input x: (n_1, …, n_{d-1}, I),
+output grad dy: (n_1, …, n_{d-1}, O), ∇W = dy_(unfold)ᵀ x_(unfold) = G Pᵀ with G: (O, r), P: (I, r).
+
+The backward pieces (`input_grad`, `bias_grad`, `weight_grad`) are shared by `SubspaceLinearFn` and the
+fused MLP of wasi.mlp.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +18,8 @@ from torch import Tensor
 
 from wasi.subspace import mode_product
 
-__all__ = ["compute_dtype", "tucker_weight_grad", "dense_weight_grad", "SubspaceLinearFn"]
+__all__ = ["LinearParams", "SubspaceLinearFn", "bias_grad", "compute_dtype", "dense_weight_grad", "input_grad",
+           "linear_forward", "tucker_weight_grad", "weight_grad"]
 
 
 class FactoredGradSink(Protocol):
@@ -26,17 +32,22 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def tucker_weight_grad(dy: Tensor, core: Tensor, factors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def tucker_weight_grad(dy: Tensor, core: Tensor, factors: Sequence[Tensor],
+                       identity: Sequence[bool] | None = None) -> tuple[Tensor, Tensor]:
     """∇W = G Pᵀ from a Tucker-compressed input, never forming an (O, I) matrix.
 
     dy: (n_1, …, n_{d-1}, O), core: (r_1, …, r_d), factors [U_m: (n_m, r_m)] -> G: (O, r_d), P = U_d: (I, r_d).
-    3-way: Z₁ = dy ×₁ U₁ᵀ, Z₂ = Z₁ ×₂ U₂ᵀ, G[o, d] = Σ_{a,c} Z₂[a, c, o] S[a, c, d].
+    3-way: Z₁ = dy ×₁ U₁ᵀ, Z₂ = Z₁ ×₂ U₂ᵀ, G[o, d] = Σ_{a,c} Z₂[a, c, o] S[a, c, d]: mode products on
+    views of dy (most-shrinking mode first), then one matmul with the core. identity[m] True says
+    U_m = I (as `tucker` returns for r_m = n_m), and that mode is not contracted.
     """
-    z = dy
-    for mode, u in enumerate(factors[:-1]):
-        z = mode_product(z, u.T, mode)
-    lead = list(range(core.dim() - 1))
-    return torch.tensordot(z, core, dims=(lead, lead)), factors[-1]
+    lead = list(factors[:-1])
+    skip = [False] * len(lead) if identity is None else list(identity[:-1])
+    z = dy.contiguous()
+    for mode in sorted((m for m in range(len(lead)) if not skip[m]), key=lambda m: lead[m].shape[1] / lead[m].shape[0]):
+        z = mode_product(z, lead[mode].T, mode)
+    r = core.shape[-1]
+    return z.reshape(-1, z.shape[-1]).T @ core.reshape(-1, r), factors[-1]
 
 
 def dense_weight_grad(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -47,48 +58,114 @@ def dense_weight_grad(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     return dy.reshape(-1, dy.shape[-1]).T, x.reshape(-1, x.shape[-1]).T
 
 
+@dataclass(frozen=True)
+class LinearParams:
+    """The weight of one subspace linear as its autograd Function sees it (held by reference, never saved).
+
+    Dense: `weight` (O, I), L = R = None. Low rank: L (O, K), R (K, I); `weight` is then the dense
+    parameter of the "reference"/"svd" updates (gets the dense ∇W) or None (factored: ∇W goes to `sink`).
+    """
+
+    weight: Tensor | None
+    L: Tensor | None
+    R: Tensor | None
+    bias: Tensor | None
+    sink: FactoredGradSink | None
+
+
+def linear_forward(x: Tensor, p: LinearParams) -> tuple[Tensor, Tensor | None]:
+    """y = x Wᵀ + b, or u = x Rᵀ and y = u Lᵀ + b, in x.dtype with autocast off.
+
+    x: (…, I) -> y: (…, O), u: (…, K) (None for a dense weight)."""
+    dtype = x.dtype
+    b = None if p.bias is None else p.bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        if p.L is None:
+            assert p.weight is not None
+            return F.linear(x, p.weight.to(dtype), b), None
+        assert p.R is not None
+        u = F.linear(x, p.R.to(dtype))
+        return F.linear(u, p.L.to(dtype), b), u
+
+
+def input_grad(dy: Tensor, p: LinearParams) -> Tensor:
+    """dx = dy W, or (dy L) R for a low-rank weight. dy: (…, O) -> (…, I), in dy.dtype."""
+    if p.L is None:
+        assert p.weight is not None
+        return dy @ p.weight.to(dy.dtype)
+    assert p.R is not None
+    return (dy @ p.L.to(dy.dtype)) @ p.R.to(dy.dtype)
+
+
+def bias_grad(dy: Tensor, bias: Tensor) -> Tensor:
+    """db = Σ dy over all but the last mode, in the bias dtype. dy: (…, O) -> (O,)."""
+    return dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype)
+
+
+def weight_grad(dy: Tensor, p: LinearParams, dense: bool, factored: bool, x: Tensor | None = None,
+                core: Tensor | None = None, factors: Sequence[Tensor] = ()) -> Tensor | None:
+    """∇W = G Pᵀ from the saved input: dense `x: (…, I)`, or its Tucker `core`/`factors` (from `tucker`, so a
+    square factor is the identity; their leading modes may refine dy's, e.g. (B, H, W) for dy: (B, H·W, O)).
+
+    factored: hand (G, P) to `p.sink.accumulate_factored_grad`. dense: return G Pᵀ (O, I) in the weight
+    dtype (else None). dy: (…, O).
+    """
+    if not (dense or factored):
+        return None
+    if core is None:
+        assert x is not None
+        g, pm = dense_weight_grad(dy, x)
+    else:
+        lead = [u.shape[0] for u in factors[:-1]]
+        g, pm = tucker_weight_grad(dy.reshape(*lead, dy.shape[-1]), core, factors,
+                                   [u.shape[0] == u.shape[1] for u in factors])
+    if factored:
+        assert p.sink is not None
+        p.sink.accumulate_factored_grad(g, pm)
+    if not dense:
+        return None
+    assert p.weight is not None
+    return (g @ pm.T).to(p.weight.dtype)
+
+
 class SubspaceLinearFn(torch.autograd.Function):
     """y = x Wᵀ + b (dense `weight`, L = R = None) or y = (x Rᵀ) Lᵀ + b (factors L: (O, K), R: (K, I)).
 
-    Saves for backward only the Tucker factors of x (`core` and `factors` given) or x itself (`core`
-    None). Everything runs in x.dtype with autocast off; parameters are cast to it.
+    Saves for backward only the Tucker factors of x (`core` and `factors` given, as `tucker` returns
+    them) or x itself (`core` None). Everything runs in x.dtype with autocast off; parameters are cast to it.
     Backward: dx = dy W, or (dy L) R when L is given; db = Σ dy over all but the last mode;
-    ∇W = G Pᵀ (section 4) is returned as the dense grad of `weight` when that requires grad
-    (ASI, and WSI/WASI in reference mode), and is handed to `sink.accumulate_factored_grad(G, P)`
-    when L or R requires grad (factored mode), in which case L and R themselves get no grad.
-    Parameters are held by reference, not saved, so they must not change in place between this
-    forward and its backward (optimizer steps come after backward).
+    ∇W = G Pᵀ (docs/method.md, Compressed gradients) is returned as the dense grad of `weight` when that
+    requires grad (ASI, and WSI/WASI with the "reference"/"svd" updates), and is handed to
+    `sink.accumulate_factored_grad(G, P)` when L or R requires grad (factored update), in which case L and R
+    themselves get no grad. Parameters are held by reference, not saved, so they must not change in place
+    between this forward and its backward (optimizer steps come after backward).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor | None, L: Tensor | None, R: Tensor | None, bias: Tensor | None,
-                sink: FactoredGradSink | None, core: Tensor | None, *factors: Tensor) -> Tensor:
-        dtype = x.dtype
-        b = None if bias is None else bias.to(dtype)
-        with torch.autocast(x.device.type, enabled=False):
-            y = F.linear(x, weight.to(dtype), b) if L is None else F.linear(F.linear(x, R.to(dtype)), L.to(dtype), b)
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, L: Tensor | None, R: Tensor | None,
+                bias: Tensor | None, sink: FactoredGradSink | None, core: Tensor | None, *factors: Tensor) -> Tensor:
+        params = LinearParams(weight, L, R, bias, sink)
+        y, _ = linear_forward(x, params)
         ctx.save_for_backward(*((x,) if core is None else (core, *factors)))
         ctx.tucker = core is not None
-        ctx.params = (weight, L, R, bias)
-        ctx.sink = sink
+        ctx.params = params
         return y
 
     @staticmethod
-    def backward(ctx, dy: Tensor):
-        weight, L, R, bias = ctx.params
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        p: LinearParams = ctx.params
         saved = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dx = dw = db = None
+        dx = db = None
         with torch.autocast(dy.device.type, enabled=False):
             if need[0]:
-                dx = dy @ weight.to(dy.dtype) if L is None else (dy @ L.to(dy.dtype)) @ R.to(dy.dtype)
+                dx = input_grad(dy, p)
             if need[4]:
-                db = dy.reshape(-1, dy.shape[-1]).sum(0).to(bias.dtype)
-            factored = ctx.sink is not None and (need[2] or need[3])
-            if need[1] or factored:
-                g, p = tucker_weight_grad(dy, saved[0], saved[1:]) if ctx.tucker else dense_weight_grad(dy, saved[0])
-                if need[1]:
-                    dw = (g @ p.T).to(weight.dtype)
-                if factored:
-                    ctx.sink.accumulate_factored_grad(g, p)
+                assert p.bias is not None
+                db = bias_grad(dy, p.bias)
+            factored = p.sink is not None and (need[2] or need[3])
+            if ctx.tucker:
+                dw = weight_grad(dy, p, need[1], factored, core=saved[0], factors=saved[1:])
+            else:
+                dw = weight_grad(dy, p, need[1], factored, x=saved[0])
         return (dx, dw, None, None, db, None, None) + (None,) * (len(saved) - 1 if ctx.tucker else 0)

@@ -2,22 +2,24 @@
 L R, dense saved input) and WASI (both).
 
 Inputs are (…, I) with any number of leading modes: ViT tokens (B, N, I), channels-last Swin maps
-(B, H, W, C), or (T, I). At inference (eval mode, or no grad needed) the layers run plain
-`F.linear` ops, so tracers such as fvcore see ordinary linears.
+(B, H, W, C), or (T, I). A Swin MLP's (B, H·W, C) input is compressed as (B, H, W, C) once its block's
+pre-hook (`track_token_grid`) has set the layer's `token_grid` = (H, W). At inference (eval mode, or no
+grad needed) the layers run plain `F.linear` ops, so tracers such as fvcore see ordinary linears.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from wasi.functional import SubspaceLinearFn, compute_dtype
+from wasi.blocks import block_grid, grid_view
+from wasi.functional import FactoredGradSink, SubspaceLinearFn, compute_dtype
+from wasi.recompute import active_record
 from wasi.subspace import explained_variance_rank, tucker
 
-__all__ = ["ASILinear", "WSILinear", "WASILinear", "low_rank_factors", "WEIGHT_UPDATES"]
+__all__ = ["WEIGHT_UPDATES", "ASILinear", "WASILinear", "WSILinear", "low_rank_factors", "track_token_grid"]
 
 WEIGHT_UPDATES = ("factored", "reference", "svd")
 
@@ -53,14 +55,18 @@ class _SubspaceLinear(nn.Module):
 
     Subclasses set `weight` or `L`/`R`, and `bias`, and say how the weight enters SubspaceLinearFn.
     `act_ranks` None means the input is saved dense; otherwise it is Tucker-compressed with those
-    per-mode ranks (clipped to each mode's size at run time).
+    per-mode ranks (clipped at run time as `wasi.subspace.tucker_ranks` says). `token_grid` (H, W), set by
+    the enclosing Swin block's pre-hook, makes a (B, H·W, C) input compress as (B, H, W, C).
     """
+
+    bias: Tensor | None
 
     def __init__(self, in_features: int, out_features: int, act_ranks: Sequence[int] | None, seed: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.act_ranks = None if act_ranks is None else _check_ranks(act_ranks)
         self.seed = seed
+        self.token_grid: tuple[int, int] | None = None
         self._factors: list[Tensor] | None = None  # previous step's Tucker factors (warm start), not in state_dict
         self._act_bytes: tuple[int, int] | None = None  # (saved, dense) activation bytes of the last training forward
 
@@ -75,14 +81,28 @@ class _SubspaceLinear(nn.Module):
         return SubspaceLinearFn.apply(x, weight, L, R, self.bias, self._sink(), core, *factors)
 
     def _compress(self, x: Tensor) -> tuple[Tensor | None, list[Tensor]]:
+        """What the backward keeps of the input x: (…, I): (None, []) when x is saved dense, else the Tucker core
+        and factors of x (viewed as (B, H, W, C) under a token grid), by one warm-started subspace-iteration step.
+        Inside a checkpointed block's recomputation (wasi.recompute) the first forward's are replayed instead."""
         if self.act_ranks is None:
             self._act_bytes = (_nbytes(x), _nbytes(x))
             return None, []
+        record = active_record()
+        if record is not None and record[1]:
+            return record[0].take(self)
+        xt = grid_view(x, self.token_grid)
+        if len(self.act_ranks) != xt.dim():
+            layout = "(B, H, W, C): a Swin MLP input" if self.token_grid is not None else f"{xt.dim()}-mode"
+            raise ValueError(f"act_ranks={self.act_ranks} has {len(self.act_ranks)} entries but this layer compresses "
+                             f"its input of shape {tuple(xt.shape)} as {layout}; give one rank per mode "
+                             f"({xt.dim()} ranks), e.g. method.ranks={[8] * xt.dim()}, or use epsilon_act")
         with torch.no_grad():
             generator = torch.Generator(x.device).manual_seed(self.seed)
-            core, factors = tucker(x.detach(), self.act_ranks, self._factors, generator)
+            core, factors = tucker(xt.detach(), self.act_ranks, self._factors, generator)
         self._factors = factors
         self._act_bytes = (_nbytes(core, *factors), _nbytes(x))
+        if record is not None:
+            record[0].put(self, (core, factors))
         return core, factors
 
     def warm_start_state(self) -> list[Tensor]:
@@ -102,20 +122,39 @@ class _SubspaceLinear(nn.Module):
         if self._act_bytes is None:
             raise RuntimeError("memory_report() needs one training forward first (model.train(), grad enabled)")
         weights = self._paper_weights()
+        assert weights[0] is not None
         dense_weight = self.out_features * self.in_features + (0 if self.bias is None else self.out_features)
-        return dict(activation_bytes=self._act_bytes[0], weight_bytes=_nbytes(*weights),
-                    dense_activation_bytes=self._act_bytes[1], dense_weight_bytes=dense_weight * weights[0].element_size())
+        return {"activation_bytes": self._act_bytes[0], "weight_bytes": _nbytes(*weights),
+                    "dense_activation_bytes": self._act_bytes[1],
+                    "dense_weight_bytes": dense_weight * weights[0].element_size()}
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, act_ranks={self.act_ranks}"
+
+    def _fn_weights(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(weight, L, R) as SubspaceLinearFn takes them."""
+        raise NotImplementedError
+
+    def _sink(self) -> FactoredGradSink | None:
+        """Where the factored ∇W = G Pᵀ goes (factored update), else None."""
+        raise NotImplementedError
+
+    def _inference(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _paper_weights(self) -> tuple[Tensor | None, ...]:
+        """The weight representation the paper counts: W or L first, the bias (or None) last."""
+        raise NotImplementedError
 
 
 class ASILinear(_SubspaceLinear):
     """Dense weight; the saved input is a Tucker decomposition (core S and factors U_m, never x).
 
-    weight: (O, I), bias: (O,) or None. act_ranks: one rank per input mode (e.g. 3 for (B, N, I)).
-    state_dict: `weight`, `bias` (as nn.Linear). Gradients are ordinary dense `.grad`s.
+    weight: (O, I), bias: (O,) or None. act_ranks: one rank per compressed input mode (3 for (B, N, I), 4 for a
+    Swin MLP's (B, H, W, C)). state_dict: `weight`, `bias` (as nn.Linear). Gradients are ordinary dense `.grad`s.
     """
+
+    weight: Tensor
 
     def __init__(self, weight: Tensor, bias: Tensor | None, act_ranks: Sequence[int], seed: int = 0):
         super().__init__(weight.shape[1], weight.shape[0], act_ranks, seed)
@@ -136,7 +175,7 @@ class ASILinear(_SubspaceLinear):
     def _inference(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def _paper_weights(self) -> tuple[Tensor, Tensor | None]:
+    def _paper_weights(self) -> tuple[Tensor | None, ...]:
         return self.weight, self.bias
 
 
@@ -151,19 +190,25 @@ class WSILinear(_SubspaceLinear):
       WASI has P = U_d. Successive backwards concatenate along r; SubspaceSGD.zero_grad clears it.
       Under torch.distributed, `factored_grad_reduced` says whether it is already the mean over ranks
       (wasi.distributed.reduce_factored_grads; each backward resets it).
-    weight_update="reference": as the published code, a dense parameter `weight` (O, I) = L R receives
-      the dense gradient; `L`, `R` are buffers that SubspaceSGD re-derives after each step by one
-      subspace-iteration step. state_dict: `weight`, `bias`, `L`, `R`.
-    weight_update="svd" (the paper's "SVD every iteration" ablation, as the published code): the dense
-      parameter `weight` (O, I) is the full weight (`from_linear`: the untruncated W), takes the plain
-      SGD step and is never projected; `L`, `R` are buffers re-derived from it after each step by a
-      fresh truncated SVD at `epsilon`, so K is recomputed each step and may change (the buffers are
-      replaced; a state_dict loads into a layer of the same K). Projecting W back to L R, as
-      "reference" does, would make K shrink every step: ε of an already truncated spectrum needs
-      fewer directions. Needs `epsilon`. state_dict: `weight`, `bias`, `L`, `R`.
+    weight_update="reference": the method's update with a materialised dense weight (docs/method.md,
+      Weight subspace (WSI)): a dense parameter `weight` (O, I) = L R receives the dense gradient; `L`, `R`
+      are buffers that SubspaceSGD re-derives after each step by one subspace-iteration step,
+      L' = orth(W' W'ᵀ L), R' = L'ᵀ W', and W is projected to L' R'. This is not the published code's
+      step, which pairs L' with R = L_oldᵀ W' and never projects W (docs/method.md, Differences from the
+      published code). state_dict: `weight`, `bias`, `L`, `R`.
+    weight_update="svd" (the paper's "SVD every iteration" ablation): the dense parameter `weight` (O, I)
+      is the full weight (`from_linear`: the untruncated W), takes the plain SGD step and is never
+      projected; `L`, `R` are buffers re-derived from it after each step by a fresh truncated SVD at
+      `epsilon`, so K is recomputed each step and may change (the buffers are replaced; a state_dict
+      loads into a layer of the same K). Projecting W back to L R, as "reference" does, would make K
+      shrink every step: ε of an already truncated spectrum needs fewer directions. Needs `epsilon`.
+      state_dict: `weight`, `bias`, `L`, `R`.
     """
 
     factored_grad: tuple[Tensor, Tensor] | None
+    L: Tensor
+    R: Tensor
+    weight: Tensor  # "reference"/"svd" only
 
     def __init__(self, L: Tensor, R: Tensor, bias: Tensor | None, weight_update: str = "factored",
                  epsilon: float | None = None, weight: Tensor | None = None):
@@ -172,7 +217,8 @@ class WSILinear(_SubspaceLinear):
         if weight_update not in WEIGHT_UPDATES:
             raise ValueError(f"weight_update must be one of {WEIGHT_UPDATES}, got {weight_update!r}")
         if weight_update == "svd" and epsilon is None:
-            raise ValueError("weight_update='svd' re-derives K from epsilon each step: pass epsilon (or use from_linear)")
+            raise ValueError("weight_update='svd' re-derives K from epsilon each step: "
+                             "pass epsilon (or use from_linear)")
         self.weight_update, self.epsilon = weight_update, epsilon
         if weight_update == "factored":
             self.L, self.R = nn.Parameter(L), nn.Parameter(R)
@@ -187,7 +233,8 @@ class WSILinear(_SubspaceLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear, epsilon: float, weight_update: str = "factored") -> WSILinear:
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        return cls(*low_rank_factors(linear.weight, epsilon), bias, weight_update, epsilon, _full_weight(linear, weight_update))
+        return cls(*low_rank_factors(linear.weight, epsilon), bias, weight_update, epsilon,
+                   _full_weight(linear, weight_update))
 
     @property
     def rank(self) -> int:
@@ -211,7 +258,7 @@ class WSILinear(_SubspaceLinear):
     def _inference(self, x: Tensor) -> Tensor:
         return F.linear(F.linear(x, self.R), self.L, self.bias)
 
-    def _paper_weights(self) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _paper_weights(self) -> tuple[Tensor | None, ...]:
         return self.L, self.R, self.bias
 
     def extra_repr(self) -> str:
@@ -230,8 +277,24 @@ class WASILinear(WSILinear):
         self.seed = seed
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, epsilon: float, act_ranks: Sequence[int],
+    def from_linear(  # type: ignore[override]  # act_ranks is required here
+            cls, linear: nn.Linear, epsilon: float, act_ranks: Sequence[int],
                     weight_update: str = "factored", seed: int = 0) -> WASILinear:
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(*low_rank_factors(linear.weight, epsilon), bias, act_ranks, weight_update, seed, epsilon,
                    _full_weight(linear, weight_update))
+
+
+def _set_token_grid(block: nn.Module, args: tuple) -> None:
+    """Forward pre-hook: the subspace layers under block.mlp learn (H, W) of a (B, H, W, C) block input, else None."""
+    grid = block_grid(args[0])
+    for m in block.get_submodule("mlp").modules():
+        if isinstance(m, _SubspaceLinear):
+            m.token_grid = grid
+
+
+def track_token_grid(block: nn.Module) -> None:
+    """Register on a transformer block the pre-hook that keeps `token_grid` of the subspace layers under `block.mlp`
+    current (a Swin block's (B, H, W, C) input gives (H, W)). The hook is a module-level function that finds the
+    layers from its block argument, so deep copies and pickles of the model carry a working hook."""
+    block.register_forward_pre_hook(_set_token_grid)

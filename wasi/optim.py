@@ -1,11 +1,10 @@
 """SGD for models with subspace layers, and gradient clipping by the true global norm."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.nn as nn
-from torch import Tensor
+from torch import Tensor, nn
 
 from wasi.distributed import reduce_factored_grads
 from wasi.layers import WSILinear, low_rank_factors
@@ -39,25 +38,24 @@ def clip_grad_norm_(model: nn.Module, max_norm: float) -> Tensor:
     DDP averages `.grad`, so every rank clips by the same global norm.
     """
     reduce_factored_grads([layer for _, layer in factored_layers(model)])
-    params = [p for p in model.parameters() if p.grad is not None]
-    layers = [layer for _, layer in factored_layers(model) if layer.factored_grad is not None]
-    squares = [p.grad.float().square().sum() for p in params] + [factored_sq_norm(*l.factored_grad) for l in layers]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    factored = [(layer, layer.factored_grad) for _, layer in factored_layers(model) if layer.factored_grad is not None]
+    squares = [g.float().square().sum() for g in grads] + [factored_sq_norm(*gp) for _, gp in factored]
     if not squares:
         return torch.tensor(0.0)
     device = squares[0].device
     total = torch.stack([s.to(device) for s in squares]).sum().sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for p in params:
-        p.grad.mul_(scale.to(p.grad))
-    for layer in layers:
-        g, p = layer.factored_grad
+    for g in grads:
+        g.mul_(scale.to(g))
+    for layer, (g, p) in factored:
         layer.factored_grad = (g * scale.to(g), p)
     return total
 
 
 class SubspaceSGD(torch.optim.Optimizer):
     """SGD (torch.optim.SGD semantics: weight decay added to the gradient, momentum without
-    dampening) for ordinary parameters, and the factored update of the method page, section 2,
+    dampening) for ordinary parameters, and the factored update of docs/method.md, Factored update,
     for WSI/WASI layers.
 
     Param groups: one group of ordinary trainable parameters (when there are any), then one group
@@ -73,7 +71,7 @@ class SubspaceSGD(torch.optim.Optimizer):
     before the first step), is the SGD momentum buffer D = ∇W + λ L R + μ L C projected onto the new
     column space: C ← L'ᵀ D. It equals SGD momentum on the dense weight when span(L') holds the dense
     buffer at every step (e.g. K = O); otherwise the part of the momentum outside the weight
-    subspace is dropped. With μ = 0 these are the page's formulas verbatim.
+    subspace is dropped. With μ = 0 these are the formulas of docs/method.md, Factored update, verbatim.
 
     Dense-weight layers (weight_update="reference" or "svd"): the dense `weight` takes the plain SGD
     step W' = (1-ηλ) W − η ∇W (dense momentum buffer included), then "reference": Q = W'ᵀ L,
@@ -94,10 +92,10 @@ class SubspaceSGD(torch.optim.Optimizer):
         plain = [p for p in model.parameters() if p.requires_grad and id(p) not in factors]
         groups = ([{"params": plain}] if plain else []) + [
             {"params": [l.L, l.R], "layer": i} for i, l in enumerate(self._factored)]
-        super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, layer=None))
+        super().__init__(groups, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "layer": None})
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -143,10 +141,10 @@ class SubspaceSGD(torch.optim.Optimizer):
         a = (1 - lr * wd) * R if c is None else (1 - lr * wd) * R - lr * mu * c
         q = a.T - lr * p @ (g.T @ L)
         new_l = orth(L @ (a @ q) - lr * g @ (p.T @ q))
-        ltl, ltg = new_l.T @ L, new_l.T @ g
+        ltl, ltgp = new_l.T @ L, (new_l.T @ g) @ p.T
         if mu:
-            state["momentum_buffer"] = ltg @ p.T + ltl @ (wd * R if c is None else wd * R + mu * c)
-        R.copy_(ltl @ a - lr * ltg @ p.T)
+            state["momentum_buffer"] = ltgp + ltl @ (wd * R if c is None else wd * R + mu * c)
+        R.copy_(ltl @ a - lr * ltgp)
         L.copy_(new_l)
 
 
@@ -155,6 +153,7 @@ def _resync(layer: WSILinear) -> None:
     from L, then W ← L R; "svd" by a fresh truncated SVD at the layer's ε (new buffers, K may change)."""
     w = layer.weight
     if layer.weight_update == "svd":
+        assert layer.epsilon is not None  # WSILinear requires it for "svd"
         layer.L, layer.R = low_rank_factors(w, layer.epsilon)
         return
     new_l = orth(w @ (w.T @ layer.L))

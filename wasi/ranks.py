@@ -11,17 +11,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
+from wasi.blocks import compression_views
 from wasi.functional import tucker_weight_grad
 from wasi.subspace import truncated_hosvd
 
-__all__ = ["RankTable", "InfeasibleBudgetError", "build_rank_table", "solve_budget", "ranks_for"]
+__all__ = ["InfeasibleBudgetError", "RankTable", "build_rank_table", "ranks_for", "solve_budget"]
 
 _logger = logging.getLogger(__name__)
 
@@ -128,11 +129,12 @@ def build_rank_table(model: nn.Module, target_names: Sequence[str], x: torch.Ten
                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> RankTable:
     """One forward + backward of the dense model on the calibration batch (x, y), then the table.
 
-    target_names: qualified names of nn.Linear modules, each called once per forward.
-    The pass runs in eval mode (no dropout, no BatchNorm statistics update); the model's modes
-    and `requires_grad` flags are restored, no hooks are left behind, and gradients are taken
+    target_names: qualified names of nn.Linear modules, each called once per forward. Each layer's input is
+    taken as the converted layer would compress it: Swin MLP inputs (B, H·W, C) as (B, H, W, C) (wasi.blocks),
+    so their ranks have 4 entries. The pass runs in eval mode (no dropout, no BatchNorm statistics update);
+    the model's modes and `requires_grad` flags are restored, no hooks are left behind, and gradients are taken
     with `torch.autograd.grad`, so no parameter `.grad` is written.
-    Perplexity uses the compressed contraction of section 4 in float32;
+    Perplexity uses the compressed contraction (docs/method.md, Compressed gradients) in float32;
     ∇W_exact = dy_(unfold)ᵀ x_(unfold). Memory uses the activation's element size.
     """
     modules = dict(model.named_modules())
@@ -144,40 +146,42 @@ def build_rank_table(model: nn.Module, target_names: Sequence[str], x: torch.Ten
     xs: dict[str, torch.Tensor] = {}
     dys: dict[str, torch.Tensor] = {}
 
-    def capture(name: str) -> Callable:
+    def capture(name: str, view: Callable[[str, torch.Tensor], torch.Tensor]) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if name in xs:
                 raise ValueError(f"target {name} is called more than once per forward; "
                                  "rank tables need one call per layer")
-            xs[name] = inputs[0].detach()
+            xs[name] = view(name, inputs[0].detach())
             output.register_hook(lambda g: dys.__setitem__(name, g.detach()))
         return hook
 
     modes = {m: m.training for m in model.modules()}
     flags = [(m.weight, m.weight.requires_grad) for m in targets]
-    handles = [m.register_forward_hook(capture(n)) for n, m in zip(target_names, targets)]
-    try:
-        model.eval()
-        for w, _ in flags:
-            w.requires_grad_(True)
-        with torch.enable_grad():
-            loss = loss_fn(model(x), y)
-            not_called = [n for n in target_names if n not in xs]
-            if not_called:
-                raise ValueError(f"targets {not_called} were not called in the forward pass; "
-                                 "pass names from find_targets(model)")
-            torch.autograd.grad(loss, [m.weight for m in targets])
-    finally:
-        for h in handles:
-            h.remove()
-        for w, req in flags:
-            w.requires_grad_(req)
-        for m, training in modes.items():
-            m.train(training)
+    with compression_views(model, target_names) as view:
+        handles = [m.register_forward_hook(capture(n, view)) for n, m in zip(target_names, targets)]
+        try:
+            model.eval()
+            for w, _ in flags:
+                w.requires_grad_(True)
+            with torch.enable_grad():
+                loss = loss_fn(model(x), y)
+                not_called = [n for n in target_names if n not in xs]
+                if not_called:
+                    raise ValueError(f"targets {not_called} were not called in the forward pass; "
+                                     "pass names from find_targets(model)")
+                torch.autograd.grad(loss, [m.weight for m in targets])
+        finally:
+            for h in handles:
+                h.remove()
+            for w, req in flags:
+                w.requires_grad_(req)
+            for m, training in modes.items():
+                m.train(training)
 
     ranks, memory, perplexity, shapes = [], [], [], []
     for name in target_names:
         a, dy = xs[name], dys[name]
+        dy = dy.reshape(*a.shape[:-1], dy.shape[-1])  # to a's modes, e.g. (B, H, W, O)
         exact = dy.reshape(-1, dy.shape[-1]).float().T @ a.reshape(-1, a.shape[-1]).float()
         r_row, m_row, p_row = [], [], []
         for eps in eps_set:
@@ -206,6 +210,8 @@ def solve_budget(table: RankTable, budget_bytes: int, granularity_bytes: int | N
     budget − n_layers·granularity bytes. Default granularity: ceil(C / 2048) bytes, where C is the
     usable extra memory min(budget − Σ_l min m, Σ_l (max m − min m)), giving about 2048 buckets;
     granularity 1 makes the DP exact. Ties go to the later entry of eps_set.
+    When the budget affords every layer its own lowest-perplexity ε (the unconstrained optimum), that
+    assignment is returned as is, whatever the granularity.
     Raises InfeasibleBudgetError when budget_bytes < Σ_l min_ε m(l, ε) (that sum is feasible).
     """
     base = [min(row) for row in table.memory_bytes]
@@ -216,12 +222,15 @@ def solve_budget(table: RankTable, budget_bytes: int, granularity_bytes: int | N
             f"{len(table.layers)} layers and eps_set {table.eps_set}: the smallest feasible budget is "
             f"{min_total} bytes ({min_total / 2**20:.3f} MiB). Fix: set budget_bytes >= {min_total}, add smaller "
             "values to eps_set, or compress fewer layers (targets / last_n).", min_total)
+    if granularity_bytes is not None and granularity_bytes < 1:
+        raise ValueError(f"granularity_bytes must be a positive int, got {granularity_bytes}")
+    best_own = [_lowest(row) for row in table.perplexity]
+    if sum(table.memory_bytes[l][i] for l, i in enumerate(best_own)) <= budget_bytes:
+        return _assignment(table, best_own, budget_bytes, granularity_bytes)
     extra = [[m - b for m in row] for row, b in zip(table.memory_bytes, base)]
     usable = min(budget_bytes - min_total, sum(max(row) for row in extra))
     if granularity_bytes is None:
         granularity_bytes = max(1, math.ceil(usable / _TARGET_BUCKETS))
-    elif granularity_bytes < 1:
-        raise ValueError(f"granularity_bytes must be a positive int, got {granularity_bytes}")
     buckets = [[-(-e // granularity_bytes) for e in row] for row in extra]  # rounded up
     cap = min((budget_bytes - min_total) // granularity_bytes, sum(max(row) for row in buckets))
     inf = float("inf")
@@ -243,8 +252,20 @@ def solve_budget(table: RankTable, budget_bytes: int, granularity_bytes: int | N
         chosen.append(i)
         c -= weights[i]
     chosen.reverse()
-    _logger.info("budget %d bytes (granularity %d): Σ perplexity %.4g, Σ memory %d bytes", budget_bytes,
-                 granularity_bytes, best[cap], sum(table.memory_bytes[l][i] for l, i in enumerate(chosen)))
+    return _assignment(table, chosen, budget_bytes, granularity_bytes)
+
+
+def _lowest(row: Sequence[float]) -> int:
+    """Index of the smallest value; ties go to the later index."""
+    best = min(row)
+    return max(i for i, v in enumerate(row) if v == best)
+
+
+def _assignment(table: RankTable, chosen: list[int], budget_bytes: int, granularity_bytes: int | None
+                ) -> dict[str, float]:
+    _logger.info("budget %d bytes (granularity %s): Σ perplexity %.4g, Σ memory %d bytes", budget_bytes,
+                 granularity_bytes, sum(table.perplexity[l][i] for l, i in enumerate(chosen)),
+                 sum(table.memory_bytes[l][i] for l, i in enumerate(chosen)))
     return {name: table.eps_set[i] for name, i in zip(table.layers, chosen)}
 
 

@@ -3,16 +3,21 @@
 Mode-m unfolding `X_(m)` puts mode m first and flattens the rest: (n_m, ∏_{j≠m} n_j).
 A Tucker decomposition is `x ≈ S ×₁ U₁ ×₂ U₂ … ×_d U_d` with orthonormal `U_m: (n_m, r_m)`
 and core `S: (r_1, …, r_d)`.
+
+Mode contractions never form an unfolding: a contiguous x is viewed, for free, as (A, n_m, C)
+with A = ∏_{j<m} n_j and C = ∏_{j>m} n_j, and every product with X_(m) is a (batched) matmul
+over that view (`mode_product`, `mode_gram`, `mode_cross`).
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["orth", "explained_variance_rank", "subspace_iteration", "unfold", "mode_product",
-           "tucker", "project", "truncated_hosvd", "tucker_reconstruct"]
+__all__ = ["explained_variance_rank", "mode_cross", "mode_gram", "mode_product", "mode_view", "orth", "project",
+           "subspace_iteration", "truncated_hosvd", "tucker", "tucker_ranks", "tucker_reconstruct", "unfold"]
 
 
 def orth(m: Tensor) -> Tensor:
@@ -34,46 +39,108 @@ def subspace_iteration(m: Tensor, u_prev: Tensor) -> Tensor:
 
 
 def unfold(x: Tensor, mode: int) -> Tensor:
-    """Mode-`mode` unfolding X_(m): (n_m, ∏_{j≠m} n_j)."""
+    """Mode-`mode` unfolding X_(m): (n_m, ∏_{j≠m} n_j). A copy; the contractions below avoid it."""
     return x.movedim(mode, 0).reshape(x.shape[mode], -1)
 
 
+def mode_view(x: Tensor, mode: int) -> Tensor:
+    """x: (n_1, …, n_d) viewed as (A, n_m, C), A = ∏_{j<m} n_j, C = ∏_{j>m} n_j (free for contiguous x).
+
+    Column a·C + c of X_(m) is `view[a, :, c]`: the unfolding's column order."""
+    return x.reshape(math.prod(x.shape[:mode]), x.shape[mode], -1)
+
+
 def mode_product(x: Tensor, m: Tensor, mode: int) -> Tensor:
-    """x ×_mode m: replaces mode `mode` of x (size n) by m's rows. m: (n', n)."""
-    return torch.tensordot(x, m, dims=([mode], [1])).movedim(-1, mode)
+    """x ×_mode m: replaces mode `mode` of x (size n) by m's rows. x: (…, n, …), m: (n', n) -> (…, n', …).
+
+    The result is contiguous; x is only viewed (copied first if it is not contiguous)."""
+    v = mode_view(x, mode)
+    a, _, c = v.shape
+    if a == 1:
+        out = m @ v[0]
+    elif c == 1:
+        out = v[..., 0] @ m.T
+    else:
+        out = torch.bmm(m.expand(a, *m.shape), v)
+    return out.reshape(*x.shape[:mode], m.shape[0], *x.shape[mode + 1:])
+
+
+def mode_gram(x: Tensor, mode: int) -> Tensor:
+    """X_(m) X_(m)ᵀ: (n_m, n_m), without unfolding x."""
+    return mode_cross(x, x, mode)
+
+
+def mode_cross(x: Tensor, y: Tensor, mode: int) -> Tensor:
+    """X_(m) Y_(m)ᵀ for x, y equal in every mode but m. x: (…, n, …), y: (…, k, …) -> (n, k).
+
+    Inner modes: one product per leading index, summed in at least float32."""
+    vx, vy = mode_view(x, mode), mode_view(y, mode)
+    if vx.shape[0] == 1:
+        return vx[0] @ vy[0].T
+    if vx.shape[2] == 1:
+        return vx[..., 0].T @ vy[..., 0]
+    return torch.bmm(vx, vy.transpose(1, 2)).sum(0, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)
+
+
+def tucker_ranks(shape: Sequence[int], ranks: Sequence[int]) -> list[int]:
+    """Ranks `tucker` uses for an input of `shape`: r_m = min(ranks[m], n_m, ∏_{j≠m} n_j).
+
+    X_(m) has rank at most min(n_m, ∏_{j≠m} n_j), so a larger r_m stores more than x itself."""
+    if len(ranks) != len(shape):
+        raise ValueError(f"need one rank per mode of the {len(shape)}-way input of shape {tuple(shape)}, "
+                         f"got ranks={list(ranks)}; give {len(shape)} activation ranks")
+    total = math.prod(shape)
+    return [min(int(r), n, total // n) for n, r in zip(shape, ranks)]
 
 
 def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None,
            generator: torch.Generator | None = None) -> tuple[Tensor, list[Tensor]]:
     """Tucker decomposition of x by one subspace-iteration step per mode.
 
-    x: (n_1, …, n_d) -> core (r_1, …, r_d), factors [U_m: (n_m, r_m)], with r_m = min(ranks[m], n_m).
-    Mode m warm-starts from `prev[m]` when given with shape (n_m, r_m): `U_m = orth(X_(m) (X_(m)ᵀ U_m^prev))`;
-    otherwise (first step, or a changed shape such as a smaller last batch) it starts from a Gaussian
-    `V: (∏_{j≠m} n_j, r_m)` drawn from `generator`: `U_m = orth(X_(m) V)`.
+    x: (n_1, …, n_d) -> core (r_1, …, r_d), factors [U_m: (n_m, r_m)], r_m from `tucker_ranks`.
+    A mode with r_m = n_m keeps everything: U_m is exactly the identity (no QR, no product; the core
+    keeps that mode of x as is), so a square factor returned here is always I.
+    Otherwise mode m warm-starts from `prev[m]` when given with shape (n_m, r_m):
+    `U_m = orth(X_(m) (X_(m)ᵀ U_m^prev))`, computed as `orth((X_(m) X_(m)ᵀ) U_m^prev)` when the Gram
+    matrix is cheaper (n_m < 2 r_m, about); without a usable prev (first step, or a changed shape such as
+    a smaller last batch) it starts from a Gaussian `V: (∏_{j≠m} n_j, r_m)` drawn from `generator`:
+    `U_m = orth(X_(m) V)`. One QR per compressed mode.
     """
-    if len(ranks) != x.dim():
-        raise ValueError(f"need one rank per mode of the {x.dim()}-way input of shape {tuple(x.shape)}, "
-                         f"got ranks={list(ranks)}; give {x.dim()} activation ranks")
+    shape = tuple(x.shape)
+    r_all = tucker_ranks(shape, ranks)
+    x = x.contiguous()
     factors = []
-    for mode, (n, r) in enumerate(zip(x.shape, ranks)):
-        r = min(int(r), n)
-        xm = unfold(x, mode)
+    for mode, (n, r) in enumerate(zip(shape, r_all)):
+        if r == n:
+            factors.append(torch.eye(n, dtype=x.dtype, device=x.device))
+            continue
         u_prev = None if prev is None else prev[mode]
-        if u_prev is not None and u_prev.shape == (n, r):
-            factors.append(subspace_iteration(xm, u_prev.to(x.device, x.dtype)))
+        if u_prev is not None and tuple(u_prev.shape) == (n, r):
+            u_prev = u_prev.to(x.device, x.dtype)
+            rest = x.numel() // n
+            if n * n * rest + n * n * r <= 2 * n * r * rest:
+                factors.append(orth(mode_gram(x, mode) @ u_prev))
+            else:
+                factors.append(orth(mode_cross(x, mode_product(x, u_prev.T, mode), mode)))
         else:
             device = x.device if generator is None else generator.device
-            v = torch.randn(xm.shape[1], r, generator=generator, device=device, dtype=torch.float32)
-            factors.append(orth(xm @ v.to(x.device, x.dtype)))
-    return project(x, factors), factors
+            v = torch.randn(*shape[:mode], r, *shape[mode + 1:], generator=generator, device=device,
+                            dtype=torch.float32)  # V_(m)ᵀ: the Gaussian V laid out as x with mode m of size r
+            factors.append(orth(mode_cross(x, v.to(x.device, x.dtype), mode)))
+    return _project(x, factors, [u.shape[0] == u.shape[1] for u in factors]), factors
+
+
+def _project(x: Tensor, factors: Sequence[Tensor], skip: Sequence[bool]) -> Tensor:
+    """x ×_m U_mᵀ over the modes not in `skip`, most-shrinking modes first (the result does not depend on order)."""
+    order = sorted((m for m in range(x.dim()) if not skip[m]), key=lambda m: factors[m].shape[1] / factors[m].shape[0])
+    for mode in order:
+        x = mode_product(x, factors[mode].T, mode)
+    return x
 
 
 def project(x: Tensor, factors: Sequence[Tensor]) -> Tensor:
     """Core `x ×₁ U₁ᵀ … ×_d U_dᵀ`. x: (n_1, …, n_d) -> (r_1, …, r_d)."""
-    for mode, u in enumerate(factors):
-        x = mode_product(x, u.T, mode)
-    return x
+    return _project(x.contiguous(), factors, [False] * x.dim())
 
 
 def truncated_hosvd(x: Tensor, eps: float) -> tuple[Tensor, list[Tensor]]:
@@ -84,20 +151,22 @@ def truncated_hosvd(x: Tensor, eps: float) -> tuple[Tensor, list[Tensor]]:
     of the small Gram matrix X_(m) X_(m)ᵀ (n_m × n_m); a tall one is small enough for a direct SVD.
     Both in float32.
     """
+    xf = x.float().contiguous()
     factors = []
     for mode in range(x.dim()):
-        xm = unfold(x, mode).float()
-        if xm.shape[0] <= xm.shape[1]:
-            evals, evecs = torch.linalg.eigh(xm @ xm.T)  # ascending
+        n = x.shape[mode]
+        if n * n <= x.numel():
+            evals, evecs = torch.linalg.eigh(mode_gram(xf, mode))  # ascending
             s, u = evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
         else:
-            u, s, _ = torch.linalg.svd(xm, full_matrices=False)
+            u, s, _ = torch.linalg.svd(unfold(xf, mode), full_matrices=False)
         factors.append(u[:, :explained_variance_rank(s, eps)].to(x.dtype))
     return project(x, factors), factors
 
 
 def tucker_reconstruct(core: Tensor, factors: Sequence[Tensor]) -> Tensor:
     """x̂ = S ×₁ U₁ … ×_d U_d. core: (r_1, …, r_d), factors [U_m: (n_m, r_m)] -> (n_1, …, n_d)."""
+    core = core.contiguous()
     for mode, u in enumerate(factors):
         core = mode_product(core, u, mode)
     return core

@@ -11,7 +11,7 @@ import torch
 
 from wasi.subspace import explained_variance_rank
 
-__all__ = ["GramAccumulator", "whitening", "svd_llm_factors", "rank_from_ratio", "rank_from_epsilon"]
+__all__ = ["GramAccumulator", "rank_from_epsilon", "rank_from_ratio", "svd_llm_factors", "whitening"]
 
 
 class GramAccumulator:

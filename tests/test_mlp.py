@@ -1,0 +1,145 @@
+"""recompute="mlp" (RecomputeMlp) against recompute="none": same gradients and weights, nothing of the hidden
+width (…, H) saved."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import wasi
+from tests.tiny_models import MODELS, batches, gradients, injected, train
+from wasi import RecomputeMlp, WASIConfig, WASILinear, WSILinear, inject
+
+torch.set_num_threads(1)
+
+VARIANTS = {  # WASIConfig kwargs per method variant
+    "wasi": {},
+    "wsi": {"activation": False},
+    "wasi_reference": {"weight_update": "reference"},
+    "wsi_svd": {"activation": False, "weight_update": "svd"},
+}
+
+
+def _pair(model_name: str, **config):
+    return [injected(model_name, recompute=r, **config) for r in ("none", "mlp")]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("model_name", ["vit", "swin"])
+def test_gradients_equal_recompute_none(model_name, variant, bf16):
+    """Input grad, factored G Pᵀ, dense weight grads, biases and every other trainable parameter (train_rest:
+    the LayerNorm before each MLP gets its grad through the fused MLP's dx)."""
+    none, mlp = _pair(model_name, train_rest=True, **VARIANTS[variant])
+    assert all(isinstance(m, RecomputeMlp) for n, m in mlp.named_modules() if n.endswith(".mlp"))
+    assert not any(isinstance(m, RecomputeMlp) for m in none.modules())
+    x, y = batches(MODELS[model_name][1], n=1)[0]
+    expected, got = gradients(none, x, y, bf16), gradients(mlp, x, y, bf16)
+    assert got.keys() == expected.keys()
+    assert any(k.endswith("norm2.weight.grad") for k in got) and any(k.endswith("mlp.fc1.bias.grad") for k in got)
+    assert any(k.endswith(".G_Pt") for k in got) == (variant in ("wasi", "wsi"))
+    assert any(k.endswith("fc1.weight.grad") for k in got) == (variant in ("wasi_reference", "wsi_svd"))
+    tol = {"atol": 1e-2, "rtol": 1e-2} if bf16 else {"atol": 1e-6, "rtol": 1e-5}
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], **tol, msg=k)
+
+
+@pytest.mark.parametrize("variant", ["wasi", "wsi"])
+@pytest.mark.parametrize("model_name", ["vit", "swin"])
+def test_weights_after_momentum_steps_equal_recompute_none(model_name, variant):
+    none, mlp = _pair(model_name, **VARIANTS[variant])
+    data = batches(MODELS[model_name][1])
+    for m in (none, mlp):
+        train(m, data)
+    expected, got = none.state_dict(), mlp.state_dict()
+    assert got.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=1e-5, msg=k)
+    for (name, a), (_, b) in zip(wasi.factored_layers(none), wasi.factored_layers(mlp)):
+        assert a.memory_report() == b.memory_report(), name
+        for u, v in zip(a.warm_start_state(), b.warm_start_state()):
+            torch.testing.assert_close(v, u, msg=name)
+
+
+def _saved(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("activation", [True, False])
+def test_saves_only_low_rank_u_and_the_layers_inputs(activation):
+    """One ViT MLP on (B, N, 48) tokens, hidden 192: saved = fc1's input (Tucker or dense x), u = x R₁ᵀ (B, N, K₁),
+    fc2's Tucker factors (WASI) or nothing (WSI); the plain Mlp also saves GELU's (B, N, 192) input."""
+    model = injected("vit", activation=activation, recompute="mlp")
+    mlp = model.blocks[0].mlp
+    assert isinstance(mlp, RecomputeMlp)
+    x = torch.randn(3, 65, 48, requires_grad=True)
+    y, saved = _saved(lambda: mlp(x))
+    k1 = mlp.fc1.rank
+    hidden = mlp.fc1.out_features
+    assert not any(t.shape[-1] == hidden and t.dim() == 3 for t in saved)
+    u = [t for t in saved if t.shape == (3, 65, k1)]
+    assert len(u) == 1
+    torch.testing.assert_close(u[0], x.detach() @ mlp.fc1.R.T)
+    if activation:
+        expected = mlp.fc1.memory_report()["activation_bytes"] + mlp.fc2.memory_report()["activation_bytes"]
+    else:
+        expected = x.numel() * 4
+    assert sum(t.numel() * t.element_size() for t in saved) == expected + u[0].numel() * 4
+    plain = copy.deepcopy(model.blocks[0].mlp)
+    plain.__class__ = timm.layers.Mlp  # the same submodules, plain timm forward
+    _, plain_saved = _saved(lambda: plain(x))
+    assert any(t.shape == (3, 65, hidden) for t in plain_saved)
+    y.sum().backward()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.trace, which fvcore uses
+def test_state_dict_eval_path_and_tracing():
+    none, mlp = _pair("vit")
+    assert list(mlp.state_dict()) == list(none.state_dict())
+    assert "blocks.0.mlp.fc1.L" in mlp.state_dict()
+    assert [n for n, _ in wasi.factored_layers(mlp)] == [n for n, _ in wasi.factored_layers(none)]
+    x = batches(32, n=1)[0][0]
+    none.eval(), mlp.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), none(x))
+    ops = {n.kind() for n in torch.jit.trace(mlp.blocks[0].mlp, torch.randn(2, 65, 48)).inlined_graph.nodes()}
+    assert "aten::linear" in ops and not any("PythonOp" in o for o in ops)
+
+
+def test_injection_errors_name_the_fix():
+    torch.manual_seed(0)
+    dropped = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=1,
+                                num_heads=2, num_classes=5, proj_drop_rate=0.1)
+    with pytest.raises(ValueError, match="recompute='none' or 'block'"):
+        inject(dropped, WASIConfig(ranks=[2, 4, 4]))
+    assert type(dropped.blocks[0].mlp.fc1) is nn.Linear  # refused before converting anything
+    inject(dropped, WASIConfig(ranks=[2, 4, 4], recompute="block"))  # the named fix works
+    with pytest.raises(ValueError, match="method.recompute=none or method.recompute=block"):
+        WASIConfig(weight=False, ranks=[2, 4, 4], recompute="mlp")
+    assert WASIConfig(weight=False, ranks=[2, 4, 4]).recompute == "none"
+    assert WASIConfig(ranks=[2, 4, 4]).recompute == "mlp"
+    with pytest.raises(ValueError, match="recompute must be one of"):
+        WASIConfig(ranks=[2, 4, 4], recompute="all")
+    normed = timm.layers.Mlp(8, 16, norm_layer=nn.LayerNorm)
+    normed.fc1, normed.fc2 = WSILinear.from_linear(normed.fc1, 0.9), WSILinear.from_linear(normed.fc2, 0.9)
+    with pytest.raises(ValueError, match="hidden norm"):
+        RecomputeMlp.from_mlp(normed)
+
+
+def test_only_mlps_with_both_linears_converted_are_fused():
+    model = injected("vit", last_n=3)  # blocks.0.mlp.fc2, blocks.1.mlp.fc1, blocks.1.mlp.fc2
+    assert isinstance(model.blocks[1].mlp, RecomputeMlp) and not isinstance(model.blocks[0].mlp, RecomputeMlp)
+    assert isinstance(model.blocks[0].mlp.fc2, WASILinear) and type(model.blocks[0].mlp.fc1) is nn.Linear
+    x, y = batches(32, n=1)[0]
+    F.cross_entropy(model(x), y).backward()
+    assert model.blocks[0].mlp.fc2.factored_grad is not None

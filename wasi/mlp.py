@@ -1,0 +1,150 @@
+"""Low-rank MLP recompute: a timm `Mlp` with WSI/WASI fc1 and fc2 that saves nothing of the hidden width.
+
+fc1 computes u = x R₁ᵀ: (…, K₁) on its way to h = u L₁ᵀ + b₁: (…, H). Backward needs act'(h) and, for WSI,
+fc2's dense input act(h); both are recomputed from u, so the MLP saves (…, K₁) instead of (…, H)
+(docs/method.md, Whole-step recompute). Extra cost: one (…, K₁)×(K₁, H) product and the activation per step.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from wasi.functional import LinearParams, bias_grad, compute_dtype, input_grad, linear_forward, weight_grad
+from wasi.layers import WSILinear
+
+__all__ = ["RecomputeMlp"]
+
+
+class RecomputeMlp(nn.Module):
+    """timm `Mlp` (fc1 -> act -> drop1 -> norm -> fc2 -> drop2) whose fc1, fc2 are WSILinear/WASILinear (any
+    weight update), with dropout p = 0 and no hidden norm. Same submodules, so the same state_dict keys
+    (`fc1.L`, `fc1.R`, `fc1.bias`, `fc2.…`) and the same layers for the optimizer, clipping and memory reports.
+
+    Training forward, x: (…, I) (in the autocast dtype under autocast, as SubspaceLinearFn):
+        u = x R₁ᵀ (…, K₁),  h = u L₁ᵀ + b₁ (…, H),  a = act(h),  y = (a R₂ᵀ) L₂ᵀ + b₂ (…, O).
+    Saved for backward: fc1's input as that layer saves it (Tucker S, U_m of x for WASI; x for WSI), u, and
+    for WASI fc2's Tucker S, U_m of a; nothing of size (…, H). Backward: dA = (dy L₂) R₂; h = u L₁ᵀ + b₁ and
+    a = act(h) are recomputed; dh = act'(h) ⊙ dA; fc2's ∇W from its Tucker factors (WASI) or from the
+    recomputed a (WSI); dx = (dh L₁) R₁; fc1's ∇W from its saved input; biases Σ dy, Σ dh. The gradients
+    are those of the plain Mlp with the same layers. Eval mode or no grad: the plain path.
+    """
+
+    fc1: WSILinear
+    fc2: WSILinear
+
+    def __init__(self, fc1: WSILinear, act: nn.Module, fc2: WSILinear):
+        super().__init__()
+        self.fc1, self.act = fc1, act
+        self.drop1, self.norm = nn.Identity(), nn.Identity()
+        self.fc2, self.drop2 = fc2, nn.Identity()
+
+    @staticmethod
+    def check(mlp: nn.Module) -> None:
+        """ValueError naming the fix unless `mlp` is a timm Mlp without dropout or hidden norm (fc1, fc2 unchecked)."""
+        children = dict(mlp.named_children())
+        if set(children) != {"fc1", "act", "drop1", "norm", "fc2", "drop2"}:
+            raise ValueError(f"recompute='mlp' needs a timm Mlp (fc1, act, drop1, norm, fc2, drop2), got "
+                             f"{type(mlp).__name__} with {sorted(children)}; set recompute='none' or 'block'")
+        for name in ("drop1", "drop2"):
+            drop = children[name]
+            if not (isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and drop.p == 0)):
+                raise ValueError(f"recompute='mlp' does not replay dropout inside the MLP ({name}: {drop}); set the "
+                                 "model's MLP dropout to 0, or recompute='none' or 'block'")
+        if not isinstance(children["norm"], nn.Identity):  # a configuration error, hence ValueError
+            raise ValueError(  # noqa: TRY004
+                f"recompute='mlp' does not recompute a hidden norm inside the MLP ({children['norm']}); "
+                "set recompute='none' or 'block'")
+
+    @classmethod
+    def from_mlp(cls, mlp: nn.Module) -> RecomputeMlp:
+        """From a timm Mlp whose fc1, fc2 were converted to WSI/WASI layers; ValueError naming the fix otherwise."""
+        cls.check(mlp)
+        fc1, act, fc2 = mlp.get_submodule("fc1"), mlp.get_submodule("act"), mlp.get_submodule("fc2")
+        if not (isinstance(fc1, WSILinear) and isinstance(fc2, WSILinear)):  # a configuration error
+            raise ValueError(  # noqa: TRY004
+                f"recompute='mlp' recomputes fc1's output from its low-rank x Rᵀ, so fc1 and fc2 must be WSI/WASI "
+                f"layers, got {type(fc1).__name__}, {type(fc2).__name__}; set recompute='none' or 'block'")
+        new = cls(fc1, act, fc2)
+        new.train(mlp.training)
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (…, I) -> (…, O)."""
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if not (self.training and needs_grad):
+            return self.fc2(self.act(self.fc1(x)))
+        x = x.to(compute_dtype(x))
+        core, factors = self.fc1._compress(x)
+        w1, L1, R1 = self.fc1._fn_weights()
+        w2, L2, R2 = self.fc2._fn_weights()
+        return _RecomputeMlpFn.apply(x, w1, L1, R1, self.fc1.bias, w2, L2, R2, self.fc2.bias, self, core, *factors)
+
+
+class _RecomputeMlpFn(torch.autograd.Function):
+    """The fused MLP of RecomputeMlp. Inputs 0-8: x, then (weight, L, R, bias) of fc1 and of fc2."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w1: Tensor | None, L1: Tensor, R1: Tensor, b1: Tensor | None,
+                w2: Tensor | None, L2: Tensor, R2: Tensor, b2: Tensor | None, mlp: RecomputeMlp,
+                core1: Tensor | None, *factors1: Tensor) -> Tensor:
+        p1 = LinearParams(w1, L1, R1, b1, mlp.fc1._sink())
+        p2 = LinearParams(w2, L2, R2, b2, mlp.fc2._sink())
+        h, u = linear_forward(x, p1)
+        with torch.autocast(x.device.type, enabled=False):
+            a = mlp.act(h)
+        del h
+        core2, factors2 = mlp.fc2._compress(a)
+        y, _ = linear_forward(a, p2)
+        first = [x] if core1 is None else [core1, *factors1]
+        second = [] if core2 is None else [core2, *factors2]
+        ctx.save_for_backward(*first, u, *second)
+        ctx.layout = (core1 is not None, len(first), core2 is not None)
+        ctx.mlp, ctx.params = mlp, (p1, p2)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+        tucker1, n1, tucker2 = ctx.layout
+        p1, p2 = ctx.params
+        saved = ctx.saved_tensors
+        first, u, second = saved[:n1], saved[n1], saved[n1 + 1:]
+        need = ctx.needs_input_grad
+        factored1 = p1.sink is not None and (need[2] or need[3])
+        factored2 = p2.sink is not None and (need[6] or need[7])
+        need_dh = need[0] or need[1] or need[4] or factored1
+        need_w2 = need[5] or factored2
+        grads: list[Tensor | None] = [None] * (11 + (n1 - 1 if tucker1 else 0))
+        with torch.autocast(dy.device.type, enabled=False):
+            if need[8]:
+                assert p2.bias is not None
+                grads[8] = bias_grad(dy, p2.bias)
+            h = a = None
+            if need_dh or (need_w2 and not tucker2):  # recompute h = u L₁ᵀ + b₁ and a = act(h), as in forward
+                assert p1.L is not None
+                with torch.no_grad():
+                    h = F.linear(u, p1.L.to(u.dtype), None if p1.bias is None else p1.bias.to(u.dtype))
+                h.requires_grad_(need_dh)
+                with torch.enable_grad():
+                    a = ctx.mlp.act(h)
+            if tucker2:
+                grads[5] = weight_grad(dy, p2, need[5], factored2, core=second[0], factors=second[1:])
+            elif need_w2:
+                assert a is not None
+                grads[5] = weight_grad(dy, p2, need[5], factored2, x=a.detach())
+            if need_dh:
+                assert h is not None and a is not None
+                (dh,) = torch.autograd.grad(a, h, input_grad(dy, p2))
+                del a, h
+                if need[0]:
+                    grads[0] = input_grad(dh, p1)
+                if need[4]:
+                    assert p1.bias is not None
+                    grads[4] = bias_grad(dh, p1.bias)
+                if tucker1:
+                    grads[1] = weight_grad(dh, p1, need[1], factored1, core=first[0], factors=first[1:])
+                else:
+                    grads[1] = weight_grad(dh, p1, need[1], factored1, x=first[0])
+        return tuple(grads)
