@@ -84,12 +84,14 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def variant_specs(args: argparse.Namespace, base: list[str]) -> list[Spec]:
-    """Every method of --methods, once per --eps value where ε matters to it (a weight rank K or
-    activation ranks from epsilon_act), once per --recompute mode it supports ("mlp" needs WSI/WASI)."""
+    """Every method of --methods, once per --eps value where ε matters to it (a weight rank K, or activation
+    ranks from epsilon_act, which follows ε unless set), once per --recompute mode it supports ("mlp" needs
+    WSI/WASI)."""
     specs = []
     for name in args.methods:
         method = compose_cfg([*base, f"method={name}"]).method
-        uses_eps = "epsilon" in method and (method.get("weight", True) or method.get("epsilon_act") is not None)
+        activation_from_eps = method.get("ranks") is None and method.get("budget_mib") is None  # epsilon_act = ε
+        uses_eps = "epsilon" in method and (method.get("weight", True) or activation_from_eps)
         for eps in args.eps if uses_eps else [None]:
             for mode in args.recompute or [None]:
                 if mode == "mlp" and not method.get("weight", False):

@@ -29,24 +29,32 @@ def first_batch(loader: Iterable[Batch], device: torch.device) -> Batch:
     return x.to(device), y.to(device)
 
 
-def freeze_except(model: nn.Module, trainable: list[str]) -> None:
-    """requires_grad only for parameters of the named modules and of the classifier head."""
-    keep = [model.get_submodule(name) for name in trainable] + [model.get_classifier()]
-    keep_ids = {id(p) for module in keep for p in module.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in keep_ids)
-
-
 class Vanilla:
-    """Dense fine-tuning of everything, or of the last `last_n` target layers (+ head)."""
+    """Dense fine-tuning of the targets (the last `last_n` of them, or all), the head, and with `train_rest`
+    (vanilla's default) everything else; `wasi.set_trainable` decides, the same rule for every method.
 
-    def __init__(self, name: str = "vanilla", targets: str = "mlp", last_n: int | None = None):
-        self.name, self.targets, self.last_n = name, targets, last_n
+    recompute: "none", or "block" (`wasi.checkpoint_blocks`: every block saves only its input). "mlp" needs
+    the low-rank layers of WSI/WASI.
+    """
+
+    recomputes = ("none", "block")
+
+    def __init__(self, name: str = "vanilla", targets: str = "mlp", last_n: int | None = None,
+                 train_rest: bool = True, recompute: str = "none"):
+        if recompute not in self.recomputes:
+            raise ValueError(f"method.recompute={recompute} is not available for method={name}: choose one of "
+                             f"{list(self.recomputes)} (recompute=mlp needs the low-rank layers of wsi or wasi)")
+        self.name, self.targets, self.last_n, self.train_rest, self.recompute = name, targets, last_n, train_rest, recompute
 
     def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
-        if self.last_n is not None:
-            freeze_except(model, wasi.find_targets(model, self.targets, self.last_n))
+        wasi.set_trainable(model, wasi.find_targets(model, self.targets), self.train_rest, self.last_n)
+        self.checkpoint(model)
         return {}
+
+    def checkpoint(self, model: nn.Module) -> None:
+        """recompute=block: every transformer block saves only its input (wasi.checkpoint_blocks)."""
+        if self.recompute == "block":
+            wasi.checkpoint_blocks(model)
 
     def build_optimizer(self, model: nn.Module, optimizer: functools.partial) -> torch.optim.Optimizer:
         return optimizer([p for p in model.parameters() if p.requires_grad])
@@ -56,10 +64,11 @@ class Vanilla:
 
 
 class Subspace(Vanilla):
-    """ASI, WSI and WASI (wasi-method.md sections 2-5), one class configured by `weight`/`activation`.
+    """ASI, WSI and WASI (docs/method.md), one class configured by `weight`/`activation`: `wasi.inject`
+    with a `wasi.WASIConfig` of these options (train_rest defaults to false, recompute to mlp for WSI/WASI).
 
-    Activation ranks come from exactly one of `ranks`, `epsilon_act` or `budget_mib` (the DP of
-    section 5, whose table is cached as JSON at `rank_table` so a sweep computes it once).
+    Activation ranks come from `ranks`, `budget_mib` (docs/method.md, Rank selection under a budget; the
+    table is cached as JSON at `rank_table` so a sweep computes it once) or `epsilon_act` (default: epsilon).
     """
 
     def __init__(
@@ -74,11 +83,13 @@ class Subspace(Vanilla):
         eps_set: list[float] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
         targets: str = "mlp",
         last_n: int | None = None,
+        train_rest: bool = False,
         weight_update: str = "factored",
+        recompute: str | None = None,
         rank_table: str | None = None,
         seed: int = 0,
     ):
-        super().__init__(name, targets, last_n)
+        self.name, self.targets, self.last_n, self.train_rest = name, targets, last_n, train_rest
         self.config = wasi.WASIConfig(
             weight=weight,
             activation=activation,
@@ -89,9 +100,12 @@ class Subspace(Vanilla):
             eps_set=tuple(eps_set),
             targets=targets,
             last_n=last_n,
+            train_rest=train_rest,
             weight_update=weight_update,
+            recompute=recompute,
             seed=seed,
         )
+        self.recompute = self.config.recompute
         self.rank_table_path = Path(rank_table) if rank_table else None
 
     def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
@@ -116,33 +130,35 @@ class Subspace(Vanilla):
             return super().build_optimizer(model, optimizer)
         if optimizer.func is not torch.optim.SGD:
             raise ValueError(
-                f"method={self.name} updates its weight factors with the subspace SGD step of "
-                f"wasi-method.md section 2, so it needs optimizer=sgd (got {optimizer.func.__name__})."
+                f"method={self.name} updates its weight factors with the subspace SGD step (docs/method.md, "
+                f"Factored update), so it needs optimizer=sgd (got {optimizer.func.__name__})."
             )
         return wasi.SubspaceSGD(model, **optimizer.keywords)
 
 
 class Lora(Vanilla):
-    """Hugging Face PEFT LoRA on the target linears (frozen dense W + rank-r adapters) and the head."""
+    """Hugging Face PEFT LoRA on the target linears (frozen dense W + rank-r adapters); the head, and with
+    `train_rest` everything else, trains densely (`wasi.set_trainable`)."""
 
     def __init__(self, name: str = "lora", r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 targets: str = "mlp", last_n: int | None = None):
-        super().__init__(name, targets, last_n)
+                 targets: str = "mlp", last_n: int | None = None, train_rest: bool = False, recompute: str = "none"):
+        super().__init__(name, targets, last_n, train_rest, recompute)
         self.r, self.alpha, self.dropout = r, alpha, dropout
 
     def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
-        names = wasi.find_targets(model, self.targets, self.last_n)
-        self.add_adapters(model, names)
-        return {"lora/r": self.r, "lora/alpha": self.alpha, "lora/targets": names}
+        names = wasi.find_targets(model, self.targets)
+        tuned = names if self.last_n is None else names[-self.last_n:]
+        self.add_adapters(model, tuned)
+        wasi.set_trainable(model, names, self.train_rest, self.last_n)
+        self.checkpoint(model)
+        return {"lora/r": self.r, "lora/alpha": self.alpha, "lora/targets": tuned}
 
     def add_adapters(self, model: nn.Module, names: list[str]) -> None:
-        """PEFT LoRA on the named linears, in place; only adapters and the head stay trainable."""
+        """PEFT LoRA on the named linears, in place (PEFT freezes everything but the adapters)."""
         from peft import LoraConfig, inject_adapter_in_model
 
         config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=names)
-        inject_adapter_in_model(config, model)  # freezes everything but the adapters
-        for p in model.get_classifier().parameters():
-            p.requires_grad_(True)
+        inject_adapter_in_model(config, model)
 
     def inference_model(self, model: nn.Module) -> nn.Module:
         """A copy with every adapter merged into its dense weight (what one deploys)."""
@@ -169,7 +185,7 @@ def factor_linear(linear: nn.Linear, w_u: torch.Tensor, w_v: torch.Tensor) -> nn
 
 
 class SvdLlm(Vanilla):
-    """SVD-LLM truncation-aware whitening init (wasi-method.md section 6), then fine-tuning.
+    """SVD-LLM truncation-aware whitening init (docs/method.md, Variants and which layers train), then fine-tuning.
 
     Each target W becomes W_u W_v at rank k from the parameter ratio `ratio` or, if `ratio` is
     null, from WASI's weight `epsilon` (equal size to WSI/WASI). `finetune`: "lora" (PEFT LoRA on
@@ -179,8 +195,9 @@ class SvdLlm(Vanilla):
 
     def __init__(self, name: str = "svd_llm", ratio: float | None = None, epsilon: float = 0.8,
                  calib_samples: int = 256, finetune: str = "lora", r: int = 8, alpha: float = 16,
-                 targets: str = "mlp", last_n: int | None = None, cache: str | None = None):
-        super().__init__(name, targets, last_n)
+                 targets: str = "mlp", last_n: int | None = None, train_rest: bool = False, recompute: str = "none",
+                 cache: str | None = None):
+        super().__init__(name, targets, last_n, train_rest, recompute)
         if finetune not in ("lora", "factors"):
             raise ValueError(f"method.finetune must be 'lora' or 'factors', got {finetune!r}")
         if ratio is not None and not 0 < ratio <= 1:
@@ -190,7 +207,8 @@ class SvdLlm(Vanilla):
         self.cache = Path(cache) if cache else None
 
     def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
-        names = wasi.find_targets(model, self.targets, self.last_n)
+        targets = wasi.find_targets(model, self.targets)
+        names = targets if self.last_n is None else targets[-self.last_n:]
         whitening = self._whitening(model, names, loader, device)
         ranks = {}
         for name in names:
@@ -203,11 +221,10 @@ class SvdLlm(Vanilla):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, factor_linear(linear, w_u, w_v))
             ranks[name] = k
-        factors = [f"{name}.{j}" for name in names for j in (0, 1)]
         if self.finetune == "lora":
-            self.lora.add_adapters(model, factors)
-        else:
-            freeze_except(model, factors)
+            self.lora.add_adapters(model, [f"{name}.{j}" for name in names for j in (0, 1)])
+        wasi.set_trainable(model, targets, self.train_rest, self.last_n)
+        self.checkpoint(model)
         return {"svd_llm/rank": ranks, "svd_llm/finetune": self.finetune}
 
     def inference_model(self, model: nn.Module) -> nn.Module:

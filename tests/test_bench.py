@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import torch
+from hydra.utils import instantiate
 from PIL import Image
 
 from device import latency
@@ -107,7 +108,13 @@ def test_variants_sweep_epsilon_and_recompute_only_where_they_apply() -> None:
     specs = bench.variant_specs(args, bench.base_overrides(args))
     assert [s.label for s in specs] == ["vanilla", "wasi ε=0.5", "wasi ε=0.7", "asi ε=0.5", "asi ε=0.7"]
     cfg = bench.compose_cfg(specs[2].overrides)
-    assert (cfg.method.epsilon, cfg.method.epsilon_act, cfg.model.pretrained) == (0.7, 0.7, False)
+    assert (cfg.method.epsilon, instantiate(cfg.method).config.epsilon_act, cfg.model.pretrained) == (0.7, 0.7, False)
+    args = bench.parse_args(["--methods", "vanilla", "asi", "wasi", "--eps", "0.8", "--recompute", "none", "mlp", "block"])
+    specs = bench.variant_specs(args, bench.base_overrides(args))
+    assert [s.label for s in specs] == ["vanilla [none]", "vanilla [block]", "asi ε=0.8 [none]", "asi ε=0.8 [block]",
+                                        "wasi ε=0.8 [none]", "wasi ε=0.8 [mlp]", "wasi ε=0.8 [block]"]
+    assert [instantiate(bench.compose_cfg(s.overrides).method).recompute for s in specs] == [
+        "none", "block", "none", "block", "none", "mlp", "block"]
 
 
 def test_pi_profile_defaults_can_be_overridden() -> None:

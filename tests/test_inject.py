@@ -220,8 +220,8 @@ def test_bf16_autocast_training_step_on_vit():
     ({"epsilon": 0.0, "ranks": [2, 2, 2]}, "epsilon must be in"),
     ({"epsilon_act": 1.2}, "epsilon_act must be in \\(0, 1\\]"),
     ({"ranks": [4, -1, 8]}, "ranks must be positive"),
-    ({}, "exactly one of epsilon_act, ranks, budget_bytes"),
-    ({"ranks": [2, 2, 2], "epsilon_act": 0.5}, "exactly one of"),
+    ({"ranks": [2, 2, 2], "epsilon_act": 0.5}, "come from one of epsilon_act, ranks, budget_bytes"),
+    ({"ranks": [2, 2, 2], "budget_bytes": 10}, "keep one and set the others to null"),
     ({"activation": False, "ranks": [2, 2, 2]}, "only apply when activation=True"),
     ({"weight": False, "activation": False}, "nothing to do"),
     ({"budget_bytes": 0}, "budget_bytes must be positive"),
@@ -233,6 +233,14 @@ def test_bf16_autocast_training_step_on_vit():
 def test_config_errors_name_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         WASIConfig(**kwargs)
+
+
+def test_activation_ranks_default_to_the_weight_epsilon_unless_ranks_or_a_budget_is_chosen():
+    assert WASIConfig(epsilon=0.6).epsilon_act == 0.6
+    assert WASIConfig(epsilon=0.6, epsilon_act=0.9).epsilon_act == 0.9
+    assert WASIConfig(ranks=[2, 2, 2]).epsilon_act is None
+    assert WASIConfig(budget_bytes=1000).epsilon_act is None
+    assert WASIConfig(activation=False).epsilon_act is None
 
 
 def test_epsilon_act_needs_calibration():

@@ -26,10 +26,37 @@ def trainable(model: nn.Module) -> dict[str, int]:
     return {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_vanilla_last_n_freezes_all_but_last_targets_and_head():
+def test_vanilla_trains_everything_or_from_the_last_targets_on():
     model = tiny_vit()
-    Vanilla(last_n=1).apply(model, batches(), DEVICE)
+    Vanilla().apply(model, batches(), DEVICE)
+    assert set(trainable(model)) == {n for n, _ in model.named_parameters()}
+    model = tiny_vit()
+    Vanilla(last_n=1).apply(model, batches(), DEVICE)  # train_rest: everything after the first tuned target
+    assert set(trainable(model)) == {"blocks.1.mlp.fc2.weight", "blocks.1.mlp.fc2.bias", "norm.weight", "norm.bias",
+                                     "head.weight", "head.bias"}
+    model = tiny_vit()
+    Vanilla(last_n=1, train_rest=False).apply(model, batches(), DEVICE)
     assert set(trainable(model)) == {"blocks.1.mlp.fc2.weight", "blocks.1.mlp.fc2.bias", "head.weight", "head.bias"}
+
+
+def test_every_method_trains_the_rest_densely_on_request():
+    """train_rest=True: LoRA and SVD-LLM keep their frozen base weights, everything else trains."""
+    model = tiny_vit()
+    Lora(r=4, alpha=8, train_rest=True).apply(model, batches(), DEVICE)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"blocks.{b}.mlp.{fc}.base_layer.{t}" for b in (0, 1) for fc in ("fc1", "fc2") for t in ("weight", "bias")}
+    model = tiny_vit()
+    SvdLlm(finetune="factors", train_rest=True, calib_samples=8).apply(model, batches(), DEVICE)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", [Vanilla, Lora, SvdLlm])
+def test_block_recompute_checkpoints_every_block_and_mlp_is_refused(method):
+    model = tiny_vit()
+    method(recompute="block").apply(model, batches(), DEVICE)
+    assert all(wasi.recompute.is_checkpointed(block) for block in model.blocks)
+    with pytest.raises(ValueError, match="recompute=mlp needs the low-rank layers of wsi or wasi"):
+        method(recompute="mlp")
 
 
 def test_lora_trains_only_adapters_and_head_with_hand_counted_params():

@@ -44,10 +44,21 @@ def test_small_budget_sweep_runs_and_reuses_one_rank_table(tmp_path):
     assert len(list((tmp_path / "cache" / "rank_tables").glob("*.json"))) == 1
 
 
-def test_small_eps_sweep_runs_every_method_at_one_epsilon(tmp_path):
+def test_small_eps_sweep_runs_every_method_at_one_epsilon_as_the_authors_ran_it(tmp_path):
     results = run_small("vit_b32_eps", tmp_path, "method.epsilon=0.5")
     assert [(r["method"], r["config/method.epsilon"]) for r in results] == [("wsi", 0.5), ("asi", 0.5), ("wasi", 0.5)]
-    assert [r["config/method.epsilon_act"] for r in results] == [None, 0.5, 0.5]
+    # The authors' setting: activation ranks at epsilon 0.4 whatever the weight epsilon, the rest trains densely.
+    assert [{layer["act_epsilon"] for layer in r["method/layers"]} for r in results] == [{None}, {0.4}, {0.4}]
+    assert all(r["config/method.train_rest"] for r in results)
+    assert all(r["params/trainable"] == r["params/total"] for r in results)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_train_as_the_authors_scripts(preset):
+    """Every subspace or adapter method of a paper preset trains the rest of the model densely."""
+    cfg = composed(preset)
+    methods = str(cfg.hydra.sweeper.params.get("method", cfg.hydra.runtime.choices.method)).split(",")
+    assert all(m == "vanilla" or m.startswith("paper/") for m in methods), methods
 
 
 @pytest.mark.slow

@@ -17,7 +17,8 @@ class WASIConfig:
 
     weight: low-rank weight L R (WSI); activation: Tucker-compressed saved input (ASI); both: WASI.
     epsilon: weight explained-variance threshold in (0, 1] giving each layer's rank K.
-    Activation ranks (when activation=True) come from exactly one of
+    Activation ranks (when activation=True) come from at most one of the following set explicitly;
+    with none of them set, epsilon_act = epsilon:
       epsilon_act: per-layer truncated-HOSVD ranks of the calibration batch's layer inputs;
       ranks: fixed ranks, one per compressed input mode in order, clipped at run time to what each mode
         can hold: 3 for ViT tokens (B, N, C) and attention inputs, 4 for Swin MLP inputs, compressed as
@@ -63,6 +64,8 @@ class WASIConfig:
         if self.recompute is None:
             self.recompute = "mlp" if self.weight else "none"
         _check(self)
+        if self.activation and self.ranks is None and self.budget_bytes is None and self.epsilon_act is None:
+            self.epsilon_act = self.epsilon
 
 
 def _in_unit(value: float) -> bool:
@@ -77,9 +80,9 @@ def _check(c: WASIConfig) -> None:
         raise ValueError(f"epsilon must be in (0, 1], got {c.epsilon}; set method.epsilon=0.8")
     sources = {k: v for k, v in (("epsilon_act", c.epsilon_act), ("ranks", c.ranks),
                                  ("budget_bytes", c.budget_bytes)) if v is not None}
-    if c.activation and len(sources) != 1:
-        raise ValueError(f"activation=True needs exactly one of epsilon_act, ranks, budget_bytes, got "
-                         f"{sorted(sources) or 'none'}; set one, e.g. method.epsilon_act=0.8, and the others to null")
+    if len(sources) > 1:
+        raise ValueError(f"activation ranks come from one of epsilon_act, ranks, budget_bytes, got {sorted(sources)}; "
+                         "keep one and set the others to null")
     if not c.activation and sources:
         raise ValueError(f"{sorted(sources)} only apply when activation=True; set method.activation=true "
                          "or set them to null")

@@ -127,8 +127,8 @@ class _RecomputeMlpFn(torch.autograd.Function):
                 with torch.no_grad():
                     h = F.linear(u, p1.L.to(u.dtype), None if p1.bias is None else p1.bias.to(u.dtype))
                 h.requires_grad_(need_dh)
-                with torch.enable_grad():
-                    a = ctx.mlp.act(h)
+                with torch.enable_grad():  # .forward, not __call__: the module's hooks ran in the forward pass
+                    a = ctx.mlp.act.forward(h)
             if tucker2:
                 grads[5] = weight_grad(dy, p2, need[5], factored2, core=second[0], factors=second[1:])
             elif need_w2:
