@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from experiments.config import as_override
 from experiments.logger import flatten
 from wasi import ASILinear, WSILinear
 
@@ -79,8 +80,8 @@ def resume_path(resume: bool | str | None, run_dir: Path) -> Path | None:
     path = run_dir / "last.ckpt" if resume is True else Path(str(resume))
     if not path.is_file():
         raise CheckpointError(
-            f"resume={resume} but there is no checkpoint at {path}. Fix: pass the interrupted run's folder "
-            "as hydra.run.dir=<its folder> with resume=true, or resume=/path/to/last.ckpt, or drop resume "
+            f"resume={as_override(resume)} but there is no checkpoint at {path}. Fix: pass the interrupted run's "
+            "folder as hydra.run.dir=<its folder> with resume=true, or resume=/path/to/last.ckpt, or drop resume "
             "to start a fresh run.")
     return path
 

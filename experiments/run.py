@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from experiments import checkpoint, distributed, metrics
 from experiments.checkpoint import Progress
+from experiments.config import validate
 from experiments.hardware import autocast, seed_everything, setup_hardware
 from experiments.logger import WandbLogger, flatten, resolved_config, write_results
 from experiments.methods import first_batch
@@ -41,9 +42,11 @@ class NonFiniteLossError(FloatingPointError):
 def run(cfg: DictConfig) -> dict:
     """Train and evaluate one configuration; returns (and writes) the flat results dict.
 
-    SIGINT/SIGTERM write last.ckpt at the next step boundary, then raise TrainingInterrupted (a
-    SystemExit with status 130/143); a second SIGINT stops at once.
+    Every setting is checked first (experiments.config.validate: ConfigError names the key and a fix),
+    before anything is built or written. SIGINT/SIGTERM write last.ckpt at the next step boundary, then
+    raise TrainingInterrupted (a SystemExit with status 130/143); a second SIGINT stops at once.
     """
+    validate(cfg)
     with distributed.process_group(cfg.hardware.device) as ctx, StopRequest() as stop:
         return train(cfg, ctx, stop)
 
@@ -52,6 +55,7 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
     """The body of `run` for this process (rank ctx.rank of ctx.world_size)."""
     device = setup_hardware(cfg.hardware, ctx.local_rank)
     run_dir = Path(distributed.broadcast(cfg.paths.run_dir, ctx))  # rank 0's: the default name holds a time
+    resume_from = checkpoint.resume_path(cfg.resume, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)  # the same on every rank: identical models and random streams
     tc = cfg.trainer

@@ -47,7 +47,8 @@ def test_small_budget_sweep_runs_and_reuses_one_rank_table(tmp_path):
 def test_small_eps_sweep_runs_every_method_at_one_epsilon(tmp_path):
     results = run_small("vit_b32_eps", tmp_path, "method.epsilon=0.5")
     assert [(r["method"], r["config/method.epsilon"]) for r in results] == [("wsi", 0.5), ("asi", 0.5), ("wasi", 0.5)]
-    assert [r["config/method.epsilon_act"] for r in results] == [None, 0.5, 0.5]
+    assert [r["config/method.epsilon_act"] for r in results] == [None, None, None]  # null: = epsilon for ASI/WASI
+    assert [{layer["act_epsilon"] for layer in r["method/layers"]} for r in results] == [{None}, {0.5}, {0.5}]
 
 
 @pytest.mark.slow
