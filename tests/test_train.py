@@ -125,3 +125,17 @@ def test_an_infeasible_budget_names_a_feasible_one_that_then_runs(tmp_path):
     feasible = re.search(r"Fix: method.budget_mib=([0-9.]+) or more", line)[1]
     train(*common, f"method.budget_mib={feasible}", f"hydra.run.dir={tmp_path}/enough")
     assert json.loads((tmp_path / "enough" / "results.json").read_text())["config/method.budget_mib"] == float(feasible)
+
+
+def test_a_damaged_weights_file_is_refused_without_suggesting_unsafe_loading(tmp_path):
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(bytes(range(256)) * 16)
+    run_dir = tmp_path / "run"
+    proc = train(*SMALL, f"model.checkpoint={weights}", f"hydra.run.dir={run_dir}", check=False)
+    assert proc.returncode == 1
+    line = error_line(proc)
+    assert line.startswith(f"error: UnreadableWeightsError: model.checkpoint={weights} is not a readable weights file")
+    assert line.endswith(f"(traceback: {run_dir / 'train.log'})")
+    log = (run_dir / "train.log").read_text()
+    assert "weights_only" not in line.replace("weights_only=True", "") and "False" not in log
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "train.log"]  # no W&B run, no checkpoint
