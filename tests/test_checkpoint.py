@@ -1,6 +1,7 @@
 """Checkpoint and resume: a run interrupted (crash, SIGTERM) and resumed ends exactly where an
-uninterrupted run ends; damaged or foreign checkpoints are refused before anything is loaded;
-a NaN stops the run and leaves the last checkpoint intact."""
+uninterrupted run ends; damaged or foreign checkpoints are refused with the reason and the fix (those
+of another config or process count before anything is loaded); a NaN stops the run and leaves the
+last checkpoint intact."""
 import math
 import os
 import shutil
@@ -105,7 +106,8 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(uninterrupted, tmp_p
     cold_dir = tmp_path / "cold"
     cold = run_module.run(make_cfg(cold_dir, f"resume={tmp_path / 'step9' / 'cold.ckpt'}"))
     assert cold["train/steps"] == 16
-    final, cold_final = checkpoint.read(run_dir / "last.ckpt")["model"], checkpoint.read(cold_dir / "last.ckpt")["model"]
+    final = checkpoint.read(run_dir / "last.ckpt")["model"]
+    cold_final = checkpoint.read(cold_dir / "last.ckpt")["model"]
     assert not all(torch.equal(final[k], cold_final[k]) for k in final)
 
 
@@ -242,8 +244,6 @@ def replace(ckpt: dict, entry: str, key: str, value) -> dict:
     (lambda p: torch.save({**checkpoint.read(p), "format": "another-program"}, p), "not a wasi-train-checkpoint"),
     (lambda p: torch.save({k: v for k, v in checkpoint.read(p).items() if k != "optimizer"}, p), "lacks"),
     (lambda p: torch.save({**checkpoint.read(p), "warm_start": {"0": []}}, p), r"lacks \['warm_start'\]"),
-    (lambda p: torch.save(replace(checkpoint.read(p), "model", "0.bias", "text"), p), "0.bias: checkpoint str"),
-    (lambda p: torch.save({**checkpoint.read(p), "progress": {"step": 2}}, p), "its progress entry"),
 ])
 def test_damaged_checkpoint_is_refused_and_nothing_is_loaded(saved, damage, message):
     path = saved[0]
@@ -256,14 +256,28 @@ def test_damaged_checkpoint_is_refused_and_nothing_is_loaded(saved, damage, mess
     assert_untouched(before, model, optimizer)
 
 
-@pytest.mark.parametrize("change,config,world_size,message", [
-    (None, {**CONFIG, "method": {**CONFIG["method"], "epsilon": 0.8}}, 1, "config method.epsilon: checkpoint 0.9, this run 0.8"),
-    (None, {**CONFIG, "seed": 2}, 1, "config seed"),
-    (None, CONFIG, 2, "written by 1 processes, this run has 2"),
-    (dict(out_features=10), CONFIG, 1, r"model tensors of another shape.*2\.weight"),
+@pytest.mark.parametrize("damage,message", [
+    (lambda c: replace(c, "model", "0.bias", "text"), r'parameter named "0.bias".*received <class .str.>'),
+    (lambda c: replace(c, "optimizer", "param_groups", []), "different number of parameter groups"),
+    (lambda c: {**c, "warm_start": [{"9": []}]}, "KeyError: '9'"),
+    (lambda c: {**c, "progress": {"step": 2, "epochs": 1}}, "unexpected keyword argument 'epochs'"),
 ])
-def test_foreign_checkpoint_is_refused_and_nothing_is_loaded(saved, change, config, world_size, message):
-    model, optimizer, scheduler = small_setup(seed=1, **(change or {}))
+def test_an_entry_its_loader_rejects_stops_the_resume_with_the_reason(saved, damage, message):
+    path = saved[0]
+    torch.save(damage(checkpoint.read(path)), path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        checkpoint.load(path, *small_setup(seed=1), CONFIG)
+    assert "does not fit this run" in str(info.value) and "Fix:" in str(info.value)
+
+
+@pytest.mark.parametrize("config,world_size,message", [
+    ({**CONFIG, "method": {**CONFIG["method"], "epsilon": 0.8}}, 1,
+     "config method.epsilon: checkpoint 0.9, this run 0.8"),
+    ({**CONFIG, "seed": 2}, 1, "config seed"),
+    (CONFIG, 2, "written by 1 processes, this run has 2"),
+])
+def test_foreign_checkpoint_is_refused_and_nothing_is_loaded(saved, config, world_size, message):
+    model, optimizer, scheduler = small_setup(seed=1)
     before = snapshot(model, optimizer)
     with pytest.raises(CheckpointError, match=message) as info:
         checkpoint.load(saved[0], model, optimizer, scheduler, config, world_size=world_size)
@@ -275,7 +289,10 @@ def test_checkpoint_of_another_model_is_refused(saved):
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 12))  # dense: no L, R
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
-    with pytest.raises(CheckpointError, match=r"missing \(e.g. \['0.weight'\]\).*unexpected \(e.g. \['0.L'"):
+    with pytest.raises(CheckpointError, match=r'Missing key\(s\) in state_dict: "0.weight".*Unexpected.*"0.L"'):
+        checkpoint.load(saved[0], model, optimizer, scheduler, CONFIG)
+    model, optimizer, scheduler = small_setup(seed=1, out_features=10)  # another head size
+    with pytest.raises(CheckpointError, match=r"size mismatch for 2\.weight"):
         checkpoint.load(saved[0], model, optimizer, scheduler, CONFIG)
 
 
