@@ -21,20 +21,25 @@ A checkpoint is one `torch.save` of plain containers and tensors, read back only
 or number of processes differs from this run's, before loading anything; then it hands each entry to
 its own loader (`load_state_dict` of model, optimizer and scheduler, strict), and turns whatever they
 reject into CheckpointError. Either way the run stops with the reason and the fix.
+
+`best.safetensors` (the best-validation weights) is written with `save_weights`, atomically too.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from experiments.config import as_override
@@ -119,6 +124,26 @@ def check_finite(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, 
             "last good state. Fix: lower optimizer.lr, set trainer.grad_clip, or use hardware.precision=fp32.")
 
 
+@contextlib.contextmanager
+def atomic(path: Path) -> Iterator[Path]:
+    """Yields a temporary path next to `path` to write; then fsync and os.replace it onto `path`, so a
+    crash mid-write leaves the previous file intact (and no temporary file behind)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """A state_dict as safetensors (best.safetensors), atomically."""
+    with atomic(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+
+
 def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: Progress,
          warm_start: list[dict[str, list[torch.Tensor]]], config: dict) -> None:
     """Write the checkpoint atomically (temp file, fsync, os.replace): a crash mid-write leaves the
@@ -131,12 +156,8 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
         "progress": asdict(progress), "rng": rng_state(), "warm_start": warm_start,
         "world_size": len(warm_start), "config": config,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        torch.save(checkpoint, tmp)
     log.info("checkpoint: %s (epoch %d, step %d)", path, progress.epoch, progress.step)
 
 

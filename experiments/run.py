@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
@@ -127,7 +127,7 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
             if val_acc > best_acc:
                 best_acc = val_acc
                 if ctx.is_main:
-                    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(best_path))
+                    checkpoint.save_weights(best_path, model.state_dict())
         write_checkpoint(last_path, model, optimizer, scheduler, Progress(epoch + 1, 0, step, best_acc, loss), config, ctx)
         if done:
             break

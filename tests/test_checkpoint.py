@@ -306,6 +306,22 @@ def test_non_finite_weights_are_never_written(saved):
     assert path.read_bytes() == before and not path.with_name("last.ckpt.tmp").exists()
 
 
+def test_best_weights_are_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "best.safetensors"
+    checkpoint.save_weights(path, {"w": torch.ones(3)})
+    before = path.read_bytes()
+
+    def dies_midway(tensors, filename):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_weights(path, {"w": torch.zeros(3)})
+    assert path.read_bytes() == before and not (tmp_path / "best.safetensors.tmp").exists()
+    assert torch.equal(load_file(str(path))["w"], torch.ones(3))
+
+
 def test_resume_without_a_checkpoint_names_the_fix(tmp_path):
     with pytest.raises(CheckpointError, match="hydra.run.dir"):
         checkpoint.resume_path(True, tmp_path)
