@@ -7,7 +7,8 @@ A checkpoint is one `torch.save` of plain containers and tensors, read back only
     model              model.state_dict() (WSI/WASI layers: their factors L, R and bias only)
     optimizer          optimizer.state_dict() (SubspaceSGD: momentum buffers, lr per group)
     scheduler          LR scheduler state_dict
-    progress           Progress: epoch, batches done in that epoch, step, best val acc, last loss
+    progress           Progress: epoch, batches done in that epoch, step, best val acc, last loss, and
+                       the W&B run id (a resumed run logs to the same W&B run)
     rng                python, numpy (as lists), torch CPU and CUDA generator states (rank 0's;
                        every rank seeds and draws alike); the data order needs none: it is a
                        function of (seed, epoch, position), see experiments.distributed.EpochSampler
@@ -70,13 +71,15 @@ class NonFiniteWeightsError(FloatingPointError):
 class Progress:
     """Where training stands. epoch: the epoch in progress (0-based); batch: its batches already
     trained (0 at an epoch boundary); step: optimizer steps so far; best_acc: best val/acc so far
-    (-1 before the first evaluation); loss: the last training loss."""
+    (-1 before the first evaluation); loss: the last training loss; wandb_run_id: the W&B run this
+    training logs to (None: none yet, or logging disabled)."""
 
     epoch: int = 0
     batch: int = 0
     step: int = 0
     best_acc: float = -1.0
     loss: float = math.nan
+    wandb_run_id: str | None = None
 
 
 def resume_path(resume: bool | str | None, run_dir: Path) -> Path | None:

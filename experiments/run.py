@@ -73,18 +73,21 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
     variant = build_variant(cfg, data.num_classes, calibration, device)
     model, optimizer = variant.model, variant.optimizer
     base_lr = optimizer.param_groups[0]["lr"]
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs, eta_min=tc.min_lr_ratio * base_lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs,
+                                                           eta_min=tc.min_lr_ratio * base_lr)
     amp = autocast(cfg.hardware, device)
     config = resolved_config(cfg)
-    logger = WandbLogger(cfg if ctx.is_main else OmegaConf.merge(cfg, {"logger": {"mode": "disabled"}}), run_dir, config)
 
-    # Resume: last.ckpt holds weights, optimizer, schedule, position, RNG states (experiments/checkpoint.py).
+    # Resume: last.ckpt holds weights, optimizer, schedule, position, RNG states and the W&B run id
+    # (experiments/checkpoint.py); the W&B run continues under that id.
     best_path, last_path = run_dir / "best.safetensors", run_dir / "last.ckpt"
     start = Progress()
-    if (resume_from := checkpoint.resume_path(cfg.resume, run_dir)) is not None:
+    if resume_from is not None:
         start = checkpoint.load(resume_from, model, optimizer, scheduler, config, ctx.rank, ctx.world_size)
         if ctx.is_main:
             checkpoint.carry_best(resume_from, best_path, start)  # when resuming into another folder
+    logger_cfg = cfg if ctx.is_main else OmegaConf.merge(cfg, {"logger": {"mode": "disabled"}})
+    logger = WandbLogger(logger_cfg, run_dir, config, run_id=start.wandb_run_id)
     ddp_model = distributed.wrap(model, ctx)
 
     # Train; evaluate every eval_interval epochs; keep the best-validation weights on disk; checkpoint
@@ -109,8 +112,8 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
             step += 1
             logger.log({"train/loss": loss, "train/lr": optimizer.param_groups[0]["lr"], "epoch": epoch}, step)
             if stopping or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-                write_checkpoint(last_path, model, optimizer, scheduler, Progress(epoch, batch, step, best_acc, loss),
-                                 config, ctx)
+                write_checkpoint(last_path, model, optimizer, scheduler,
+                                 Progress(epoch, batch, step, best_acc, loss, logger.run_id), config, ctx)
             if stopping:
                 signum = stop.signum or signal.SIGTERM  # another rank may have got the signal
                 log.warning("stopped by %s at step %d; checkpoint %s. Continue with the same overrides plus "
@@ -128,7 +131,8 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
                 best_acc = val_acc
                 if ctx.is_main:
                     checkpoint.save_weights(best_path, model.state_dict())
-        write_checkpoint(last_path, model, optimizer, scheduler, Progress(epoch + 1, 0, step, best_acc, loss), config, ctx)
+        write_checkpoint(last_path, model, optimizer, scheduler,
+                         Progress(epoch + 1, 0, step, best_acc, loss, logger.run_id), config, ctx)
         if done:
             break
     stop.release()  # from here on SIGINT/SIGTERM act as usual: last.ckpt holds the finished training

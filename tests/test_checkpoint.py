@@ -1,5 +1,5 @@
 """Checkpoint and resume: a run interrupted (crash, SIGTERM) and resumed ends exactly where an
-uninterrupted run ends; damaged or foreign checkpoints are refused with the reason and the fix (those
+uninterrupted run ends, in the same W&B run; damaged or foreign checkpoints are refused with the reason and the fix (those
 of another config or process count before anything is loaded); a NaN stops the run and leaves the
 last checkpoint intact."""
 import math
@@ -23,6 +23,7 @@ import wasi
 from experiments import checkpoint
 from experiments.checkpoint import CheckpointError, NonFiniteWeightsError, Progress
 from experiments.signals import TrainingInterrupted
+from tests.wandb_log import offline_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 # WASI with momentum, dropout and random flips, so optimizer state, Tucker warm start and every RNG matter.
@@ -167,6 +168,21 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypa
     saved = checkpoint.read(run_dir / "last.ckpt")
     assert saved["progress"]["step"] == 4
     assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+
+
+def test_a_resumed_run_continues_its_offline_wandb_run(tmp_path, monkeypatch):
+    """The first process dies during step 11 (its last checkpoint: step 9); the resumed one logs under the
+    same W&B run id from step 10 on, so `wandb sync` puts steps 1-16 into one run."""
+    run_dir = tmp_path / "run"
+    stop_at(monkeypatch, 11, crash)
+    with pytest.raises(Crash):
+        run_module.run(make_cfg(run_dir, "logger.mode=offline"))
+    run_id = checkpoint.read(run_dir / "last.ckpt")["progress"]["wandb_run_id"]
+    monkeypatch.undo()
+    run_module.run(make_cfg(run_dir, "logger.mode=offline", "resume=true"))
+    first, second = sorted(offline_runs(run_dir).values(), key=lambda r: r[1][0])
+    assert first[0] == second[0] == run_id
+    assert first[1] == list(range(1, 11)) and second[1] == list(range(10, 17))  # steps 10 (its val/acc) on
 
 
 # ---------------------------------------------------------------------------------------------
