@@ -118,13 +118,13 @@ def warm_start_state(model: nn.Module) -> dict[str, list[torch.Tensor]]:
     return {name: [u.detach().cpu() for u in factors] for name, factors in states.items() if factors}
 
 
-def check_finite(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, path: Path) -> None:
-    """NonFiniteWeightsError if any weight or optimizer state is NaN/inf (then `path` is not overwritten)."""
+def check_finite(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, path: Path, advice: str = "") -> None:
+    """NonFiniteWeightsError if any weight or optimizer state is NaN/inf (then `path` is not overwritten);
+    `advice` (which files hold what, the fixes) ends its message."""
     tensors = {**model.state_dict(), **_optimizer_tensors(optimizer)}
     if bad := [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
-        raise NonFiniteWeightsError(
-            f"weights are NaN/inf after step {step} (e.g. {bad[:3]}); {path} was not overwritten and holds the "
-            "last good state. Fix: lower optimizer.lr, set trainer.grad_clip, or use hardware.precision=fp32.")
+        raise NonFiniteWeightsError(f"weights are NaN/inf after step {step} (e.g. {bad[:3]}); {path.name} was not "
+                                    f"written. {advice}".rstrip())
 
 
 @contextlib.contextmanager

@@ -90,6 +90,10 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
     logger = WandbLogger(logger_cfg, run_dir, config, run_id=start.wandb_run_id)
     ddp_model = distributed.wrap(model, ctx)
 
+    def save_checkpoint(progress: Progress) -> None:
+        write_checkpoint(last_path, model, optimizer, scheduler, progress, config, ctx,
+                         divergence_help(cfg, best_path, last_path))
+
     # Train; evaluate every eval_interval epochs; keep the best-validation weights on disk; checkpoint
     # every epoch, every checkpoint_every steps, and when a signal asks to stop.
     step, best_acc, loss = start.step, start.best_acc, start.loss
@@ -104,16 +108,11 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
             loss = train_step(ddp_model, optimizer, x.to(device), y.to(device), tc.grad_clip, amp).item()
             loss, stopping = distributed.agree(loss, stop.requested, ctx, device)  # mean over ranks
             if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss} at step {step}. The best weights so far are in {best_path}; {last_path} "
-                    "keeps the last checkpoint (not overwritten). "
-                    "Fix: lower optimizer.lr, set trainer.grad_clip, or use hardware.precision=fp32."
-                )
+                raise NonFiniteLossError(f"loss is {loss} at step {step}. {divergence_help(cfg, best_path, last_path)}")
             step += 1
             logger.log({"train/loss": loss, "train/lr": optimizer.param_groups[0]["lr"], "epoch": epoch}, step)
             if stopping or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-                write_checkpoint(last_path, model, optimizer, scheduler,
-                                 Progress(epoch, batch, step, best_acc, loss, logger.run_id), config, ctx)
+                save_checkpoint(Progress(epoch, batch, step, best_acc, loss, logger.run_id))
             if stopping:
                 signum = stop.signum or signal.SIGTERM  # another rank may have got the signal
                 log.warning("stopped by %s at step %d; checkpoint %s. Continue with the same overrides plus "
@@ -131,8 +130,7 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
                 best_acc = val_acc
                 if ctx.is_main:
                     checkpoint.save_weights(best_path, model.state_dict())
-        write_checkpoint(last_path, model, optimizer, scheduler,
-                         Progress(epoch + 1, 0, step, best_acc, loss, logger.run_id), config, ctx)
+        save_checkpoint(Progress(epoch + 1, 0, step, best_acc, loss, logger.run_id))
         if done:
             break
     stop.release()  # from here on SIGINT/SIGTERM act as usual: last.ckpt holds the finished training
@@ -167,13 +165,26 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
 
 
 def write_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
-                     config: dict, ctx: distributed.Context) -> None:
+                     config: dict, ctx: distributed.Context, if_not_finite: str = "") -> None:
     """last.ckpt from rank 0, with every rank's Tucker warm-start factors. Every rank calls it (collective)
-    and first checks the weights are finite, so a NaN stops all ranks and keeps the previous file."""
-    checkpoint.check_finite(model, optimizer, progress.step, path)
+    and first checks the weights are finite, so a NaN stops all ranks and keeps the previous file
+    (NonFiniteWeightsError, its message ending with `if_not_finite`)."""
+    checkpoint.check_finite(model, optimizer, progress.step, path, if_not_finite)
     warm_start = distributed.all_gather_objects(checkpoint.warm_start_state(model), ctx)
     if ctx.is_main:
         checkpoint.save(path, model, optimizer, scheduler, progress, warm_start, config)
+
+
+def divergence_help(cfg: DictConfig, best_path: Path, last_path: Path) -> str:
+    """What to tell when the loss or the weights became NaN/inf: the files this run has written so far
+    and the fixes its config leaves open."""
+    written = [f"{path} holds {what}" for path, what in ((best_path, "the best-validation weights so far"),
+                                                          (last_path, "the last good checkpoint (not overwritten)"))
+               if path.is_file()]
+    fixes = [f"lower optimizer.lr (now {cfg.optimizer.lr:g})"]
+    fixes += ["set trainer.grad_clip=2.0 (clipping is off)"] if cfg.trainer.grad_clip is None else []
+    fixes += [f"use hardware.precision=fp32 (now {cfg.hardware.precision})"] if cfg.hardware.precision != "fp32" else []
+    return f"{'; '.join(written) or 'No checkpoint was written yet'}. Fix: {', or '.join(fixes)}."
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Checkpoint and resume: a run interrupted (crash, SIGTERM) and resumed ends exactly where an
-uninterrupted run ends, in the same W&B run; damaged or foreign checkpoints are refused with the reason and the fix (those
-of another config or process count before anything is loaded); a NaN stops the run and leaves the
-last checkpoint intact."""
+uninterrupted run ends, in the same W&B run; damaged or foreign checkpoints are refused with the
+reason and the fix (those of another config or process count before anything is loaded); a NaN
+stops the run, leaves the last checkpoint intact and says which files exist and which fixes apply."""
 import math
 import os
 import shutil
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 from torch import nn
 
@@ -163,12 +163,37 @@ def test_sigterm_in_process_raises_training_interrupted(tmp_path, monkeypatch):
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     stop_at(monkeypatch, 5, lambda x: torch.full_like(x, math.nan))  # NaN images: NaN loss, grads, weights
-    with pytest.raises(run_module.NonFiniteLossError, match="loss is nan at step 4.*last.ckpt"):
+    with pytest.raises(run_module.NonFiniteLossError) as info:
         run_module.run(make_cfg(run_dir, "trainer.checkpoint_every=1"))
     saved = checkpoint.read(run_dir / "last.ckpt")
     assert saved["progress"]["step"] == 4
     assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+    # What is true for this run: last.ckpt exists, best.safetensors not yet (no evaluation before step 8);
+    # clipping is on (2.0) and precision is fp32, so the only fix left is the learning rate.
+    assert str(info.value) == (f"loss is nan at step 4. {run_dir / 'last.ckpt'} holds the last good checkpoint "
+                               "(not overwritten). Fix: lower optimizer.lr (now 0.05).")
+    assert not (run_dir / "best.safetensors").exists()
 
+
+def test_nan_before_any_checkpoint_says_so_and_suggests_clipping_when_it_is_off(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    stop_at(monkeypatch, 1, lambda x: torch.full_like(x, math.nan))
+    with pytest.raises(run_module.NonFiniteLossError) as info:
+        run_module.run(make_cfg(run_dir, "trainer.grad_clip=null", "optimizer.lr=0.1"))
+    assert str(info.value) == ("loss is nan at step 0. No checkpoint was written yet. Fix: lower optimizer.lr "
+                               "(now 0.1), or set trainer.grad_clip=2.0 (clipping is off).")
+    assert not (run_dir / "last.ckpt").exists() and not (run_dir / "best.safetensors").exists()
+
+
+
+def test_nan_advice_names_only_what_applies(tmp_path):
+    cfg = OmegaConf.create({"optimizer": {"lr": 0.001}, "trainer": {"grad_clip": None},
+                            "hardware": {"precision": "bf16"}})
+    best, last = tmp_path / "best.safetensors", tmp_path / "last.ckpt"
+    best.write_bytes(b"x")
+    assert run_module.divergence_help(cfg, best, last) == (
+        f"{best} holds the best-validation weights so far. Fix: lower optimizer.lr (now 0.001), or set "
+        "trainer.grad_clip=2.0 (clipping is off), or use hardware.precision=fp32 (now bf16).")
 
 def test_a_resumed_run_continues_its_offline_wandb_run(tmp_path, monkeypatch):
     """The first process dies during step 11 (its last checkpoint: step 9); the resumed one logs under the
