@@ -6,6 +6,7 @@ import re
 
 import pytest
 
+from experiments import report
 from tests.cli import sweep_results, train
 from tests.wandb_log import summary
 
@@ -139,3 +140,15 @@ def test_a_damaged_weights_file_is_refused_without_suggesting_unsafe_loading(tmp
     log = (run_dir / "train.log").read_text()
     assert "weights_only" not in line.replace("weights_only=True", "") and "False" not in log
     assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "train.log"]  # no W&B run, no checkpoint
+
+
+def test_a_failed_sweep_job_is_logged_and_listed_in_the_report(tmp_path):
+    proc = train("-m", *SMALL, "logger.mode=disabled", "trainer.grad_clip=2,-1", f"hydra.sweep.dir={tmp_path}",
+                 check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: trainer.grad_clip=-1.0: must be a number > 0. "
+                                                    "Fix: trainer.grad_clip=2.0, or null to disable clipping")
+    assert (tmp_path / "0" / "results.json").is_file() and not (tmp_path / "1" / "results.json").exists()
+    assert "Traceback (most recent call last)" in (tmp_path / "1" / "train.log").read_text()
+    assert report.find_failed(tmp_path) == [{"run": "1", "error": "trainer.grad_clip=-1.0: must be a number > 0. "
+                                             "Fix: trainer.grad_clip=2.0, or null to disable clipping"}]
