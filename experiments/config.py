@@ -2,8 +2,9 @@
 
 Importing this module stores the schemas in Hydra's ConfigStore (`register`), which composing conf/
 needs: train.py (through experiments.errors), experiments.methods (so experiments.variant and
-experiments.bench) and tests/conftest.py import it. The YAML files extend the schemas: `conf/config.yaml` starts from `config_schema` (top-level keys, `trainer`, `paths`,
-`model`, `hardware`, `logger`), each `conf/method/*.yaml` and `conf/optimizer/*.yaml` from its own
+experiments.bench) and tests/conftest.py import it. The YAML files extend the schemas:
+`conf/config.yaml` starts from `config_schema` (top-level keys, `trainer`, `paths`, `model`,
+`hardware`, `logger`), each `conf/method/*.yaml` and `conf/optimizer/*.yaml` from its own
 (`/<choice>_<group>_schema@_here_`). So Hydra checks types and key names while composing
 (`trainer.epochs=2.5`, `trainer.epoch=3` are refused), and `validate(cfg)` checks ranges and
 combinations at the start of a run, before anything is built or written: it converts the composed
@@ -14,6 +15,7 @@ are `wasi.WASIConfig`'s, which `SubspaceMethod` extends with the suite's keys.
 """
 from __future__ import annotations
 
+import difflib
 import math
 import re
 from collections.abc import Callable
@@ -306,8 +308,8 @@ class Config(Checked):
         if not (self.resume is None or isinstance(self.resume, (bool, str))):
             raise invalid("resume", self.resume, "must be true, false, null or a path to a last.ckpt",
                           "resume=true with hydra.run.dir=<the interrupted run's folder>")
-        if getattr(self.method, "weight", False) and not isinstance(self.optimizer, SGD):
-            target = getattr(self.optimizer, "_target_", type(self.optimizer).__name__)
+        target = self.optimizer.get("_target_") if isinstance(self.optimizer, dict) else self.optimizer._target_
+        if getattr(self.method, "weight", False) and target != "torch.optim.SGD":
             raise invalid("optimizer._target_", target, f"method={self.method.name} updates its weight factors with "
                           "the subspace SGD step (wasi-method.md section 2)", "optimizer=sgd")
 
@@ -338,8 +340,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 def from_omegaconf(err: OmegaConfBaseException) -> ConfigError:
-    """OmegaConf's multi-line error about one key as a ConfigError line. For an override, `err.child_node`
-    still holds the value before it, which makes the example."""
+    """OmegaConf's multi-line error about one key (a wrong type, an unknown key, a missing value) as a
+    ConfigError line; for a wrong type, the value the key held before the override makes the example."""
     key = err.full_key or "?"
     reason = (err.msg or str(err)).splitlines()[0]
     if isinstance(err, (ConfigAttributeError, ConfigKeyError)) and err.parent_node is not None:
@@ -371,9 +373,7 @@ def value_before(err: OmegaConfBaseException) -> Any:
 
 
 def unknown_key_fix(key: str, known: list[str]) -> str:
-    """'trainer.epochs (a setting with a similar name)' or the list of settings next to the unknown one."""
-    import difflib
-
+    """'did you mean trainer.epochs?' (a setting with a similar name), else the settings next to it."""
     parent, _, name = key.rpartition(".")
     prefix = f"{parent}." if parent else ""
     close = difflib.get_close_matches(name, known, n=1)
