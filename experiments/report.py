@@ -201,13 +201,13 @@ def table_columns(runs: Iterable[Run]) -> list[str]:
 
 
 def format_cell(x: Any, u: Unit | None = None) -> str:
-    """A number in unit ``u`` (else ints in full, floats in their shortest exact form), None blank."""
+    """A number in unit ``u`` (else ints in full, floats to 4 significant digits), None blank."""
     if x is None:
         return ""
     if _is_number(x) and u is not None:
         return u.show(x)
     if isinstance(x, float):
-        return repr(x) if math.isfinite(x) else str(x)
+        return f"{x:.4g}" if math.isfinite(x) else str(x)
     return str(x).replace("|", "\\|")
 
 

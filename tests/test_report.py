@@ -106,10 +106,12 @@ def test_table_shows_each_metric_in_its_unit(sweep: tuple[Path, list[dict]], tmp
     assert wsi["method"] == "wsi" and wsi["epsilon"] == "0.5" and wsi["params/trainable"] == "12345"
 
 
-def test_small_flop_counts_are_in_mflops() -> None:
-    runs = [{"run": "0", "flops/inference_per_image": 61_230_000}, {"run": "1", "flops/inference_per_image": 5e8}]
+def test_small_flop_counts_are_in_mflops_and_unitless_floats_keep_4_digits() -> None:
+    runs = [{"run": "0", "flops/inference_per_image": 61_230_000, "train/loss": 2.3843445777893066},
+            {"run": "1", "flops/inference_per_image": 5e8, "train/loss": 0.000123456}]
     rows = _parse_table(report.markdown_table(runs))
     assert [r["flops/inference_per_image (MFLOPs)"] for r in rows] == ["61.23", "500.00"]
+    assert [r["train/loss"] for r in rows] == ["2.384", "0.0001235"]
 
 
 def test_failed_jobs_are_listed_with_their_last_error(sweep: tuple[Path, list[dict]], tmp_path: Path) -> None:
