@@ -98,7 +98,7 @@ class Subspace(Vanilla):
             seed=seed,
         )
         self.rank_table_path = Path(rank_table) if rank_table else None
-        self.budget_mib = budget_mib if budget_mib is not None else budget_bytes and budget_bytes / 2**20
+        self.budget_mib = budget_bytes / 2**20 if budget_mib is None and budget_bytes else budget_mib  # for messages
 
     def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
         table = self._cached_rank_table()
