@@ -7,7 +7,8 @@ A checkpoint is one `torch.save` of plain containers and tensors, read back only
     model              model.state_dict() (WSI/WASI layers: their factors L, R and bias only)
     optimizer          optimizer.state_dict() (SubspaceSGD: momentum buffers, lr per group)
     scheduler          LR scheduler state_dict
-    progress           Progress: epoch, batches done in that epoch, step, best val acc, last loss
+    progress           Progress: epoch, batches done in that epoch, step, best val acc, last loss, and
+                       the W&B run id (a resumed run logs to the same W&B run)
     rng                python, numpy (as lists), torch CPU and CUDA generator states (rank 0's;
                        every rank seeds and draws alike); the data order needs none: it is a
                        function of (seed, epoch, position), see experiments.distributed.EpochSampler
@@ -17,24 +18,32 @@ A checkpoint is one `torch.save` of plain containers and tensors, read back only
     world_size         number of data-parallel processes
     config             the resolved run config
 
-`load` checks all of it against the freshly built model, optimizer, scheduler and config before
-changing any of them, so a truncated, foreign or mismatched file is reported, never half-loaded.
+`load` refuses a file that is not one of these (truncated, foreign, an entry missing), or whose config
+or number of processes differs from this run's, before loading anything; then it hands each entry to
+its own loader (`load_state_dict` of model, optimizer and scheduler, strict), and turns whatever they
+reject into CheckpointError. Either way the run stops with the reason and the fix.
+
+`best.safetensors` (the best-validation weights) is written with `save_weights`, atomically too.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+from experiments.config import as_override
 from experiments.logger import flatten
 from wasi import ASILinear, WSILinear
 
@@ -62,13 +71,15 @@ class NonFiniteWeightsError(FloatingPointError):
 class Progress:
     """Where training stands. epoch: the epoch in progress (0-based); batch: its batches already
     trained (0 at an epoch boundary); step: optimizer steps so far; best_acc: best val/acc so far
-    (-1 before the first evaluation); loss: the last training loss."""
+    (-1 before the first evaluation); loss: the last training loss; wandb_run_id: the W&B run this
+    training logs to (None: none yet, or logging disabled)."""
 
     epoch: int = 0
     batch: int = 0
     step: int = 0
     best_acc: float = -1.0
     loss: float = math.nan
+    wandb_run_id: str | None = None
 
 
 def resume_path(resume: bool | str | None, run_dir: Path) -> Path | None:
@@ -79,8 +90,8 @@ def resume_path(resume: bool | str | None, run_dir: Path) -> Path | None:
     path = run_dir / "last.ckpt" if resume is True else Path(str(resume))
     if not path.is_file():
         raise CheckpointError(
-            f"resume={resume} but there is no checkpoint at {path}. Fix: pass the interrupted run's folder "
-            "as hydra.run.dir=<its folder> with resume=true, or resume=/path/to/last.ckpt, or drop resume "
+            f"resume={as_override(resume)} but there is no checkpoint at {path}. Fix: pass the interrupted run's "
+            "folder as hydra.run.dir=<its folder> with resume=true, or resume=/path/to/last.ckpt, or drop resume "
             "to start a fresh run.")
     return path
 
@@ -107,13 +118,33 @@ def warm_start_state(model: nn.Module) -> dict[str, list[torch.Tensor]]:
     return {name: [u.detach().cpu() for u in factors] for name, factors in states.items() if factors}
 
 
-def check_finite(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, path: Path) -> None:
-    """NonFiniteWeightsError if any weight or optimizer state is NaN/inf (then `path` is not overwritten)."""
+def check_finite(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, path: Path, advice: str = "") -> None:
+    """NonFiniteWeightsError if any weight or optimizer state is NaN/inf (then `path` is not overwritten);
+    `advice` (which files hold what, the fixes) ends its message."""
     tensors = {**model.state_dict(), **_optimizer_tensors(optimizer)}
     if bad := [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
-        raise NonFiniteWeightsError(
-            f"weights are NaN/inf after step {step} (e.g. {bad[:3]}); {path} was not overwritten and holds the "
-            "last good state. Fix: lower optimizer.lr, set trainer.grad_clip, or use hardware.precision=fp32.")
+        raise NonFiniteWeightsError(f"weights are NaN/inf after step {step} (e.g. {bad[:3]}); {path.name} was not "
+                                    f"written. {advice}".rstrip())
+
+
+@contextlib.contextmanager
+def atomic(path: Path) -> Iterator[Path]:
+    """Yields a temporary path next to `path` to write; then fsync and os.replace it onto `path`, so a
+    crash mid-write leaves the previous file intact (and no temporary file behind)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """A state_dict as safetensors (best.safetensors), atomically."""
+    with atomic(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
 
 
 def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: Progress,
@@ -128,12 +159,8 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
         "progress": asdict(progress), "rng": rng_state(), "warm_start": warm_start,
         "world_size": len(warm_start), "config": config,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic(path) as tmp:
+        torch.save(checkpoint, tmp)
     log.info("checkpoint: %s (epoch %d, step %d)", path, progress.epoch, progress.step)
 
 
@@ -143,37 +170,34 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, config: dict,
          rank: int = 0, world_size: int = 1) -> Progress:
-    """Validate `path` against this run, then restore model, optimizer, scheduler, this rank's
-    warm-start factors and the RNG states; returns where to continue. Raises CheckpointError (with
-    the fix) on anything that does not fit, before touching any of them."""
+    """Restore model, optimizer, scheduler, this rank's warm-start factors and the RNG states from `path`;
+    returns where to continue. CheckpointError (with the fix) if the file is not a checkpoint, was written
+    by another configuration or number of processes (nothing loaded), or does not fit what the loaders
+    expect (the run must stop: the objects may be partly loaded)."""
     ckpt = read(path)
     problems = _config_problems(ckpt["config"], config)
     if ckpt["world_size"] != world_size:
         problems.append(f"it was written by {ckpt['world_size']} processes, this run has {world_size} "
                         f"(trainer.batch_size is per process, so the global batch would change)")
-    problems += _model_problems(ckpt["model"], model)
-    problems += _optimizer_problems(ckpt["optimizer"], optimizer)
-    if set(ckpt["scheduler"]) != set(scheduler.state_dict()):
-        problems.append("its LR scheduler state has other entries than this run's scheduler")
-    problems += _warm_start_problems(ckpt["warm_start"], ckpt["world_size"], model)
-    problems += _rng_problems(ckpt["rng"])
-    if set(ckpt["progress"]) != {f.name for f in fields(Progress)}:
-        problems.append(f"its progress entry {ckpt['progress']} is not {[f.name for f in fields(Progress)]}")
     if problems:
         raise CheckpointError(
-            f"{path} does not belong to this run:\n  - " + "\n  - ".join(problems) + "\n"
-            "Fix: resume with the same overrides (and the same number of processes) as the run that wrote it "
-            "(its resolved config is in <run dir>/.hydra/config.yaml), or start a fresh run without resume / "
-            "in a new hydra.run.dir.")
-
-    progress = Progress(**ckpt["progress"])
-    load_model_state(model, ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    layers = _subspace_layers(model)
-    for name, factors in ckpt["warm_start"][rank].items():
-        layers[name].load_warm_start_state([u.to(_device(layers[name])) for u in factors])
-    set_rng_state(ckpt["rng"])
+            f"{path} does not belong to this run: {'; '.join(problems)}. Fix: resume with the same overrides (and "
+            "number of processes) as the run that wrote it (its config: <its run dir>/.hydra/config.yaml), or start "
+            "a fresh run without resume / in a new hydra.run.dir.")
+    try:
+        progress = Progress(**ckpt["progress"])
+        load_model_state(model, ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        layers = _subspace_layers(model)
+        for name, factors in ckpt["warm_start"][rank].items():
+            layers[name].load_warm_start_state([u.to(_device(layers[name])) for u in factors])
+        set_rng_state(ckpt["rng"])
+    except Exception as err:  # whatever a loader rejects: another model, method, optimizer, or a damaged entry
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:500]
+        raise CheckpointError(
+            f"{path} does not fit this run ({reason}). Fix: resume with the overrides of the run that wrote it "
+            "(<its run dir>/.hydra/config.yaml), or start a fresh run without resume.") from err
     log.info("resumed from %s: epoch %d, batch %d, step %d", path, progress.epoch, progress.batch, progress.step)
     return progress
 
@@ -195,12 +219,13 @@ def read(path: Path) -> dict[str, Any]:
     """The checkpoint dict, loaded with weights_only=True; CheckpointError if it is not one of ours."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, foreign pickle, not a torch file at all
+    except Exception as err:  # truncated zip, foreign pickle, not a torch file at all. Only torch's first
+        # sentence: the rest suggests weights_only=False, which this project never does (hence `from None`)
         raise CheckpointError(
             f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err).split('. ')[0][:200]}); "
             "it is truncated (killed while copying?) or not written by train.py. Nothing was loaded. Fix: "
             "resume from an intact last.ckpt (train.py writes it atomically), or start a fresh run without resume."
-        ) from err
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("version") != VERSION:
         raise CheckpointError(
             f"{path} is not a {FORMAT} version {VERSION} file (a weights file, or from another program?). "
@@ -236,61 +261,6 @@ def _config_problems(saved: dict, current: dict) -> list[str]:
             for k in keys if a.get(k) != b.get(k)][:10]
 
 
-def _model_problems(saved: dict, model: nn.Module) -> list[str]:
-    own = model.state_dict()
-    if not isinstance(saved, dict):
-        return ["its model entry is not a state_dict"]
-    resizable = _svd_factor_keys(model)
-    missing, unexpected = sorted(own.keys() - saved.keys()), sorted(saved.keys() - own.keys())
-    bad = [f"{k}: checkpoint {_describe(saved[k])}, model {_describe(own[k])}" for k in sorted(own.keys() & saved.keys())
-           if not isinstance(saved[k], torch.Tensor) or saved[k].dtype != own[k].dtype
-           or (saved[k].shape != own[k].shape and k not in resizable)]
-    out = []
-    if missing or unexpected:
-        out.append(f"model tensors: {len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-                   f"(e.g. {unexpected[:3]})")
-    if bad:
-        out.append(f"model tensors of another shape or dtype: {bad[:3]}")
-    return out
-
-
-def _optimizer_problems(saved: dict, optimizer: torch.optim.Optimizer) -> list[str]:
-    own = optimizer.state_dict()
-    if not isinstance(saved, dict) or set(saved) != set(own):
-        return ["its optimizer entry is not this optimizer's state_dict"]
-    sizes = [len(g["params"]) for g in saved["param_groups"]]
-    if sizes != [len(g["params"]) for g in own["param_groups"]]:
-        return [f"optimizer parameter groups of sizes {sizes}, this run's {[len(g['params']) for g in own['param_groups']]} "
-                "(another method, targets or last_n?)"]
-    if [set(g) for g in saved["param_groups"]] != [set(g) for g in own["param_groups"]]:
-        return ["optimizer hyper-parameters differ in kind (another optimizer?)"]
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    return [f"optimizer state of parameter {i}: {k} {tuple(t.shape)}, parameter {tuple(params[i].shape)}"
-            for i, entry in saved["state"].items() for k, t in entry.items()
-            if isinstance(t, torch.Tensor) and t.dim() > 0 and (i >= len(params) or t.shape != params[i].shape)][:3]
-
-
-def _warm_start_problems(saved: list, world_size: int, model: nn.Module) -> list[str]:
-    well_formed = len(saved) == world_size and all(
-        isinstance(per_rank, dict) and all(isinstance(f, list) and all(isinstance(u, torch.Tensor) and u.dim() == 2
-                                                                       for u in f) for f in per_rank.values())
-        for per_rank in saved)
-    if not well_formed:
-        return [f"its warm-start entry is not one {{layer: [2-D tensors]}} per process ({world_size})"]
-    foreign = sorted({n for per_rank in saved for n in per_rank} - set(_subspace_layers(model)))
-    return [f"warm-start factors for layers this model lacks: {foreign[:3]}"] if foreign else []
-
-
-def _rng_problems(state: dict) -> list[str]:
-    try:  # on throwaway generators, so the global ones stay untouched
-        random.Random().setstate(_python_state(state["python"]))
-        np.random.RandomState().set_state(_numpy_state(state["numpy"]))
-        torch.Generator().set_state(state["torch"])
-    except Exception as err:
-        return [f"its RNG states do not load ({type(err).__name__}: {err})"]
-    return []
-
-
 def load_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """model.load_state_dict(state), after resizing the "svd"-mode L, R buffers whose rank K changed in
     training (the other shapes must already match)."""
@@ -315,10 +285,6 @@ def _subspace_layers(model: nn.Module) -> dict[str, ASILinear | WSILinear]:
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
     return {f"optimizer.{i}.{k}": t for i, entry in enumerate(optimizer.state.values())
             for k, t in entry.items() if isinstance(t, torch.Tensor)}
-
-
-def _describe(t: object) -> str:
-    return f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -32,10 +32,18 @@ def write_results(path: Path, results: dict) -> None:
 
 
 class WandbLogger:
-    """Thin wrapper over one W&B run; `logger.mode=disabled` turns it into a no-op."""
+    """Thin wrapper over one W&B run; `logger.mode=disabled` turns it into a no-op.
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, config: dict):
+    run_id: the id of the W&B run to continue (a resumed training keeps its run: last.ckpt stores the id).
+    Online, W&B appends to that run; offline, each process writes its own `wandb/offline-run-*-<id>`
+    folder under the same id, and `wandb sync <run dir>/wandb/offline-run-*` uploads them, in order, into
+    that one run. A resumed run logs the steps after its checkpoint again, with the same values (resume is
+    exact); W&B ignores a step lower than the last one it has.
+    """
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, config: dict, run_id: str | None = None):
         self.run = None
+        self.run_id = run_id  # kept when disabled, so a later resume with W&B on still finds the run
         if cfg.logger.mode == "disabled":
             return
         import wandb
@@ -48,6 +56,8 @@ class WandbLogger:
             config=config,
             name=f"{cfg.method.name}-{cfg.model.name}-{cfg.dataset.name}",
             reinit="finish_previous",
+            id=run_id,
+            resume="allow" if run_id else None,
         )
         try:
             self.run = wandb.init(mode=cfg.logger.mode, **settings)
@@ -56,6 +66,7 @@ class WandbLogger:
                 raise
             log.warning("W&B online init failed (%s); logging offline instead. Sync later with `wandb sync`.", err)
             self.run = wandb.init(mode="offline", **settings)
+        self.run_id = self.run.id
 
     def log(self, metrics: dict, step: int) -> None:
         if self.run is not None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import wasi
+from experiments.config import bytes_to_mib_ceil, invalid, mib_to_bytes
 from wasi import svd_llm
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,10 @@ class Subspace(Vanilla):
     """ASI, WSI and WASI (docs/method.md), one class configured by `weight`/`activation`: `wasi.inject`
     with a `wasi.WASIConfig` of these options (train_rest defaults to false, recompute to mlp for WSI/WASI).
 
-    Activation ranks come from `ranks`, `budget_mib` (docs/method.md, Rank selection under a budget; the
-    table is cached as JSON at `rank_table` so a sweep computes it once) or `epsilon_act` (default: epsilon).
+    Activation ranks come from at most one of `ranks`, `epsilon_act` or `budget_mib` (docs/method.md, Rank
+    selection under a budget; the table is cached as JSON at `rank_table` so a sweep computes it once); with
+    none of them, from `epsilon_act` = `epsilon`. `budget_bytes`: the budget in the library's unit, for
+    callers that have it in bytes (configs set `budget_mib`).
     """
 
     def __init__(
@@ -80,6 +83,7 @@ class Subspace(Vanilla):
         epsilon_act: float | None = None,
         ranks: list[int] | None = None,
         budget_mib: float | None = None,
+        budget_bytes: int | None = None,
         eps_set: list[float] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
         targets: str = "mlp",
         last_n: int | None = None,
@@ -90,13 +94,14 @@ class Subspace(Vanilla):
         seed: int = 0,
     ):
         self.name, self.targets, self.last_n, self.train_rest = name, targets, last_n, train_rest
+        budget_bytes = mib_to_bytes(budget_mib) if budget_mib is not None else budget_bytes
         self.config = wasi.WASIConfig(
             weight=weight,
             activation=activation,
             epsilon=epsilon,
             epsilon_act=epsilon_act,
             ranks=list(ranks) if ranks is not None else None,
-            budget_bytes=int(budget_mib * 2**20) if budget_mib is not None else None,
+            budget_bytes=budget_bytes,
             eps_set=tuple(eps_set),
             targets=targets,
             last_n=last_n,
@@ -107,10 +112,17 @@ class Subspace(Vanilla):
         )
         self.recompute = self.config.recompute
         self.rank_table_path = Path(rank_table) if rank_table else None
+        self.budget_mib = budget_bytes / 2**20 if budget_mib is None and budget_bytes else budget_mib  # for messages
 
     def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
         table = self._cached_rank_table()
-        summary = wasi.inject(model, self.config, calibration=first_batch(loader, device), rank_table=table)
+        try:
+            summary = wasi.inject(model, self.config, calibration=first_batch(loader, device), rank_table=table)
+        except wasi.InfeasibleBudgetError as err:  # the library speaks bytes; the config, MiB
+            enough = bytes_to_mib_ceil(err.min_feasible_bytes)
+            raise invalid("method.budget_mib", self.budget_mib, "below the smallest activation memory of these layers "
+                          "at any epsilon of method.eps_set", f"method.budget_mib={enough} or more, smaller values in "
+                          "method.eps_set, or fewer converted layers (method.targets, method.last_n)") from err
         if summary.rank_table is not None and table is None and self.rank_table_path is not None:
             self.rank_table_path.parent.mkdir(parents=True, exist_ok=True)
             self.rank_table_path.write_text(summary.rank_table.to_json())

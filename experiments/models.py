@@ -6,14 +6,24 @@ from pathlib import Path
 
 import timm
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.errors import HfHubHTTPError
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 
+HUB_TIMEOUT_S = 5.0  # how long to wait for the Hugging Face hub before calling the machine offline
+
+
 class PretrainedWeightsUnavailableError(RuntimeError):
     """Pretrained weights were asked for but could not be loaded (usually: offline)."""
+
+
+class UnreadableWeightsError(ValueError):
+    """`model.checkpoint` is not a weights file (damaged, or something else)."""
 
 
 class CheckpointMismatchError(RuntimeError):
@@ -33,11 +43,16 @@ def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
         return model
     if not cfg.pretrained:
         return timm.create_model(cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+    repo, cached = hub_weights(cfg.timm_name)
+    overlay = {"file": cached} if cached else {}  # in the cache: read it, no network at all
     try:
-        return timm.create_model(cfg.timm_name, pretrained=True, num_classes=num_classes, **kwargs)
+        if not cached and (unreachable := hub_unreachable(repo)):
+            raise ConnectionError(unreachable)
+        return timm.create_model(cfg.timm_name, pretrained=True, num_classes=num_classes,
+                                 pretrained_cfg_overlay=overlay, **kwargs)
     except Exception as err:  # hub errors vary by huggingface_hub version; all mean the same here
         raise PretrainedWeightsUnavailableError(
-            f"Could not load pretrained weights for '{cfg.timm_name}' ({type(err).__name__}: {err}).\n"
+            f"Could not load pretrained weights for '{cfg.timm_name}' ({type(err).__name__}: {err}). "
             "Fix: on a machine with internet run `python -c \"import timm; "
             f"timm.create_model('{cfg.timm_name}', pretrained=True)\"` to fill the Hugging Face "
             "cache (HF_HOME) and copy it here, or download the weights file and pass "
@@ -46,18 +61,59 @@ def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
         ) from err
 
 
+def hub_weights(timm_name: str) -> tuple[str | None, str | None]:
+    """The Hugging Face repo timm loads `timm_name`'s pretrained weights from, and the path of those
+    weights in the local cache (HF_HOME), None when absent."""
+    pretrained = timm.models.get_pretrained_cfg(timm_name)
+    repo = pretrained.hf_hub_id if pretrained else None
+    if repo is None:
+        return None, None
+    for filename in (pretrained.hf_hub_filename or "model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(repo, filename)
+        if isinstance(path, str):
+            return repo, path
+    return repo, None
+
+
+def hub_unreachable(repo: str | None, timeout_s: float = HUB_TIMEOUT_S) -> str | None:
+    """Why the hub cannot serve `repo` now (offline mode, no connection within `timeout_s`), or None. One
+    request without retries, so an offline machine learns it at once instead of after the hub client's
+    retries. An answer from the server (even "not found") counts as reachable: timm reports the rest."""
+    if repo is None:
+        return None
+    if hub_constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and the weights are not in the Hugging Face cache"
+    url = hf_hub_url(repo, "model.safetensors")
+    try:
+        get_hf_file_metadata(url, timeout=timeout_s)
+    except HfHubHTTPError:
+        return None
+    except Exception as err:  # no network, DNS, proxy, timeout
+        return f"cannot reach the Hugging Face hub ({type(err).__name__}: {err}; waited at most {timeout_s:g} s)"
+    return None
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a torch file loaded with weights_only=True."""
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint file not found: {path}. Fix: model.checkpoint=/path/to/weights")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # only the first sentence: torch's goes on to suggest weights_only=False
+        reason = f"{type(err).__name__}: {str(err).split('. ')[0][:200]}"
+        raise UnreadableWeightsError(
+            f"model.checkpoint={path} is not a readable weights file ({reason}). Fix: pass a .safetensors file, or a "
+            "PyTorch file holding only tensors (a state_dict), of the architecture model.timm_name") from None
     for key in ("state_dict", "model"):  # common wrappers of training checkpoints
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UnreadableWeightsError(f"model.checkpoint={path} holds a {type(state).__name__}, not a state_dict of "
+                                     "tensors. Fix: pass the model's weights (a state_dict or a .safetensors file)")
     return state
 
 

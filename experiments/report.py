@@ -7,7 +7,10 @@ Usage::
 
 Every ``results.json`` below the sweep directory (Hydra multirun layout
 ``<date>/<time>/<job>/results.json``) is one flat JSON object of metrics plus a nested
-``config``. Missing keys are left blank. The report is regenerated from the files each time.
+``config``. The table shows them in readable units (accuracy in %, memory in MiB, FLOPs in
+GFLOPs or MFLOPs, times in ms; the unit is in each header); missing keys are left blank. A job
+folder (it has ``.hydra/``) without ``results.json`` is listed as failed, with the last error
+line of its ``train.log``. The report is regenerated from the files each time.
 """
 
 from __future__ import annotations
@@ -18,13 +21,17 @@ import json
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import matplotlib
+import pandas as pd
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +65,41 @@ CONFIG_FALLBACK: dict[str, tuple[str, ...]] = {
 
 #: Top-level key groups left out of the table (run settings and provenance, not results).
 HIDDEN_GROUPS: frozenset[str] = frozenset({"config", "versions", "method"})
+
+
+@dataclass(frozen=True)
+class Unit:
+    """How a metric is shown: value × ``scale`` with ``decimals`` digits, ``label`` in the header."""
+
+    label: str
+    scale: float
+    decimals: int
+
+    def show(self, x: float) -> str:
+        return f"{x * self.scale:.{self.decimals}f}"
+
+
+PERCENT, MIB, MS = Unit("%", 100, 1), Unit("MiB", 2**-20, 1), Unit("ms", 1000, 2)
+GFLOPS, MFLOPS = Unit("GFLOPs", 1e-9, 2), Unit("MFLOPs", 1e-6, 2)
+#: Metric key endings and the unit they are shown in; ``flops/*`` take GFLOPs or MFLOPs by size.
+SUFFIX_UNITS: tuple[tuple[str, Unit], ...] = (("/acc", PERCENT), ("_bytes", MIB), ("_s", MS))
+
+
+def unit(key: str, values: Iterable[Any] = ()) -> Unit | None:
+    """The unit ``key`` is shown in (None: as it is). ``values``: the column, for FLOPs' prefix."""
+    if key.startswith("flops/"):
+        return GFLOPS if max((v for v in values if _is_number(v)), default=0) >= 1e9 else MFLOPS
+    return next((u for suffix, u in SUFFIX_UNITS if key.endswith(suffix)), None)
+
+
+def header(key: str, u: Unit | None) -> str:
+    """``memory/peak_bytes`` -> ``memory/peak (MiB)``; ``test/acc`` -> ``test/acc (%)``."""
+    return key if u is None else f"{stem(key)} ({u.label})"
+
+
+def stem(key: str) -> str:
+    """The key without a unit suffix: ``memory/peak_bytes`` -> ``memory/peak``."""
+    return next((key[: -len(s)] for s in ("_bytes", "_s") if key.endswith(s)), key)
 
 
 def _from_config(run: Run, path: tuple[str, ...]) -> Any:
@@ -104,6 +146,27 @@ def find_results(sweep_dir: Path) -> list[Run]:
     return runs
 
 
+def find_failed(sweep_dir: Path) -> list[dict[str, str]]:
+    """Job folders below ``sweep_dir`` (they hold ``.hydra/``) without ``results.json``: ``run`` (the
+    folder, relative) and ``error``, the last error line of its ``train.log``."""
+    failed = []
+    for hydra_dir in sorted(sweep_dir.rglob(".hydra"), key=_natural_key):
+        job = hydra_dir.parent
+        if not (job / "results.json").is_file():
+            failed.append({"run": str(job.relative_to(sweep_dir)), "error": last_error(job / "train.log")})
+    return failed
+
+
+def last_error(log_file: Path) -> str:
+    """The message of the last ERROR record in a Hydra job log (train.py logs a failure's one-line summary
+    there, then its traceback)."""
+    if not log_file.is_file():
+        return "no train.log"
+    errors = [line.split("][ERROR] - ", 1)[1] for line in log_file.read_text(errors="replace").splitlines()
+              if "][ERROR] - " in line]
+    return errors[-1] if errors else "no error logged (still running, or killed)"
+
+
 def wandb_runs(project: str) -> list[Run]:
     """Runs of a W&B project as flat dicts (summary metrics + ``config``); [] when unreachable."""
     try:
@@ -137,22 +200,41 @@ def table_columns(runs: Iterable[Run]) -> list[str]:
     return ["run", *COLUMNS, *sorted(extra)]
 
 
-def format_cell(x: Any) -> str:
-    """Ints in full, floats in their shortest exact form (``float(cell) == x``), None blank."""
+def format_cell(x: Any, u: Unit | None = None) -> str:
+    """A number in unit ``u`` (else ints in full, floats to 4 significant digits), None blank."""
     if x is None:
         return ""
+    if _is_number(x) and u is not None:
+        return u.show(x)
     if isinstance(x, float):
-        return repr(x) if math.isfinite(x) else str(x)
+        return f"{x:.4g}" if math.isfinite(x) else str(x)
     return str(x).replace("|", "\\|")
 
 
 def markdown_table(runs: list[Run]) -> str:
-    """One row per run, columns from :func:`table_columns`."""
+    """One row per run, columns from :func:`table_columns`, each in its unit (:func:`unit`)."""
     columns = table_columns(runs)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for run in runs:
-        lines.append("| " + " | ".join(format_cell(value(run, c)) for c in columns) + " |")
-    return "\n".join(lines)
+    cells = {}
+    for key in columns:
+        values = [value(run, key) for run in runs]
+        u = unit(key, values)
+        cells[header(key, u)] = [format_cell(v, u) for v in values]
+    table = pd.DataFrame(cells, columns=list(cells))
+    numeric = [all(c == "" or _looks_numeric(c) for c in table[h]) and table[h].ne("").any() for h in table]
+    return table.to_markdown(index=False, disable_numparse=True,
+                             colalign=["right" if n else "left" for n in numeric])
+
+
+def _looks_numeric(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def failed_table(failed: list[dict[str, str]]) -> str:
+    return pd.DataFrame(failed, columns=["run", "error"]).to_markdown(index=False, disable_numparse=True)
 
 
 def _series_label(run: Run, vary: list[str]) -> str:
@@ -165,49 +247,61 @@ def _varying(runs: list[Run], keys: Iterable[str]) -> list[str]:
     return [k for k in keys if len({str(value(r, k)) for r in runs}) > 1]
 
 
-def _accuracy(run: Run) -> Any:
-    acc = value(run, "test/acc")
-    return acc if acc is not None else value(run, "val/acc")
-
-
 def _training_memory(run: Run) -> Any:
     act, weight = value(run, "memory/activation_bytes"), value(run, "memory/weight_bytes")
     return act + weight if _is_number(act) and _is_number(weight) else None
 
 
+def _scale_axis(ax: plt.Axes, axis: str, values: list[float]) -> None:
+    """Log scale when ``values`` span more than a decade, else linear; plain tick labels (``20``, ``50``,
+    ``100``) on a few major ticks only, so they never crowd."""
+    positive = [v for v in values if v > 0]
+    if positive and max(positive) > 10 * min(positive):
+        getattr(ax, f"set_{axis}scale")("log")
+        target = getattr(ax, f"{axis}axis")
+        target.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        target.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        target.set_minor_formatter(ticker.NullFormatter())
+    else:
+        getattr(ax, f"{axis}axis").set_major_locator(ticker.MaxNLocator(nbins=5))
+
+
 def plot_accuracy_vs_memory(runs: list[Run], path: Path) -> bool:
-    """Accuracy (test, else val) against activation+weight bytes and against peak bytes."""
+    """Test accuracy against training memory (saved activations + weights, gradients, optimizer state)
+    and against measured peak memory, both in MiB."""
     vary = _varying(runs, ("model", "dataset"))
-    panels: list[tuple[str, Callable[[Run], Any]]] = [
-        ("training memory: saved activations + weights, grads, optimizer state (bytes)", _training_memory),
-        ("peak bytes (measured)", lambda r: value(r, "memory/peak_bytes")),
+    panels: list[tuple[str, str, Callable[[Run], Any]]] = [
+        ("training memory (MiB)", "saved activations + weights, gradients, optimizer state", _training_memory),
+        ("peak memory (MiB)", "measured over one training step", lambda r: value(r, "memory/peak_bytes")),
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     drawn = False
-    for ax, (xlabel, get_x) in zip(axes, panels):
+    for ax, (xlabel, title, get_x) in zip(axes, panels):
         series: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for run in runs:
-            x, y = get_x(run), _accuracy(run)
+            x, y = get_x(run), value(run, "test/acc")
             if _is_number(x) and _is_number(y) and x > 0:
-                series[_series_label(run, vary)].append((x, y))
+                series[_series_label(run, vary)].append((MIB.scale * x, PERCENT.scale * y))
         for label, points in sorted(series.items()):
             ax.scatter(*zip(*points), label=label, s=28)
             drawn = True
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("accuracy")
+        ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         if series:
-            ax.set_xscale("log")
+            _scale_axis(ax, "x", [x for points in series.values() for x, _ in points])
             ax.legend(fontsize=7)
     return _save(fig, path, drawn)
 
 
-def _plot_vs_epsilon(runs: list[Run], keys: list[str], path: Path, ylabel: str) -> bool:
-    """One panel per key: mean value per (series, ε) as lines; runs without ε as dashed lines."""
+def _plot_vs_epsilon(runs: list[Run], keys: list[str], path: Path) -> bool:
+    """One panel per key, in its unit: mean value per (series, ε) as lines; runs without ε as dashed lines."""
     vary = _varying(runs, ("model", "dataset"))
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.2), squeeze=False)
     drawn = False
     for ax, key in zip(axes[0], keys):
+        u = unit(key, [value(r, key) for r in runs]) or Unit("", 1, 0)
         points: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
         flat: dict[str, list[float]] = defaultdict(list)
         for run in runs:
@@ -215,9 +309,9 @@ def _plot_vs_epsilon(runs: list[Run], keys: list[str], path: Path, ylabel: str) 
             if not _is_number(y):
                 continue
             if _is_number(eps):
-                points[_series_label(run, vary)][float(eps)].append(y)
+                points[_series_label(run, vary)][float(eps)].append(u.scale * y)
             else:
-                flat[_series_label(run, vary)].append(y)
+                flat[_series_label(run, vary)].append(u.scale * y)
         for label, by_eps in sorted(points.items()):
             eps_sorted = sorted(by_eps)
             ax.plot(eps_sorted, [sum(by_eps[e]) / len(by_eps[e]) for e in eps_sorted], "o-",
@@ -227,12 +321,13 @@ def _plot_vs_epsilon(runs: list[Run], keys: list[str], path: Path, ylabel: str) 
             ax.axhline(sum(ys) / len(ys), linestyle="--", color="gray" if len(flat) == 1 else None,
                        label=label)
             drawn = True
-        ax.set_title(key)
+        ax.set_title(stem(key))
         ax.set_xlabel("ε (explained variance)")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(u.label)
         ax.grid(alpha=0.3)
         if points or flat:
-            ax.set_yscale("log")
+            ys = [y for by_eps in points.values() for v in by_eps.values() for y in v]
+            _scale_axis(ax, "y", ys + [y for v in flat.values() for y in v])
             ax.legend(fontsize=7)
     return _save(fig, path, drawn)
 
@@ -272,25 +367,30 @@ def _save(fig: plt.Figure, path: Path, drawn: bool) -> bool:
     return drawn
 
 
-def write_report(runs: list[Run], out: Path, latency: Path | None = None) -> list[Path]:
-    """Write ``report.md`` and the plots into ``out``; returns the files written."""
+def write_report(runs: list[Run], out: Path, latency: Path | None = None,
+                 failed: list[dict[str, str]] | None = None) -> list[Path]:
+    """Write ``report.md`` and the plots into ``out``; returns the files written. ``failed``: jobs
+    without results (:func:`find_failed`), listed with their errors."""
     out.mkdir(parents=True, exist_ok=True)
+    failed = failed or []
     plots: list[tuple[str, str, Callable[[Path], bool]]] = [
-        ("accuracy_vs_memory.png", "Accuracy vs training memory",
+        ("accuracy_vs_memory.png", "Test accuracy vs training memory",
          lambda p: plot_accuracy_vs_memory(runs, p)),
         ("flops_vs_eps.png", "FLOPs vs ε",
-         lambda p: _plot_vs_epsilon(runs, ["flops/inference_per_image", "flops/train_step"], p,
-                                    "FLOPs")),
+         lambda p: _plot_vs_epsilon(runs, ["flops/inference_per_image", "flops/train_step"], p)),
         ("memory_vs_eps.png", "Memory vs ε",
          lambda p: _plot_vs_epsilon(runs, ["memory/activation_bytes", "memory/weight_bytes",
-                                           "memory/peak_bytes"], p, "bytes")),
+                                           "memory/peak_bytes"], p)),
     ]
     if latency is not None:
         rows = read_latency_summary(latency)
         plots.append(("latency_ratios.png", "On-device latency (speed-up vs vanilla)",
                       lambda p: plot_latency_ratios(rows, p)))
     written = []
-    sections = [f"# Sweep report\n\n{len(runs)} runs.\n\n{markdown_table(runs)}\n"]
+    counts = f"{len(runs)} runs" + (f", {len(failed)} failed (below)" if failed else "")
+    sections = [f"# Sweep report\n\n{counts}.\n\n{markdown_table(runs)}\n"]
+    if failed:
+        sections.append(f"## Failed jobs\n\n{failed_table(failed)}\n")
     for name, title, draw in plots:
         if draw(out / name):
             written.append(out / name)
@@ -309,11 +409,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--wandb-project", default=None, help="also read runs from W&B")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    runs = find_results(args.sweep_dir)
+    runs, failed = find_results(args.sweep_dir), find_failed(args.sweep_dir)
     if args.wandb_project:
         runs += wandb_runs(args.wandb_project)
     out = args.out or args.sweep_dir / "report"
-    for path in write_report(runs, out, args.latency):
+    for path in write_report(runs, out, args.latency, failed):
         print(path)
 
 

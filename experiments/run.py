@@ -18,13 +18,14 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from experiments import checkpoint, distributed, metrics
 from experiments.checkpoint import Progress
+from experiments.config import validate
 from experiments.hardware import autocast, seed_everything, setup_hardware
 from experiments.logger import WandbLogger, flatten, resolved_config, write_results
 from experiments.methods import first_batch
@@ -41,9 +42,11 @@ class NonFiniteLossError(FloatingPointError):
 def run(cfg: DictConfig) -> dict:
     """Train and evaluate one configuration; returns (and writes) the flat results dict.
 
-    SIGINT/SIGTERM write last.ckpt at the next step boundary, then raise TrainingInterrupted (a
-    SystemExit with status 130/143); a second SIGINT stops at once.
+    Every setting is checked first (experiments.config.validate: ConfigError names the key and a fix),
+    before anything is built or written. SIGINT/SIGTERM write last.ckpt at the next step boundary, then
+    raise TrainingInterrupted (a SystemExit with status 130/143); a second SIGINT stops at once.
     """
+    validate(cfg)
     with distributed.process_group(cfg.hardware.device) as ctx, StopRequest() as stop:
         return train(cfg, ctx, stop)
 
@@ -52,6 +55,7 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
     """The body of `run` for this process (rank ctx.rank of ctx.world_size)."""
     device = setup_hardware(cfg.hardware, ctx.local_rank)
     run_dir = Path(distributed.broadcast(cfg.paths.run_dir, ctx))  # rank 0's: the default name holds a time
+    resume_from = checkpoint.resume_path(cfg.resume, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)  # the same on every rank: identical models and random streams
     tc = cfg.trainer
@@ -69,19 +73,26 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
     variant = build_variant(cfg, data.num_classes, calibration, device)
     model, optimizer = variant.model, variant.optimizer
     base_lr = optimizer.param_groups[0]["lr"]
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs, eta_min=tc.min_lr_ratio * base_lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=tc.epochs,
+                                                           eta_min=tc.min_lr_ratio * base_lr)
     amp = autocast(cfg.hardware, device)
     config = resolved_config(cfg)
-    logger = WandbLogger(cfg if ctx.is_main else OmegaConf.merge(cfg, {"logger": {"mode": "disabled"}}), run_dir, config)
 
-    # Resume: last.ckpt holds weights, optimizer, schedule, position, RNG states (experiments/checkpoint.py).
+    # Resume: last.ckpt holds weights, optimizer, schedule, position, RNG states and the W&B run id
+    # (experiments/checkpoint.py); the W&B run continues under that id.
     best_path, last_path = run_dir / "best.safetensors", run_dir / "last.ckpt"
     start = Progress()
-    if (resume_from := checkpoint.resume_path(cfg.resume, run_dir)) is not None:
+    if resume_from is not None:
         start = checkpoint.load(resume_from, model, optimizer, scheduler, config, ctx.rank, ctx.world_size)
         if ctx.is_main:
             checkpoint.carry_best(resume_from, best_path, start)  # when resuming into another folder
+    logger_cfg = cfg if ctx.is_main else OmegaConf.merge(cfg, {"logger": {"mode": "disabled"}})
+    logger = WandbLogger(logger_cfg, run_dir, config, run_id=start.wandb_run_id)
     ddp_model = distributed.wrap(model, ctx)
+
+    def save_checkpoint(progress: Progress) -> None:
+        write_checkpoint(last_path, model, optimizer, scheduler, progress, config, ctx,
+                         divergence_help(cfg, best_path, last_path))
 
     # Train; evaluate every eval_interval epochs; keep the best-validation weights on disk; checkpoint
     # every epoch, every checkpoint_every steps, and when a signal asks to stop.
@@ -97,16 +108,11 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
             loss = train_step(ddp_model, optimizer, x.to(device), y.to(device), tc.grad_clip, amp).item()
             loss, stopping = distributed.agree(loss, stop.requested, ctx, device)  # mean over ranks
             if not math.isfinite(loss):
-                raise NonFiniteLossError(
-                    f"loss is {loss} at step {step}. The best weights so far are in {best_path}; {last_path} "
-                    "keeps the last checkpoint (not overwritten). "
-                    "Fix: lower optimizer.lr, set trainer.grad_clip, or use hardware.precision=fp32."
-                )
+                raise NonFiniteLossError(f"loss is {loss} at step {step}. {divergence_help(cfg, best_path, last_path)}")
             step += 1
             logger.log({"train/loss": loss, "train/lr": optimizer.param_groups[0]["lr"], "epoch": epoch}, step)
             if stopping or (tc.checkpoint_every and step % tc.checkpoint_every == 0):
-                write_checkpoint(last_path, model, optimizer, scheduler, Progress(epoch, batch, step, best_acc, loss),
-                                 config, ctx)
+                save_checkpoint(Progress(epoch, batch, step, best_acc, loss, logger.run_id))
             if stopping:
                 signum = stop.signum or signal.SIGTERM  # another rank may have got the signal
                 log.warning("stopped by %s at step %d; checkpoint %s. Continue with the same overrides plus "
@@ -123,8 +129,8 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
             if val_acc > best_acc:
                 best_acc = val_acc
                 if ctx.is_main:
-                    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(best_path))
-        write_checkpoint(last_path, model, optimizer, scheduler, Progress(epoch + 1, 0, step, best_acc, loss), config, ctx)
+                    checkpoint.save_weights(best_path, model.state_dict())
+        save_checkpoint(Progress(epoch + 1, 0, step, best_acc, loss, logger.run_id))
         if done:
             break
     stop.release()  # from here on SIGINT/SIGTERM act as usual: last.ckpt holds the finished training
@@ -159,13 +165,26 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
 
 
 def write_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, progress: Progress,
-                     config: dict, ctx: distributed.Context) -> None:
+                     config: dict, ctx: distributed.Context, if_not_finite: str = "") -> None:
     """last.ckpt from rank 0, with every rank's Tucker warm-start factors. Every rank calls it (collective)
-    and first checks the weights are finite, so a NaN stops all ranks and keeps the previous file."""
-    checkpoint.check_finite(model, optimizer, progress.step, path)
+    and first checks the weights are finite, so a NaN stops all ranks and keeps the previous file
+    (NonFiniteWeightsError, its message ending with `if_not_finite`)."""
+    checkpoint.check_finite(model, optimizer, progress.step, path, if_not_finite)
     warm_start = distributed.all_gather_objects(checkpoint.warm_start_state(model), ctx)
     if ctx.is_main:
         checkpoint.save(path, model, optimizer, scheduler, progress, warm_start, config)
+
+
+def divergence_help(cfg: DictConfig, best_path: Path, last_path: Path) -> str:
+    """What to tell when the loss or the weights became NaN/inf: the files this run has written so far
+    and the fixes its config leaves open."""
+    written = [f"{path} holds {what}" for path, what in ((best_path, "the best-validation weights so far"),
+                                                          (last_path, "the last good checkpoint (not overwritten)"))
+               if path.is_file()]
+    fixes = [f"lower optimizer.lr (now {cfg.optimizer.lr:g})"]
+    fixes += ["set trainer.grad_clip=2.0 (clipping is off)"] if cfg.trainer.grad_clip is None else []
+    fixes += [f"use hardware.precision=fp32 (now {cfg.hardware.precision})"] if cfg.hardware.precision != "fp32" else []
+    return f"{'; '.join(written) or 'No checkpoint was written yet'}. Fix: {', or '.join(fixes)}."
 
 
 @torch.no_grad()

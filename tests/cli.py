@@ -8,9 +8,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train(*overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    """`python train.py *overrides` in the repo root; asserts success unless check=False."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "2"}
+def train(*overrides: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python train.py *overrides` in the repo root (extra environment variables: env); asserts success
+    unless check=False."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "2", **(env or {})}
     proc = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     if check:

@@ -11,6 +11,8 @@ import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
+import experiments.config  # noqa: E402, F401  (registers the config schemas that conf/ extends)
+
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 

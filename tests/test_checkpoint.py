@@ -1,6 +1,7 @@
 """Checkpoint and resume: a run interrupted (crash, SIGTERM) and resumed ends exactly where an
-uninterrupted run ends; damaged or foreign checkpoints are refused before anything is loaded;
-a NaN stops the run and leaves the last checkpoint intact."""
+uninterrupted run ends, in the same W&B run; damaged or foreign checkpoints are refused with the
+reason and the fix (those of another config or process count before anything is loaded); a NaN
+stops the run, leaves the last checkpoint intact and says which files exist and which fixes apply."""
 import math
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 from torch import nn
 
@@ -22,6 +23,7 @@ import wasi
 from experiments import checkpoint
 from experiments.checkpoint import CheckpointError, NonFiniteWeightsError, Progress
 from experiments.signals import TrainingInterrupted
+from tests.wandb_log import offline_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 # WASI with momentum, dropout and random flips, so optimizer state, Tucker warm start and every RNG matter.
@@ -105,7 +107,8 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(uninterrupted, tmp_p
     cold_dir = tmp_path / "cold"
     cold = run_module.run(make_cfg(cold_dir, f"resume={tmp_path / 'step9' / 'cold.ckpt'}"))
     assert cold["train/steps"] == 16
-    final, cold_final = checkpoint.read(run_dir / "last.ckpt")["model"], checkpoint.read(cold_dir / "last.ckpt")["model"]
+    final = checkpoint.read(run_dir / "last.ckpt")["model"]
+    cold_final = checkpoint.read(cold_dir / "last.ckpt")["model"]
     assert not all(torch.equal(final[k], cold_final[k]) for k in final)
 
 
@@ -160,11 +163,51 @@ def test_sigterm_in_process_raises_training_interrupted(tmp_path, monkeypatch):
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     stop_at(monkeypatch, 5, lambda x: torch.full_like(x, math.nan))  # NaN images: NaN loss, grads, weights
-    with pytest.raises(run_module.NonFiniteLossError, match="loss is nan at step 4.*last.ckpt"):
+    with pytest.raises(run_module.NonFiniteLossError) as info:
         run_module.run(make_cfg(run_dir, "trainer.checkpoint_every=1"))
     saved = checkpoint.read(run_dir / "last.ckpt")
     assert saved["progress"]["step"] == 4
     assert all(torch.isfinite(t).all() for t in saved["model"].values() if t.is_floating_point())
+    # What is true for this run: last.ckpt exists, best.safetensors not yet (no evaluation before step 8);
+    # clipping is on (2.0) and precision is fp32, so the only fix left is the learning rate.
+    assert str(info.value) == (f"loss is nan at step 4. {run_dir / 'last.ckpt'} holds the last good checkpoint "
+                               "(not overwritten). Fix: lower optimizer.lr (now 0.05).")
+    assert not (run_dir / "best.safetensors").exists()
+
+
+def test_nan_before_any_checkpoint_says_so_and_suggests_clipping_when_it_is_off(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    stop_at(monkeypatch, 1, lambda x: torch.full_like(x, math.nan))
+    with pytest.raises(run_module.NonFiniteLossError) as info:
+        run_module.run(make_cfg(run_dir, "trainer.grad_clip=null", "optimizer.lr=0.1"))
+    assert str(info.value) == ("loss is nan at step 0. No checkpoint was written yet. Fix: lower optimizer.lr "
+                               "(now 0.1), or set trainer.grad_clip=2.0 (clipping is off).")
+    assert not (run_dir / "last.ckpt").exists() and not (run_dir / "best.safetensors").exists()
+
+
+
+def test_nan_advice_names_only_what_applies(tmp_path):
+    cfg = OmegaConf.create({"optimizer": {"lr": 0.001}, "trainer": {"grad_clip": None},
+                            "hardware": {"precision": "bf16"}})
+    best, last = tmp_path / "best.safetensors", tmp_path / "last.ckpt"
+    best.write_bytes(b"x")
+    assert run_module.divergence_help(cfg, best, last) == (
+        f"{best} holds the best-validation weights so far. Fix: lower optimizer.lr (now 0.001), or set "
+        "trainer.grad_clip=2.0 (clipping is off), or use hardware.precision=fp32 (now bf16).")
+
+def test_a_resumed_run_continues_its_offline_wandb_run(tmp_path, monkeypatch):
+    """The first process dies during step 11 (its last checkpoint: step 9); the resumed one logs under the
+    same W&B run id from step 10 on, so `wandb sync` puts steps 1-16 into one run."""
+    run_dir = tmp_path / "run"
+    stop_at(monkeypatch, 11, crash)
+    with pytest.raises(Crash):
+        run_module.run(make_cfg(run_dir, "logger.mode=offline"))
+    run_id = checkpoint.read(run_dir / "last.ckpt")["progress"]["wandb_run_id"]
+    monkeypatch.undo()
+    run_module.run(make_cfg(run_dir, "logger.mode=offline", "resume=true"))
+    first, second = sorted(offline_runs(run_dir).values(), key=lambda r: r[1][0])
+    assert first[0] == second[0] == run_id
+    assert first[1] == list(range(1, 11)) and second[1] == list(range(10, 17))  # steps 10 (its val/acc) on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,8 +285,6 @@ def replace(ckpt: dict, entry: str, key: str, value) -> dict:
     (lambda p: torch.save({**checkpoint.read(p), "format": "another-program"}, p), "not a wasi-train-checkpoint"),
     (lambda p: torch.save({k: v for k, v in checkpoint.read(p).items() if k != "optimizer"}, p), "lacks"),
     (lambda p: torch.save({**checkpoint.read(p), "warm_start": {"0": []}}, p), r"lacks \['warm_start'\]"),
-    (lambda p: torch.save(replace(checkpoint.read(p), "model", "0.bias", "text"), p), "0.bias: checkpoint str"),
-    (lambda p: torch.save({**checkpoint.read(p), "progress": {"step": 2}}, p), "its progress entry"),
 ])
 def test_damaged_checkpoint_is_refused_and_nothing_is_loaded(saved, damage, message):
     path = saved[0]
@@ -256,14 +297,28 @@ def test_damaged_checkpoint_is_refused_and_nothing_is_loaded(saved, damage, mess
     assert_untouched(before, model, optimizer)
 
 
-@pytest.mark.parametrize("change,config,world_size,message", [
-    (None, {**CONFIG, "method": {**CONFIG["method"], "epsilon": 0.8}}, 1, "config method.epsilon: checkpoint 0.9, this run 0.8"),
-    (None, {**CONFIG, "seed": 2}, 1, "config seed"),
-    (None, CONFIG, 2, "written by 1 processes, this run has 2"),
-    (dict(out_features=10), CONFIG, 1, r"model tensors of another shape.*2\.weight"),
+@pytest.mark.parametrize("damage,message", [
+    (lambda c: replace(c, "model", "0.bias", "text"), r'parameter named "0.bias".*received <class .str.>'),
+    (lambda c: replace(c, "optimizer", "param_groups", []), "different number of parameter groups"),
+    (lambda c: {**c, "warm_start": [{"9": []}]}, "KeyError: '9'"),
+    (lambda c: {**c, "progress": {"step": 2, "epochs": 1}}, "unexpected keyword argument 'epochs'"),
 ])
-def test_foreign_checkpoint_is_refused_and_nothing_is_loaded(saved, change, config, world_size, message):
-    model, optimizer, scheduler = small_setup(seed=1, **(change or {}))
+def test_an_entry_its_loader_rejects_stops_the_resume_with_the_reason(saved, damage, message):
+    path = saved[0]
+    torch.save(damage(checkpoint.read(path)), path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        checkpoint.load(path, *small_setup(seed=1), CONFIG)
+    assert "does not fit this run" in str(info.value) and "Fix:" in str(info.value)
+
+
+@pytest.mark.parametrize("config,world_size,message", [
+    ({**CONFIG, "method": {**CONFIG["method"], "epsilon": 0.8}}, 1,
+     "config method.epsilon: checkpoint 0.9, this run 0.8"),
+    ({**CONFIG, "seed": 2}, 1, "config seed"),
+    (CONFIG, 2, "written by 1 processes, this run has 2"),
+])
+def test_foreign_checkpoint_is_refused_and_nothing_is_loaded(saved, config, world_size, message):
+    model, optimizer, scheduler = small_setup(seed=1)
     before = snapshot(model, optimizer)
     with pytest.raises(CheckpointError, match=message) as info:
         checkpoint.load(saved[0], model, optimizer, scheduler, config, world_size=world_size)
@@ -275,7 +330,10 @@ def test_checkpoint_of_another_model_is_refused(saved):
     model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 12))  # dense: no L, R
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=4)
-    with pytest.raises(CheckpointError, match=r"missing \(e.g. \['0.weight'\]\).*unexpected \(e.g. \['0.L'"):
+    with pytest.raises(CheckpointError, match=r'Missing key\(s\) in state_dict: "0.weight".*Unexpected.*"0.L"'):
+        checkpoint.load(saved[0], model, optimizer, scheduler, CONFIG)
+    model, optimizer, scheduler = small_setup(seed=1, out_features=10)  # another head size
+    with pytest.raises(CheckpointError, match=r"size mismatch for 2\.weight"):
         checkpoint.load(saved[0], model, optimizer, scheduler, CONFIG)
 
 
@@ -287,6 +345,22 @@ def test_non_finite_weights_are_never_written(saved):
     with pytest.raises(NonFiniteWeightsError, match="2.weight"):
         checkpoint.save(path, model, optimizer, torch.optim.lr_scheduler.StepLR(optimizer, 1), Progress(), [{}], CONFIG)
     assert path.read_bytes() == before and not path.with_name("last.ckpt.tmp").exists()
+
+
+def test_best_weights_are_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "best.safetensors"
+    checkpoint.save_weights(path, {"w": torch.ones(3)})
+    before = path.read_bytes()
+
+    def dies_midway(tensors, filename):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_weights(path, {"w": torch.zeros(3)})
+    assert path.read_bytes() == before and not (tmp_path / "best.safetensors.tmp").exists()
+    assert torch.equal(load_file(str(path))["w"], torch.ones(3))
 
 
 def test_resume_without_a_checkpoint_names_the_fix(tmp_path):

@@ -1,11 +1,17 @@
-"""Every config group choice composes and instantiates the right classes."""
+"""Every config group choice composes and instantiates the right classes; every setting is checked
+(type, range, combination) with one line that names it, its value and a fix."""
+from dataclasses import fields
 from pathlib import Path
 
 import hydra
 import pytest
 import torch
-from hydra.errors import MissingConfigException
+from hydra.errors import HydraException, MissingConfigException
 from omegaconf import OmegaConf
+
+from experiments import errors
+from experiments.config import ConfigError, validate
+from wasi import WASIConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = ["model", "dataset", "method", "hardware", "optimizer", "logger"]
@@ -20,7 +26,9 @@ def test_every_choice_composes(make_cfg, group, choice):
     cfg = make_cfg(f"{group}={choice}")
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     if group in ("optimizer", "logger"):
-        assert cfg[group] == OmegaConf.load(CONF / group / f"{choice}.yaml")
+        written = OmegaConf.load(CONF / group / f"{choice}.yaml")
+        written.pop("defaults", None)  # the schema it extends
+        assert cfg[group] == written
     else:
         assert cfg[group].name == choice
 
@@ -56,3 +64,94 @@ def test_unknown_choice_names_the_options(make_cfg, group):
     with pytest.raises(MissingConfigException) as err:
         make_cfg(f"{group}=nope")
     assert "nope" in str(err.value) and "Available options" in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The schema (experiments/config.py): types while composing, ranges and combinations by validate()
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides, message", [
+    (["trainer.epochs=-1"], "trainer.epochs=-1: must be an int >= 1. Fix: trainer.epochs=50"),
+    (["trainer.eval_interval=0"], "trainer.eval_interval=0: must be an int >= 1. Fix: trainer.eval_interval=1"),
+    (["trainer.batch_size=0"], "trainer.batch_size=0: must be an int >= 1. Fix: trainer.batch_size=128"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0: must be an int >= 1. Fix: trainer.max_steps=100, or null"),
+    (["trainer.grad_clip=-1"], "trainer.grad_clip=-1.0: must be a number > 0. Fix: trainer.grad_clip=2.0, or null"),
+    (["trainer.min_lr_ratio=2"], "trainer.min_lr_ratio=2.0: must be in [0, 1]"),
+    (["trainer.checkpoint_every=0"], "trainer.checkpoint_every=0: must be an int >= 1"),
+    (["optimizer.lr=-1"], "optimizer.lr=-1.0: must be a number > 0. Fix: optimizer.lr=0.05"),
+    (["optimizer.momentum=1"], "optimizer.momentum=1.0: must be in [0, 1)"),
+    (["optimizer=adamw", "optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1: must be a number >= 0"),
+    (["seed=-1"], "seed=-1: must be an int in [0, 2**32 - 1]"),
+    (["resume=5"], "resume=5: must be true, false, null or a path to a last.ckpt"),
+    (["hardware.precision=fp16"], "hardware.precision=fp16: must be one of fp32, bf16. Fix: hardware.precision=fp32"),
+    (["hardware.threads=0"], "hardware.threads=0: must be an int >= 1"),
+    (["logger.mode=on"], "logger.mode=on: must be one of offline, online, disabled"),
+    (["model.image_size=0"], "model.image_size=0: must be an int >= 1"),
+    (["method.targets=all"], "method.targets=all: must be one of mlp, mlp+attn"),
+    (["method=lora", "method.r=0"], "method.r=0: must be an int >= 1. Fix: method.r=8"),
+    (["method=svd_llm", "method.finetune=full"], "method.finetune=full: must be one of lora, factors"),
+    (["method=svd_llm", "method.ratio=1.5"], "method.ratio=1.5: must be in (0, 1]"),
+    (["method=wasi", "method.epsilon=1.5"], "method=wasi: epsilon must be in (0, 1], got 1.5; set method.epsilon=0.8"),
+    (["method=wasi", "method.budget_mib=-4"], "method.budget_mib=-4.0: must be a number > 0"),
+    (["method=wasi", "method.ranks=[8,8,8]", "method.budget_mib=4"],
+     "method.ranks=[8,8,8]: method.budget_mib=4.0 also chooses the activation ranks"),
+    (["method=wasi", "method.epsilon_act=0.5", "method.ranks=[8,8,8]"],
+     "method.epsilon_act=0.5: method.ranks=[8,8,8] also chooses the activation ranks"),
+    (["method=wsi", "method.budget_mib=4"], "method.budget_mib=4.0: method=wsi keeps saved activations dense"),
+    (["method=wasi", "method.budget_bytes=1048576"], "method.budget_bytes=1048576: the budget is set in MiB. "
+     "Fix: method.budget_mib=1 and method.budget_bytes=null"),
+    (["method=asi", "optimizer=adamw"], None),  # ASI keeps dense weights: any optimizer
+    (["method=wsi", "optimizer=adamw"], "optimizer._target_=torch.optim.AdamW: method=wsi updates its weight factors"),
+])
+def test_validate_names_the_setting_its_value_and_a_fix(make_cfg, overrides, message):
+    cfg = make_cfg(*overrides)
+    if message is None:
+        validate(cfg)
+        return
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    line = str(err.value)
+    assert line.startswith(message) and "\n" not in line
+    assert "Fix: " in line or "; set method." in line  # the library's own checks (wasi.WASIConfig) say "set"
+
+
+@pytest.mark.parametrize("override, line", [
+    ("trainer.epochs=2.5", "trainer.epochs=2.5: must be an integer. Fix: e.g. trainer.epochs=50"),
+    ("optimizer.lr=abc", "optimizer.lr=abc: must be a float. Fix: e.g. optimizer.lr=0.05"),
+    ("model.pretrained=maybe", "model.pretrained=maybe: must be true or false. Fix: e.g. model.pretrained=false"),
+    ("method.ranks=[8,a]", "method.ranks[1]=a: must be an integer. Fix: method.ranks[1]=<value>"),
+    ("trainer.epoch=3", "trainer.epoch is not a setting. Fix: did you mean trainer.epochs?"),
+    ("model.kwargs.dept=3", "model.kwargs.dept is not a setting. Fix: did you mean model.kwargs.depth? "
+     "(a new key needs a leading +)"),
+])
+def test_composing_a_wrong_type_or_key_is_one_line(make_cfg, override, line):
+    overrides = ["method=wasi", override] if override.startswith("method.") else [override]
+    with pytest.raises(HydraException) as err:
+        make_cfg(*overrides)
+    assert errors.one_line(err.value) == line and errors.status(err.value) == errors.SETTING
+
+
+def test_wasi_defaults_are_the_librarys(make_cfg):
+    """The epsilon set and the other WASI defaults come from wasi.WASIConfig, written nowhere in conf/."""
+    for name in ("wasi", "asi", "wsi"):
+        written = set(OmegaConf.load(CONF / "method" / f"{name}.yaml"))
+        assert not {"eps_set", "epsilon", "epsilon_act", "targets", "last_n", "weight_update"} & written
+    method = make_cfg("method=wasi").method
+    library = {f.name: f.default for f in fields(WASIConfig)}
+    assert tuple(method.eps_set) == library["eps_set"] == (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    for key in ("epsilon", "epsilon_act", "targets", "last_n", "weight_update"):
+        assert method[key] == library[key], key
+
+
+@pytest.mark.parametrize("overrides, activation", [
+    (["method=wasi"], dict(epsilon_act=0.8, ranks=None, budget_bytes=None)),
+    (["method=asi", "method.epsilon=0.6"], dict(epsilon_act=0.6, ranks=None, budget_bytes=None)),
+    (["method=wasi", "method.ranks=[8,8,8]"], dict(epsilon_act=None, ranks=[8, 8, 8], budget_bytes=None)),
+    (["method=wasi", "method.budget_mib=2"], dict(epsilon_act=None, ranks=None, budget_bytes=2 * 2**20)),
+    (["method=wsi"], dict(epsilon_act=None, ranks=None, budget_bytes=None)),
+])
+def test_ranks_or_a_budget_alone_choose_the_activation_ranks(make_cfg, overrides, activation):
+    cfg = make_cfg(*overrides)
+    validate(cfg)
+    config = hydra.utils.instantiate(cfg.method).config
+    assert {k: getattr(config, k) for k in activation} == activation

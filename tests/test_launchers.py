@@ -48,8 +48,9 @@ def test_optuna_preset_composes_to_a_valid_search_space():
     assert type(hydra.utils.instantiate(sweeper.sampler)).__name__ == "TPESampler"
     params = OmegaConf.to_container(sweeper.params)
     assert set(params) == {"method.epsilon", "method.epsilon_act", "optimizer.lr"}
-    for key in params:  # every searched key exists in the composed config (epsilon_act is null: = epsilon)
-        assert OmegaConf.select(cfg, key, default="missing") != "missing"
+    for key in params:  # every searched key exists in the composed config (method.epsilon_act: null = epsilon)
+        parent, _, name = key.rpartition(".")
+        assert name in OmegaConf.select(cfg, parent)
     parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
     dists = {o.key_or_group: create_optuna_distribution_from_override(o) for o in parsed}
     assert isinstance(dists["optimizer.lr"], LogUniformDistribution)

@@ -1,5 +1,5 @@
 """W&B faults: an online init that fails (no login, no network) falls back to an offline run; an
-offline or disabled logger never hides its own errors."""
+offline or disabled logger never hides its own errors; a resumed training continues its W&B run."""
 import logging
 
 import pytest
@@ -10,8 +10,9 @@ from experiments.logger import WandbLogger
 
 
 class FakeRun:
-    def __init__(self):
+    def __init__(self, id=None):
         self.logged, self.summary, self.finished = [], {}, False
+        self.id = id or "fresh1"
 
     def log(self, metrics, step):
         self.logged.append((step, metrics))
@@ -36,7 +37,7 @@ def init_calls(monkeypatch):
             raise wandb.errors.CommError("network unreachable")
         if mode == "offline" and settings.get("project") == "broken":
             raise OSError("disk full")
-        return FakeRun()
+        return FakeRun(settings.get("id"))
 
     monkeypatch.setattr(wandb, "init", fake_init)
     return calls
@@ -68,3 +69,16 @@ def test_disabled_logger_never_calls_wandb(init_calls, tmp_path):
     logger.log({"a": 1}, step=1)
     logger.finish({"a": 1})
     assert logger.run is None and init_calls == []
+
+
+@pytest.mark.parametrize("mode", ["offline", "online"])
+def test_a_resumed_training_continues_its_wandb_run(init_calls, tmp_path, mode):
+    logger = WandbLogger(cfg(mode), tmp_path, {}, run_id="abc123")
+    assert all(s["id"] == "abc123" and s["resume"] == "allow" for _, s in init_calls)  # online falls back, same id
+    assert logger.run_id == "abc123"
+    fresh = WandbLogger(cfg(mode), tmp_path, {})
+    assert init_calls[-1][1]["id"] is None and init_calls[-1][1]["resume"] is None and fresh.run_id == "fresh1"
+
+
+def test_a_disabled_logger_keeps_the_run_id_for_a_later_resume(init_calls, tmp_path):
+    assert WandbLogger(cfg("disabled"), tmp_path, {}, run_id="abc123").run_id == "abc123" and init_calls == []

@@ -1,4 +1,7 @@
-"""Model building: fresh head, local checkpoints loaded safely, clear errors, no silent random weights."""
+"""Model building: fresh head, local checkpoints loaded safely, clear errors, no silent random weights;
+pretrained weights from the local Hugging Face cache without the network, and a fast error without."""
+import time
+
 import pytest
 import timm
 import torch
@@ -63,3 +66,46 @@ def test_pretrained_offline_is_an_error_not_random_weights(tmp_path, monkeypatch
     with pytest.raises(PretrainedWeightsUnavailableError, match="model.checkpoint=") as err:
         build_model(cfg(pretrained=True), num_classes=10)
     assert "model.pretrained=false" in str(err.value)
+
+
+def fake_hub_cache(cache, repo: str, state: dict) -> None:
+    """The Hugging Face cache layout (models--org--name/refs/main + snapshots/<commit>/model.safetensors)."""
+    folder = cache / f"models--{repo.replace('/', '--')}"
+    (folder / "refs").mkdir(parents=True)
+    (folder / "refs" / "main").write_text("0" * 40)
+    (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    save_file(state, str(folder / "snapshots" / ("0" * 40) / "model.safetensors"))
+
+
+def test_pretrained_weights_in_the_cache_load_without_the_network(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    torch.manual_seed(0)
+    source = timm.create_model(TINY["timm_name"], num_classes=1000, **TINY["kwargs"])
+    fake_hub_cache(tmp_path, timm.models.get_pretrained_cfg(TINY["timm_name"]).hf_hub_id, source.state_dict())
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(timm.models._hub, "hf_hub_download", no_hub)
+    model = build_model(cfg(pretrained=True), num_classes=10)
+    for name, value in model.state_dict().items():
+        if not name.startswith("head"):
+            assert torch.equal(value, source.state_dict()[name]), name
+    assert model.get_classifier().out_features == 10
+
+
+def test_an_unreachable_hub_fails_at_once_with_the_fix(tmp_path, monkeypatch):
+    """Not in offline mode, no cache, the hub refuses connections: one probe, no retries."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(PretrainedWeightsUnavailableError, match="cannot reach the Hugging Face hub") as err:
+        build_model(cfg(pretrained=True), num_classes=10)
+    assert time.monotonic() - start < 5  # on main: ~50 s of retries
+    assert "model.checkpoint=" in str(err.value) and "model.pretrained=false" in str(err.value)

@@ -71,32 +71,88 @@ def _assert_png(path: Path) -> None:
         assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
 
 
-def test_table_numbers_equal_inputs(sweep: tuple[Path, list[dict]], tmp_path: Path) -> None:
+def test_table_shows_each_metric_in_its_unit(sweep: tuple[Path, list[dict]], tmp_path: Path) -> None:
     root, runs = sweep
     out = tmp_path / "out"
     report.main([str(root), "--out", str(out)])
     rows = _parse_table((out / "report.md").read_text())
     assert len(rows) == len(runs)
     by_run = {row["run"]: row for row in rows}
+    vanilla, wasi_06 = by_run["2025-01-01/12-00-00/0"], by_run["2025-01-01/12-00-00/2"]
+    # Worked by hand from the inputs above.
+    assert (vanilla["val/acc (%)"], vanilla["test/acc (%)"]) == ("91.2", "90.4")  # 0.9125 -> 91.25 rounds half-even
+    assert vanilla["flops/inference_per_image (GFLOPs)"] == "8.73" and vanilla["flops/train_step (GFLOPs)"] == "3351.24"
+    assert vanilla["memory/activation (MiB)"] == "1152.0" and vanilla["memory/weight (MiB)"] == "324.0"
+    assert vanilla["memory/peak (MiB)"] == "2048.0" and vanilla["time/train_step (ms)"] == "1234.57"
+    assert wasi_06["memory/activation (MiB)"] == "38.1" and wasi_06["memory/compressed_layers (MiB)"] == "0.1"
+    assert wasi_06["epsilon"] == "0.6" and wasi_06["test/acc (%)"] == "82.1"
+    assert vanilla["memory/compressed_layers (MiB)"] == "" and vanilla["epsilon"] == ""
+    # Every other cell: the input in the column's unit, or as it is (strings, counts).
+    scale = {"(%)": (100, 1), "(MiB)": (2**-20, 1), "(GFLOPs)": (1e-9, 2), "(ms)": (1000, 2)}
     for job, run in enumerate(runs):
         row = by_run[f"2025-01-01/12-00-00/{job}"]
-        for key, expected in run.items():
-            if key.split("/")[0] in ("config", "versions", "method") and key != "method":
-                assert key not in row, key
-                continue
-            if isinstance(expected, str):
-                assert row[key] == expected
-            elif isinstance(expected, int):
-                assert int(row[key]) == expected, key
-            else:
-                assert float(row[key]) == expected, key
-        for key in report.COLUMNS:
-            if key not in run and key not in ("method", "epsilon"):
-                assert row[key] == "", key
+        assert not any(h.split("/")[0] in ("config", "versions") or h.startswith("method/") for h in row)
+        for h, cell in row.items():
+            key = h.split(" (")[0]
+            unit = h[len(key) + 1:]
+            raw = next((run[k] for k in (key, key + "_bytes", key + "_s") if k in run), None)
+            if unit in scale and raw is not None:
+                factor, digits = scale[unit]
+                assert cell == f"{raw * factor:.{digits}f}", (job, h)
+            elif isinstance(raw, (int, str)):
+                assert cell == str(raw), (job, h)
     asi, wsi = by_run["2025-01-01/12-00-00/4"], by_run["2025-01-01/12-00-00/5"]
-    assert asi["method"] == "asi" and float(asi["epsilon"]) == 0.9
-    assert wsi["method"] == "wsi" and float(wsi["epsilon"]) == 0.5
-    assert asi["params/trainable"] == ""
+    assert asi["method"] == "asi" and asi["epsilon"] == "0.9"
+    assert wsi["method"] == "wsi" and wsi["epsilon"] == "0.5" and wsi["params/trainable"] == "12345"
+
+
+def test_small_flop_counts_are_in_mflops_and_unitless_floats_keep_4_digits() -> None:
+    runs = [{"run": "0", "flops/inference_per_image": 61_230_000, "train/loss": 2.3843445777893066},
+            {"run": "1", "flops/inference_per_image": 5e8, "train/loss": 0.000123456}]
+    rows = _parse_table(report.markdown_table(runs))
+    assert [r["flops/inference_per_image (MFLOPs)"] for r in rows] == ["61.23", "500.00"]
+    assert [r["train/loss"] for r in rows] == ["2.384", "0.0001235"]
+
+
+def test_failed_jobs_are_listed_with_their_last_error(sweep: tuple[Path, list[dict]], tmp_path: Path) -> None:
+    root, runs = sweep
+    sweep_dir = root / "2025-01-01" / "12-00-00"
+    for job, log in ((6, "[t][experiments.errors][ERROR] - trainer.grad_clip=-1.0: must be a number > 0. Fix: x\n"
+                         "Traceback (most recent call last):\n  File ...\nConfigError: trainer.grad_clip=-1.0\n"),
+                     (7, "[t][experiments.run][INFO] - epoch 1 step 3\n")):
+        (sweep_dir / str(job) / ".hydra").mkdir(parents=True)
+        (sweep_dir / str(job) / "train.log").write_text(log)
+    (sweep_dir / "0" / ".hydra").mkdir()  # a job with results is not failed
+    out = tmp_path / "out"
+    report.main([str(root), "--out", str(out)])
+    md = (out / "report.md").read_text()
+    assert f"{len(runs)} runs, 2 failed" in md
+    failed = _parse_table(md.split("## Failed jobs")[1])
+    assert failed == [
+        {"run": "2025-01-01/12-00-00/6", "error": "trainer.grad_clip=-1.0: must be a number > 0. Fix: x"},
+        {"run": "2025-01-01/12-00-00/7", "error": "no error logged (still running, or killed)"}]
+
+
+def test_accuracy_vs_memory_plots_mib_with_tick_labels_apart(sweep: tuple[Path, list[dict]], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path, drawn: figures.append(fig) or drawn)
+    assert report.plot_accuracy_vs_memory(report.find_results(sweep[0]), tmp_path / "a.png")
+    (fig,) = figures
+    fig.canvas.draw()
+    left, right = fig.axes
+    assert left.get_xlabel() == "training memory (MiB)" and right.get_xlabel() == "peak memory (MiB)"
+    assert left.get_ylabel() == right.get_ylabel() == "test accuracy (%)"
+    xs = [x for collection in right.collections for x, _ in collection.get_offsets()]
+    assert min(xs) == pytest.approx(900_000_000 / 2**20) and max(xs) == pytest.approx(2048)
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        lo, hi = ax.get_xlim()
+        boxes = sorted((t.get_window_extent(renderer) for t in ax.get_xticklabels(which="both")
+                        if t.get_visible() and t.get_text() and lo <= t.get_position()[0] <= hi), key=lambda b: b.x0)
+        assert len(boxes) >= 2
+        assert all(a.x1 < b.x0 for a, b in zip(boxes, boxes[1:]))  # no two labels overlap
+        assert all("e" not in t.get_text() for t in ax.get_xticklabels(which="both"))  # plain numbers, no 1e9
 
 
 def test_plots_are_valid_pngs(sweep: tuple[Path, list[dict]], tmp_path: Path) -> None:

@@ -41,3 +41,18 @@ def summary(run_dir: Path) -> dict:
             for item in record.summary.update:
                 out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
     return out
+
+
+def offline_runs(run_dir: Path) -> dict[str, tuple[str, list[int]]]:
+    """{folder name: (W&B run id, history steps in order)} of every offline run folder in run_dir/wandb."""
+    out = {}
+    for path in run_dir.glob("wandb/offline-run-*/run-*.wandb"):
+        run_id, steps = None, []
+        for record in records(path):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run_id = record.run.run_id
+            elif kind == "history":
+                steps.append(record.history.step.num)
+        out[path.parent.name] = (run_id, steps)
+    return out

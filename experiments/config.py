@@ -1,0 +1,373 @@
+"""The config schema: the type and allowed values of every setting, one dataclass per config node.
+
+Importing this module stores the schemas in Hydra's ConfigStore (`register`), which composing conf/
+needs: train.py (through experiments.errors), experiments.methods (so experiments.variant and
+experiments.bench) and tests/conftest.py import it. The YAML files extend the schemas:
+`conf/config.yaml` starts from `config_schema` (top-level keys, `trainer`, `paths`, `model`,
+`hardware`, `logger`), each `conf/method/*.yaml` and `conf/optimizer/*.yaml` from its own
+(`/<choice>_<group>_schema@_here_`). So Hydra checks types and key names while composing
+(`trainer.epochs=2.5`, `trainer.epoch=3` are refused), and `validate(cfg)` checks ranges and
+combinations at the start of a run, before anything is built or written: it converts the composed
+config to these dataclasses, whose `__post_init__` raise `ConfigError` (key, value, fix).
+
+Values live in the YAML files, where users read them. The exception is WASI's options: their defaults
+are `wasi.WASIConfig`'s, which `SubspaceMethod` extends with the suite's keys.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+import wasi
+from wasi.config import TARGETS
+
+
+class ConfigError(ValueError):
+    """A setting has a wrong type, value or combination; the message (one line) names it and a fix."""
+
+
+def invalid(key: str, value: Any, reason: str, fix: str) -> ConfigError:
+    """ConfigError reading `<key>=<value>: <reason>. Fix: <fix>`."""
+    return ConfigError(f"{key}={as_override(value)}: {reason}. Fix: {fix}")
+
+
+def as_override(value: Any) -> str:
+    """A value as one writes it on the command line: null, true, 0.5, [8,8,8], text."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(as_override(v) for v in value) + "]"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Allowed values, declared on the fields
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Rule:
+    """A constraint on a setting's value: `holds(value)`, said as `text` ("an int >= 1")."""
+
+    text: str
+    holds: Callable[[Any], bool]
+
+
+def at_least(low: int) -> Rule:
+    return Rule(f"an int >= {low}", lambda v: v >= low)
+
+
+POSITIVE = Rule("a number > 0", lambda v: v > 0)
+NON_NEGATIVE = Rule("a number >= 0", lambda v: v >= 0)
+UNIT = Rule("in (0, 1]", lambda v: 0 < v <= 1)
+FRACTION = Rule("in [0, 1)", lambda v: 0 <= v < 1)
+CLOSED_UNIT = Rule("in [0, 1]", lambda v: 0 <= v <= 1)
+SEED = Rule("an int in [0, 2**32 - 1]", lambda v: 0 <= v < 2**32)
+
+
+def one_of(*choices: str) -> Rule:
+    return Rule("one of " + ", ".join(choices), lambda v: v in choices)
+
+
+def setting(rule: Rule, fix: str, default: Any = MISSING) -> Any:
+    """A dataclass field whose value must satisfy `rule` (None passes: nullable fields say so in their type).
+    `fix`: what to write instead, e.g. "trainer.epochs=50"."""
+    return field(default=default, metadata={"rule": rule, "fix": fix})
+
+
+class Checked:
+    """Base of the schemas: `__post_init__` checks every field declared with `setting`.
+
+    `key` is where the node sits in the composed config ("trainer"; "" for the top level)."""
+
+    key: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            rule, value = f.metadata.get("rule"), getattr(self, f.name)
+            if rule is not None and value is not None and not rule.holds(value):
+                raise invalid(self.path(f.name), value, f"must be {rule.text}", f.metadata["fix"])
+
+    def path(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+
+# ---------------------------------------------------------------------------------------------
+# The groups (values: conf/<group>/*.yaml and conf/config.yaml)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Trainer(Checked):
+    """`trainer` in conf/config.yaml (its comments say what each knob does)."""
+
+    key: ClassVar[str] = "trainer"
+    epochs: int = setting(at_least(1), "trainer.epochs=50")
+    batch_size: int = setting(at_least(1), "trainer.batch_size=128")
+    max_steps: int | None = setting(at_least(1), "trainer.max_steps=100, or null for no limit")
+    eval_batches: int | None = setting(at_least(1), "trainer.eval_batches=10, or null for the whole split")
+    eval_interval: int = setting(at_least(1), "trainer.eval_interval=1 (every epoch)")
+    grad_clip: float | None = setting(POSITIVE, "trainer.grad_clip=2.0, or null to disable clipping")
+    min_lr_ratio: float = setting(CLOSED_UNIT, "trainer.min_lr_ratio=0.1")
+    num_workers: int = setting(at_least(0), "trainer.num_workers=0 (load in the main process)")
+    measure: bool = MISSING
+    timing_repeats: int = setting(at_least(1), "trainer.timing_repeats=5")
+    checkpoint_every: int | None = setting(at_least(1), "trainer.checkpoint_every=100, or null (every epoch)")
+
+
+@dataclass
+class Paths:
+    data_dir: str = MISSING
+    cache_dir: str = MISSING
+    run_dir: str = MISSING
+
+
+@dataclass
+class Model(Checked):
+    """conf/model/*.yaml."""
+
+    key: ClassVar[str] = "model"
+    name: str = MISSING
+    timm_name: str = MISSING
+    pretrained: bool = MISSING
+    checkpoint: str | None = MISSING
+    image_size: int = setting(at_least(1), "model.image_size=224")
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Hardware(Checked):
+    """conf/hardware/*.yaml."""
+
+    key: ClassVar[str] = "hardware"
+    name: str = MISSING
+    device: str = setting(one_of("cpu", "cuda"), "hardware=cpu or hardware=cuda")
+    threads: int | None = setting(at_least(1), "hardware.threads=4, or null (PyTorch's default)")
+    precision: str = setting(one_of("fp32", "bf16"), "hardware.precision=fp32")
+
+
+@dataclass
+class Logger(Checked):
+    """conf/logger/wandb.yaml."""
+
+    key: ClassVar[str] = "logger"
+    mode: str = setting(one_of("offline", "online", "disabled"), "logger.mode=offline")
+    project: str = MISSING
+    entity: str | None = MISSING
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SGD(Checked):
+    """conf/optimizer/sgd.yaml: torch.optim.SGD (and wasi.SubspaceSGD for WSI/WASI layers)."""
+
+    key: ClassVar[str] = "optimizer"
+    _target_: str = MISSING
+    _partial_: bool = True
+    lr: float = setting(POSITIVE, "optimizer.lr=0.05")
+    momentum: float = setting(FRACTION, "optimizer.momentum=0.9, or 0 for none")
+    weight_decay: float = setting(NON_NEGATIVE, "optimizer.weight_decay=1e-4")
+
+
+@dataclass
+class AdamW(Checked):
+    """conf/optimizer/adamw.yaml."""
+
+    key: ClassVar[str] = "optimizer"
+    _target_: str = MISSING
+    _partial_: bool = True
+    lr: float = setting(POSITIVE, "optimizer.lr=1e-3")
+    weight_decay: float = setting(NON_NEGATIVE, "optimizer.weight_decay=0.05")
+
+
+# ---------------------------------------------------------------------------------------------
+# Methods (conf/method/*.yaml -> experiments.methods)
+# ---------------------------------------------------------------------------------------------
+
+TARGETS_RULE = one_of(*TARGETS)
+
+
+@dataclass
+class VanillaMethod(Checked):
+    key: ClassVar[str] = "method"
+    _target_: str = MISSING
+    name: str = MISSING
+    targets: str = setting(TARGETS_RULE, "method.targets=mlp")
+    last_n: int | None = setting(at_least(1), "method.last_n=4, or null for every target layer")
+    train_rest: bool = MISSING
+    recompute: str = setting(one_of("none", "block"), "method.recompute=none, or block (recompute=mlp needs "
+                             "the low-rank layers of method=wsi or method=wasi)")
+
+
+@dataclass
+class LoraMethod(VanillaMethod):
+    r: int = setting(at_least(1), "method.r=8")
+    alpha: float = setting(POSITIVE, "method.alpha=16")
+    dropout: float = setting(FRACTION, "method.dropout=0.0")
+
+
+@dataclass
+class SvdLlmMethod(VanillaMethod):
+    ratio: float | None = setting(UNIT, "method.ratio=0.5, or null (the rank WASI's epsilon gives)")
+    epsilon: float = setting(UNIT, "method.epsilon=0.8")
+    calib_samples: int = setting(at_least(1), "method.calib_samples=256")
+    finetune: str = setting(one_of("lora", "factors"), "method.finetune=lora")
+    r: int = setting(at_least(1), "method.r=8")
+    alpha: float = setting(POSITIVE, "method.alpha=16")
+    cache: str | None = MISSING
+
+
+@dataclass
+class SubspaceMethod(Checked, wasi.WASIConfig):
+    """conf/method/wasi.yaml (asi.yaml and wsi.yaml extend it): wasi.WASIConfig, whose fields and
+    defaults are the library's, plus the suite's keys. The activation budget is `budget_mib` (MiB);
+    the library's `budget_bytes` is derived from it and is not a setting."""
+
+    key: ClassVar[str] = "method"
+    _target_: str = MISSING
+    name: str = MISSING
+    budget_mib: float | None = setting(POSITIVE, "method.budget_mib=64, or null")
+    rank_table: str | None = MISSING
+
+    def __post_init__(self) -> None:
+        Checked.__post_init__(self)
+        if self.budget_bytes is not None:
+            raise invalid("method.budget_bytes", self.budget_bytes, "the budget is set in MiB",
+                          f"method.budget_mib={self.budget_bytes / 2**20:g} and method.budget_bytes=null")
+        chosen = {k: v for k, v in (("epsilon_act", self.epsilon_act), ("ranks", self.ranks),
+                                    ("budget_mib", self.budget_mib)) if v is not None}
+        if not self.activation and chosen:
+            k, v = next(iter(chosen.items()))
+            raise invalid(f"method.{k}", v, f"method={self.name} keeps saved activations dense, so activation "
+                          "ranks do not apply", f"drop method.{k} (null), or use method=asi or method=wasi")
+        if len(chosen) > 1:
+            (k1, v1), (k2, v2) = list(chosen.items())[:2]
+            raise invalid(f"method.{k1}", v1, f"method.{k2}={as_override(v2)} also chooses the activation ranks",
+                          "keep one of method.epsilon_act, method.ranks, method.budget_mib and set the others to null")
+        self.budget_bytes = None if self.budget_mib is None else mib_to_bytes(self.budget_mib)
+        try:
+            wasi.WASIConfig.__post_init__(self)
+        except ValueError as err:  # the library's own checks (ranges of epsilon, eps_set, ...)
+            raise ConfigError(f"method={self.name}: {err}") from err
+
+
+def mib_to_bytes(mib: float) -> int:
+    return int(mib * 2**20)
+
+
+def bytes_to_mib_ceil(n: int) -> float:
+    """The smallest MiB value with 3 decimals whose `mib_to_bytes` is at least n."""
+    mib = math.ceil(n / 2**20 * 1000) / 1000
+    return mib if mib_to_bytes(mib) >= n else mib + 0.001
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole config
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Config(Checked):
+    """conf/config.yaml. `dataset` has no schema (each dataset has its own `source` keys); `method` and
+    `optimizer` take the schema their YAML file names."""
+
+    seed: int = setting(SEED, "seed=233")
+    resume: Any = MISSING
+    trainer: Trainer = MISSING
+    paths: Paths = MISSING
+    model: Model = MISSING
+    dataset: Any = MISSING
+    method: Any = MISSING
+    hardware: Hardware = MISSING
+    optimizer: Any = MISSING
+    logger: Logger = MISSING
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.resume is None or isinstance(self.resume, (bool, str))):
+            raise invalid("resume", self.resume, "must be true, false, null or a path to a last.ckpt",
+                          "resume=true with hydra.run.dir=<the interrupted run's folder>")
+        target = self.optimizer.get("_target_") if isinstance(self.optimizer, dict) else self.optimizer._target_
+        if getattr(self.method, "weight", False) and target != "torch.optim.SGD":
+            raise invalid("optimizer._target_", target, f"method={self.method.name} updates its weight factors with "
+                          "the subspace SGD step (docs/method.md, Factored update)", "optimizer=sgd")
+
+
+SCHEMAS = {"config_schema": Config, "vanilla_method_schema": VanillaMethod, "lora_method_schema": LoraMethod,
+           "svd_llm_method_schema": SvdLlmMethod, "wasi_method_schema": SubspaceMethod,
+           "sgd_optimizer_schema": SGD, "adamw_optimizer_schema": AdamW}
+
+
+def register() -> None:
+    """Store the schemas in Hydra's ConfigStore under the names conf/ uses (no group, so `--help` does
+    not list them as choices). Runs when this module is imported."""
+    store = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        store.store(name=name, node=node)
+
+
+register()
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every setting of a composed config: each schema's ranges, then the combinations. Raises
+    ConfigError naming the key, its value and a fix; builds nothing."""
+    try:
+        OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:  # a missing value, or an interpolation that resolves to a wrong type
+        raise from_omegaconf(err) from err
+
+
+def from_omegaconf(err: OmegaConfBaseException) -> ConfigError:
+    """OmegaConf's multi-line error about one key (a wrong type, an unknown key, a missing value) as a
+    ConfigError line; for a wrong type, the value the key held before the override makes the example."""
+    key = err.full_key or "?"
+    reason = (err.msg or str(err)).splitlines()[0]
+    if isinstance(err, (ConfigAttributeError, ConfigKeyError)) and err.parent_node is not None:
+        open_keys = OmegaConf.get_type(err.parent_node) is dict  # a plain mapping (e.g. model.kwargs) takes new keys
+        fix = unknown_key_fix(key, list(err.parent_node.keys()))
+        fix += " (a new key needs a leading +)" if open_keys else ""
+        return ConfigError(f"{key} is not a setting. Fix: {fix}")
+    if isinstance(err, MissingMandatoryValue):
+        return ConfigError(f"{key} has no value. Fix: set {key}=<value>")
+    if isinstance(err, ValidationError):
+        wanted = re.search(r"(?:converted to|is not a valid) (\w+)", reason)
+        reason = f"must be {TYPE_WORDS.get(wanted[1].lower(), wanted[1].lower())}" if wanted else reason
+        before = value_before(err)
+        fix = f"e.g. {key}={as_override(before)}" if before is not None else f"{key}=<value>"
+        return invalid(key, err.value, reason, fix)
+    return ConfigError(f"{key}: {reason}")
+
+
+#: How OmegaConf's type names read in "must be ...".
+TYPE_WORDS = {"float": "a float", "integer": "an integer", "bool": "true or false", "str": "a string"}
+
+
+def value_before(err: OmegaConfBaseException) -> Any:
+    """The value `err.key` held before a failed override (None if there is none to show)."""
+    try:
+        return err.parent_node[err.key]
+    except Exception:  # no parent, a list index, a missing or unresolvable value: no example then
+        return None
+
+
+def unknown_key_fix(key: str, known: list[str]) -> str:
+    """'did you mean trainer.epochs?' (a setting with a similar name), else the settings next to it."""
+    parent, _, name = key.rpartition(".")
+    prefix = f"{parent}." if parent else ""
+    close = difflib.get_close_matches(name, known, n=1)
+    listed = ", ".join(k for k in known if k != "hydra")
+    return f"did you mean {prefix}{close[0]}?" if close else f"use one of {prefix}{{{listed}}}"
