@@ -154,7 +154,7 @@ def time_round_robin(built: list[tuple[Spec, Variant, DictConfig]], x: torch.Ten
         for spec, variant, cfg in (built[(r + i) % n] for i in range(n)):
             amp, marks = autocast(cfg.hardware, device), []
 
-            def clock() -> None:
+            def clock(marks: list[float] = marks) -> None:
                 sync()
                 marks.append(time.perf_counter())
 
@@ -167,7 +167,8 @@ def time_round_robin(built: list[tuple[Spec, Variant, DictConfig]], x: torch.Ten
                 deployed(x)
                 clock()
             t = [b - a for a, b in zip(marks, marks[1:])]
-            seconds = {"forward": t[0], "backward": t[1], "optimizer": t[2], "train_step": sum(t[:3]), "inference": t[4]}
+            seconds = {"forward": t[0], "backward": t[1], "optimizer": t[2], "train_step": sum(t[:3]),
+                       "inference": t[4]}
             if r >= warmup:
                 rows += [{"label": spec.label, "rep": r - warmup, "phase": p, "seconds": seconds[p]} for p in PHASES]
         log.info("timing round %d/%d (%s)", r + 1, warmup + reps, "warm-up" if r < warmup else "timed")
@@ -192,14 +193,15 @@ def timing_stats(raw: pd.DataFrame, reference: str, threads: int) -> pd.DataFram
 
 
 def add_ratios(table: pd.DataFrame, reference: str) -> pd.DataFrame:
-    """`<metric> ×` = reference's value / the row's, for the cost metrics; and
-    `layers ×`, the paper's per-layer figure (dense / compressed bytes of the converted layers)."""
-    ref = table.set_index("label").loc[reference]
-    for key in COST:
-        if key in table:
-            table[f"{key} ×"] = ref[key] / table[key]
+    """`layers ×`, the paper's per-layer figure (dense / compressed bytes of the converted layers), and, once the
+    reference row exists, `<metric> ×` = the reference's value / the row's for the cost metrics."""
     if "memory/compressed_layers_bytes" in table:
         table["layers ×"] = table["memory/compressed_layers_vanilla_bytes"] / table["memory/compressed_layers_bytes"]
+    if reference in set(table.label):
+        ref = table.set_index("label").loc[reference]
+        for key in COST:
+            if key in table:
+                table[f"{key} ×"] = ref[key] / table[key]
     return table
 
 
@@ -253,8 +255,9 @@ def environment(device: torch.device) -> dict[str, Any]:
     """What the numbers depend on besides the code."""
     import timm
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith(("model name", "Model"))), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith(("model name", "Model"))),
+               platform.processor())
     env = {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
            "machine": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(),
            "torch_threads": torch.get_num_threads(), "device": str(device)}
@@ -264,7 +267,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="vit_b32", help="conf/model choice")
     p.add_argument("--methods", nargs="+", default=["vanilla", "wasi"], help="conf/method choices")
     p.add_argument("--eps", nargs="+", type=float, default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
@@ -303,11 +307,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
     x, y, num_classes = make_batch(probe, args.batch, args.data)
     x, y = x.to(device), y.to(device)
     specs = variant_specs(args, base)
-    reference = next((s.label for s in specs if s.method == "vanilla" and s.recompute in (None, "none")), specs[0].label)
+    vanilla = [s.label for s in specs if s.method == "vanilla" and s.recompute in (None, "none")]
+    reference = (vanilla or [specs[0].label])[0]
     weights = {"random": "random init", "pretrained": "random init with a pretrained-like spectrum on the targets "
                "(experiments.spectrum)"}[args.spectrum] if not (args.checkpoint or args.hub) else (
         f"checkpoint {args.checkpoint}" if args.checkpoint else "pretrained (hub)")
-    inputs = "Gaussian noise" if args.data == "noise" else f"the first {args.batch} training images of dataset={args.data}"
+    inputs = ("Gaussian noise" if args.data == "noise" else
+              f"the first {args.batch} training images of dataset={args.data}")
     header = (f"# Benchmark: {args.model}, batch {args.batch}\n\n`python -m experiments.bench "
               f"{shlex.join(sys.argv[1:] if argv is None else argv)}`\n\nWeights: {weights}. Inputs: {inputs}. "
               f"Device: {device}, {probe.hardware.precision}, {torch.get_num_threads()} threads. Reference for `×`: "
@@ -326,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             built.append((spec, variant, cfg))
         del variant
         gc.collect()
-        table = add_ratios(pd.DataFrame(rows), reference if reference in {r["label"] for r in rows} else rows[0]["label"])
+        table = add_ratios(pd.DataFrame(rows), reference)
         table.to_csv(out / "variants.csv", index=False)  # after every variant: a stopped run keeps what it has
     if breakdown:
         pd.DataFrame(breakdown).fillna(0).astype(int).rename_axis("source").to_csv(out / "saved_tensors.csv")

@@ -22,8 +22,17 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from experiments.inference import (CONFIG_FILE, FORMAT, FORMAT_VERSION, WEIGHTS_FILE, ExportSpec, LayerSpec,
-                                   build_model, load_exported, low_rank_linear)
+from experiments.inference import (
+    CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    ExportSpec,
+    LayerSpec,
+    build_model,
+    load_exported,
+    low_rank_linear,
+)
 from experiments.methods import Lora, factor_linear
 from experiments.models import read_state_dict
 from wasi import WSILinear

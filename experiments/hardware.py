@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 def setup_hardware(hw: DictConfig, local_rank: int = 0) -> torch.device:
     """The device of this process (`cuda:local_rank` under torchrun) and the CPU thread count."""
     if hw.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("hardware=cuda but no CUDA device is visible. Fix: run on a GPU machine or use hardware=cpu.")
+        raise RuntimeError("hardware=cuda but no CUDA device is visible. "
+                           "Fix: run on a GPU machine or use hardware=cpu.")
     if hw.threads:
         torch.set_num_threads(hw.threads)
     return torch.device("cuda", local_rank) if hw.device == "cuda" else torch.device(hw.device)

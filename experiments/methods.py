@@ -45,7 +45,8 @@ class Vanilla:
         if recompute not in self.recomputes:
             raise ValueError(f"method.recompute={recompute} is not available for method={name}: choose one of "
                              f"{list(self.recomputes)} (recompute=mlp needs the low-rank layers of wsi or wasi)")
-        self.name, self.targets, self.last_n, self.train_rest, self.recompute = name, targets, last_n, train_rest, recompute
+        self.name, self.targets, self.last_n = name, targets, last_n
+        self.train_rest, self.recompute = train_rest, recompute
 
     def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
         wasi.set_trainable(model, wasi.find_targets(model, self.targets), self.train_rest, self.last_n)

@@ -71,7 +71,8 @@ def measure(variant: Variant, x: torch.Tensor, y: torch.Tensor, *, grad_clip: fl
         out["time/train_step_s"] = median_time(step, repeats=repeats, device=device)
         deployed.eval()
         with torch.no_grad(), amp:
-            out["time/inference_per_image_s"] = median_time(lambda: deployed(x), repeats=repeats, device=device) / len(x)
+            per_batch = median_time(lambda: deployed(x), repeats=repeats, device=device)
+            out["time/inference_per_image_s"] = per_batch / len(x)
         model.train()
     return out
 
@@ -385,5 +386,6 @@ def compressed_layers_bytes(model: nn.Module) -> dict[str, int]:
         return {}
     return {
         "memory/compressed_layers_bytes": sum(r["activation_bytes"] + r["weight_bytes"] for r in reports),
-        "memory/compressed_layers_vanilla_bytes": sum(r["dense_activation_bytes"] + r["dense_weight_bytes"] for r in reports),
+        "memory/compressed_layers_vanilla_bytes": sum(r["dense_activation_bytes"] + r["dense_weight_bytes"]
+                                                      for r in reports),
     }

@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 
 from experiments.data import ArrayImages, RawSplits
 
+
 def _polygon(n: int, aspect: float = 1.0, start: float = np.pi / 2) -> np.ndarray:
     """(n, 2) vertices of a regular n-gon on the unit circle, y squeezed by `aspect`."""
     t = start + 2 * np.pi * np.arange(n) / n

@@ -96,8 +96,8 @@ def test_round_robin_order(monkeypatch: pytest.MonkeyPatch) -> None:
         model = torch.nn.Identity()
         model.label = label
         method = SimpleNamespace(inference_model=lambda m: m)
-        built.append((bench.Spec(label, label, None, None, []), SimpleNamespace(model=model, optimizer=None, method=method),
-                      bench.compose_cfg(["hardware=cpu"])))
+        variant = SimpleNamespace(model=model, optimizer=None, method=method)
+        built.append((bench.Spec(label, label, None, None, []), variant, bench.compose_cfg(["hardware=cpu"])))
     raw = bench.time_round_robin(built, torch.zeros(1), torch.zeros(1), torch.device("cpu"), warmup=1, reps=2)
     assert calls == list("abc" "bca" "cab")
     assert list(raw[raw.phase == "forward"].label) == list("bca" "cab")
@@ -109,7 +109,8 @@ def test_variants_sweep_epsilon_and_recompute_only_where_they_apply() -> None:
     assert [s.label for s in specs] == ["vanilla", "wasi ε=0.5", "wasi ε=0.7", "asi ε=0.5", "asi ε=0.7"]
     cfg = bench.compose_cfg(specs[2].overrides)
     assert (cfg.method.epsilon, instantiate(cfg.method).config.epsilon_act, cfg.model.pretrained) == (0.7, 0.7, False)
-    args = bench.parse_args(["--methods", "vanilla", "asi", "wasi", "--eps", "0.8", "--recompute", "none", "mlp", "block"])
+    args = bench.parse_args(["--methods", "vanilla", "asi", "wasi", "--eps", "0.8",
+                             "--recompute", "none", "mlp", "block"])
     specs = bench.variant_specs(args, bench.base_overrides(args))
     assert [s.label for s in specs] == ["vanilla [none]", "vanilla [block]", "asi ε=0.8 [none]", "asi ε=0.8 [block]",
                                         "wasi ε=0.8 [none]", "wasi ε=0.8 [mlp]", "wasi ε=0.8 [block]"]

@@ -118,7 +118,8 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):
 
 def test_torchrun_two_processes_match_one_process_run(tmp_path):
     """`torchrun --nproc_per_node=2 train.py` with batch 8 per process trains like one process with batch 16."""
-    overrides = ["model=vit_tiny_cpu", "model.kwargs.depth=2", "dataset.source.train_size=160", "dataset.source.test_size=64",
+    overrides = ["model=vit_tiny_cpu", "model.kwargs.depth=2",
+                 "dataset.source.train_size=160", "dataset.source.test_size=64",
                  "trainer.epochs=1", "trainer.measure=false", "logger.mode=disabled", "method=wsi",
                  "optimizer.momentum=0.9", "hardware.threads=1"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

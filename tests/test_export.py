@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader
 from experiments.export import RunExportError, export_run
 from experiments.export import main as export_main
 from experiments.inference import ExportFormatError, load_exported
-from wasi import WSILinear
 from experiments.models import build_model
+from wasi import WSILinear
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["model=vit_tiny_cpu", "model.kwargs.depth=2", "dataset=digits", "trainer.epochs=1", "trainer.max_steps=3",

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import wasi
-from wasi import svd_llm
 from experiments.methods import Lora, SvdLlm, Vanilla
+from wasi import svd_llm
 
 DEVICE = torch.device("cpu")
 
@@ -44,7 +44,8 @@ def test_every_method_trains_the_rest_densely_on_request():
     model = tiny_vit()
     Lora(r=4, alpha=8, train_rest=True).apply(model, batches(), DEVICE)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    assert frozen == {f"blocks.{b}.mlp.{fc}.base_layer.{t}" for b in (0, 1) for fc in ("fc1", "fc2") for t in ("weight", "bias")}
+    assert frozen == {f"blocks.{b}.mlp.{fc}.base_layer.{t}"
+                      for b in (0, 1) for fc in ("fc1", "fc2") for t in ("weight", "bias")}
     model = tiny_vit()
     SvdLlm(finetune="factors", train_rest=True, calib_samples=8).apply(model, batches(), DEVICE)
     assert all(p.requires_grad for p in model.parameters())
@@ -101,7 +102,8 @@ def test_svd_llm_equal_size_uses_wasi_rank_and_caches_whitening(tmp_path, finetu
         assert down.in_features == reference.get_submodule(name).in_features and down.out_features == k
     params = trainable(model)
     if finetune == "factors":
-        assert set(params) == {f"{n}.{j}.{w}" for n in ranks for j, w in ((0, "weight"), (1, "weight"), (1, "bias"))} | {"head.weight", "head.bias"}
+        factors = {f"{n}.{j}.{w}" for n in ranks for j, w in ((0, "weight"), (1, "weight"), (1, "bias"))}
+        assert set(params) == factors | {"head.weight", "head.bias"}
     else:
         assert all("lora_" in n or n.startswith("head.") for n in params)
 

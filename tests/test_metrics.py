@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from experiments import metrics
-
 from wasi import WSILinear
 
 F32 = 4  # bytes per float32 element
