@@ -2,13 +2,15 @@
 
 Usage::
 
-    python -m experiments.report multirun/2025-01-01 [--out DIR] [--latency summary.csv]
+    python -m experiments.report multirun/2025-01-01 [--out DIR] [--latency timing.csv]
                                  [--wandb-project ENTITY/PROJECT]
 
 Every ``results.json`` below the sweep directory (Hydra multirun layout
 ``<date>/<time>/<job>/results.json``) is one flat JSON object of metrics plus a nested
-``config``. The table shows them in readable units (accuracy in %, memory in MiB, FLOPs in
-GFLOPs or MFLOPs, times in ms; the unit is in each header); missing keys are left blank. A job
+``config``. A summary averages the seeds of each configuration (test accuracy as mean ± std) and is
+printed on the terminal too; the table of runs shows every metric in readable units (accuracy in %,
+memory in MiB, FLOPs in GFLOPs or MFLOPs, times in ms; the unit is in each header); missing keys are
+left blank. A job
 folder (it has ``.hydra/``) without ``results.json`` is listed as failed, with the last error
 line of its ``train.log``. The report is regenerated from the files each time.
 """
@@ -60,7 +62,15 @@ CONFIG_FALLBACK: dict[str, tuple[str, ...]] = {
     "model": ("model", "name"),
     "dataset": ("dataset", "name"),
     "epsilon": ("method", "epsilon"),
+    "recompute": ("method", "recompute"),
+    "train_rest": ("method", "train_rest"),
+    "seed": ("seed",),
 }
+
+#: The summary: one row per configuration (the GROUP_KEYS that vary across runs), seeds averaged.
+GROUP_KEYS: tuple[str, ...] = ("dataset", "model", "method", "epsilon", "recompute", "train_rest")
+SUMMARY: tuple[str, ...] = ("test/acc", "params/trainable", "memory/activation_bytes", "memory/peak_bytes",
+                            "flops/train_step", "time/train_step_s")
 
 
 #: Top-level key groups left out of the table (run settings and provenance, not results).
@@ -233,6 +243,27 @@ def _looks_numeric(cell: str) -> bool:
     return True
 
 
+def summary_table(runs: list[Run]) -> str:
+    """One row per configuration (the GROUP_KEYS whose values differ across runs), in the metrics' units:
+    the number of runs (seeds), test accuracy as mean ± standard deviation over them, and the mean of the
+    other SUMMARY metrics (deterministic ones are equal across seeds)."""
+    by = _varying(runs, GROUP_KEYS) or ["method"]
+    frame = pd.DataFrame([{**{k: str(value(r, k)) for k in by}, **{k: value(r, k) for k in SUMMARY}} for r in runs])
+    rows = []
+    for keys, group in frame.groupby(by, sort=False):
+        row = dict(zip(by, keys if isinstance(keys, tuple) else (keys,)))
+        row["runs"] = str(len(group))
+        acc = group["test/acc"].dropna() * PERCENT.scale
+        row[header("test/acc", PERCENT)] = "" if acc.empty else (
+            f"{acc.mean():.1f}" + (f" ± {acc.std():.1f}" if len(acc) > 1 else ""))
+        for key in SUMMARY[1:]:
+            values = group[key].dropna()
+            u = unit(key, values)
+            row[header(key, u)] = format_cell(float(values.mean()) if len(values) else None, u)
+        rows.append(row)
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+
+
 def failed_table(failed: list[dict[str, str]]) -> str:
     return pd.DataFrame(failed, columns=["run", "error"]).to_markdown(index=False, disable_numparse=True)
 
@@ -333,16 +364,16 @@ def _plot_vs_epsilon(runs: list[Run], keys: list[str], path: Path) -> bool:
 
 
 def read_latency_summary(path: Path) -> list[dict[str, str]]:
-    """Rows of a ``device.latency`` summary.csv."""
+    """Rows of a timing.csv written by ``experiments.bench --measure time`` (or ``make pi-latency``)."""
     with path.open(newline="") as f:
         return list(csv.DictReader(f))
 
 
 def plot_latency_ratios(rows: list[dict[str, str]], path: Path) -> bool:
-    """Speed-up vs vanilla per method label, for the training step and for inference."""
+    """Speed-up vs the benchmark's reference (vanilla) per variant, for the training step and for inference."""
     phases = ("train_step", "inference")
     labels = list(dict.fromkeys(r["label"] for r in rows))
-    ratio = {(r["label"], r["phase"]): float(r["speedup_vs_vanilla"] or "nan") for r in rows}
+    ratio = {(r["label"], r["phase"]): float(r["speedup"] or "nan") for r in rows}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(labels)), 4.2))
     width = 0.8 / len(phases)
     for i, phase in enumerate(phases):
@@ -388,7 +419,9 @@ def write_report(runs: list[Run], out: Path, latency: Path | None = None,
                       lambda p: plot_latency_ratios(rows, p)))
     written = []
     counts = f"{len(runs)} runs" + (f", {len(failed)} failed (below)" if failed else "")
-    sections = [f"# Sweep report\n\n{counts}.\n\n{markdown_table(runs)}\n"]
+    sections = [f"# Sweep report\n\n{counts}.\n\n## Summary\n\n{summary_table(runs)}\n" if runs else
+                f"# Sweep report\n\n{counts}.\n",
+                f"## Runs\n\n{markdown_table(runs)}\n"]
     if failed:
         sections.append(f"## Failed jobs\n\n{failed_table(failed)}\n")
     for name, title, draw in plots:
@@ -405,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="directory searched for results.json")
     parser.add_argument("--out", type=Path, default=None, help="default: <sweep_dir>/report")
-    parser.add_argument("--latency", type=Path, default=None, help="device.latency summary.csv")
+    parser.add_argument("--latency", type=Path, default=None, help="timing.csv of experiments.bench / make pi-latency")
     parser.add_argument("--wandb-project", default=None, help="also read runs from W&B")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -413,8 +446,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.wandb_project:
         runs += wandb_runs(args.wandb_project)
     out = args.out or args.sweep_dir / "report"
-    for path in write_report(runs, out, args.latency, failed):
-        print(path)
+    written = write_report(runs, out, args.latency, failed)
+    if runs:
+        print(summary_table(runs))
+    print("\n".join(str(path) for path in written))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import statistics
 import sys
 import types
 from pathlib import Path
@@ -57,7 +58,13 @@ def sweep(tmp_path: Path) -> tuple[Path, list[dict]]:
 
 
 def _parse_table(md: str) -> list[dict[str, str]]:
-    lines = [l for l in md.splitlines() if l.startswith("|")]
+    """The first Markdown table in md."""
+    lines = []
+    for line in md.splitlines():
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            break
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return [dict(zip(header, (c.strip() for c in l.strip("|").split("|")))) for l in lines[2:]]
 
@@ -75,7 +82,7 @@ def test_table_shows_each_metric_in_its_unit(sweep: tuple[Path, list[dict]], tmp
     root, runs = sweep
     out = tmp_path / "out"
     report.main([str(root), "--out", str(out)])
-    rows = _parse_table((out / "report.md").read_text())
+    rows = _parse_table((out / "report.md").read_text().split("## Runs")[1])
     assert len(rows) == len(runs)
     by_run = {row["run"]: row for row in rows}
     vanilla, wasi_06 = by_run["2025-01-01/12-00-00/0"], by_run["2025-01-01/12-00-00/2"]
@@ -157,15 +164,15 @@ def test_accuracy_vs_memory_plots_mib_with_tick_labels_apart(sweep: tuple[Path, 
 
 def test_plots_are_valid_pngs(sweep: tuple[Path, list[dict]], tmp_path: Path) -> None:
     root, _ = sweep
-    latency = tmp_path / "summary.csv"
-    fields = ["label", "method", "epsilon", "phase", "speedup_vs_vanilla"]
+    latency = tmp_path / "timing.csv"  # as experiments.bench --measure time writes it
+    fields = ["label", "phase", "n", "median_s", "iqr_s", "speedup"]
     with latency.open("w", newline="") as f:
         writer = csv.DictWriter(f, fields)
         writer.writeheader()
-        for label, eps, ratio in (("vanilla", "", 1.0), ("wasi@0.4", "0.4", 1.5)):
+        for label, ratio in (("vanilla", 1.0), ("wasi ε=0.4", 1.5)):
             for phase in ("forward", "train_step", "inference"):
-                writer.writerow({"label": label, "method": label.split("@")[0], "epsilon": eps,
-                                 "phase": phase, "speedup_vs_vanilla": ratio})
+                writer.writerow({"label": label, "phase": phase, "n": 3, "median_s": 0.1 / ratio, "iqr_s": 0.01,
+                                 "speedup": ratio})
     written = report.write_report(report.find_results(root), tmp_path / "out", latency)
     names = {p.name for p in written}
     assert names == {"report.md", "accuracy_vs_memory.png", "flops_vs_eps.png",
@@ -175,6 +182,21 @@ def test_plots_are_valid_pngs(sweep: tuple[Path, list[dict]], tmp_path: Path) ->
         if path.suffix == ".png":
             _assert_png(path)
             assert f"]({path.name})" in md
+
+
+def test_summary_averages_seeds_of_each_configuration(tmp_path: Path) -> None:
+    accs = {("vanilla", 0): 0.91, ("vanilla", 1): 0.93, ("vanilla", 2): 0.95, ("wasi", 0): 0.90, ("wasi", 1): 0.94}
+    for job, ((method, seed), acc) in enumerate(accs.items()):
+        folder = tmp_path / "sweep" / str(job)
+        folder.mkdir(parents=True)
+        (folder / "results.json").write_text(json.dumps({
+            "method": method, "model": "vit_tiny", "dataset": "digits", "test/acc": acc, "config/seed": seed,
+            "memory/peak_bytes": 3 * 2**20 if method == "vanilla" else 2**20, "params/trainable": 1000}))
+    rows = _parse_table(report.summary_table(report.find_results(tmp_path / "sweep")))
+    assert [(r["method"], r["runs"]) for r in rows] == [("vanilla", "3"), ("wasi", "2")]
+    vanilla = [100 * a for (m, _), a in accs.items() if m == "vanilla"]
+    assert rows[0]["test/acc (%)"] == f"{statistics.mean(vanilla):.1f} ± {statistics.stdev(vanilla):.1f}"
+    assert (rows[0]["memory/peak (MiB)"], rows[1]["memory/peak (MiB)"]) == ("3.0", "1.0")
 
 
 def test_empty_sweep_writes_table_only(tmp_path: Path) -> None:
