@@ -12,8 +12,24 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 import experiments.config  # noqa: E402, F401  (registers the config schemas that conf/ extends)
+from tests.cli import train  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
+METHODS = ["vanilla", "lora", "svd_llm", "wsi", "asi", "wasi"]
+#: A short run of the tiny model (2 blocks, 6 steps, 2 evaluation batches); SHAPES: a small generated dataset.
+QUICK = ["model=vit_tiny_cpu", "model.kwargs.depth=2", "trainer.epochs=2", "trainer.batch_size=16",
+         "trainer.max_steps=6", "trainer.eval_batches=2", "trainer.timing_repeats=1"]
+SHAPES = ["dataset.source.train_size=160", "dataset.source.test_size=64"]
+
+
+@pytest.fixture(scope="session")
+def method_sweep(tmp_path_factory) -> Path:
+    """`train.py -m method=vanilla,lora,svd_llm,wsi,asi,wasi` (QUICK, W&B offline), run once for the session:
+    job i is METHODS[i]. The train, export and report tests read it."""
+    sweep = tmp_path_factory.mktemp("method_sweep")
+    train("-m", *QUICK, *SHAPES, "logger.mode=offline", f"method={','.join(METHODS)}", f"hydra.sweep.dir={sweep}",
+          f"paths.cache_dir={sweep}/cache")
+    return sweep
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 import hydra
 import pytest
 import torch
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from experiments import errors
@@ -18,19 +18,18 @@ GROUPS = ["model", "dataset", "method", "hardware", "optimizer", "logger"]
 
 
 def choices(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    return sorted(str(p.relative_to(CONF / group).with_suffix("")) for p in (CONF / group).rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])
 def test_every_choice_composes(make_cfg, group, choice):
     cfg = make_cfg(f"{group}={choice}")
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
-    if group in ("optimizer", "logger"):
-        written = OmegaConf.load(CONF / group / f"{choice}.yaml")
-        written.pop("defaults", None)  # the schema it extends
-        assert cfg[group] == written
-    else:
-        assert cfg[group].name == choice
+    validate(cfg)  # and every value is allowed
+    if group == "optimizer":
+        assert issubclass(hydra.utils.instantiate(cfg.optimizer).func, torch.optim.Optimizer)
+    elif group != "logger":
+        assert cfg[group].name == choice.split("/")[-1]  # method=paper/wasi is wasi, run as the authors did
 
 
 def test_required_groups_and_paper_defaults(make_cfg):
@@ -52,18 +51,6 @@ def test_required_groups_and_paper_defaults(make_cfg):
 def test_methods_instantiate(make_cfg, method):
     obj = hydra.utils.instantiate(make_cfg(f"method={method}").method)
     assert obj.name == method
-
-
-def test_quick_run_overrides_exist(make_cfg):
-    cfg = make_cfg("trainer.epochs=1", "trainer.batch_size=8", "trainer.max_steps=3", "trainer.eval_batches=2")
-    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.trainer.max_steps, cfg.trainer.eval_batches) == (1, 8, 3, 2)
-
-
-@pytest.mark.parametrize("group", ["model", "dataset", "method"])
-def test_unknown_choice_names_the_options(make_cfg, group):
-    with pytest.raises(MissingConfigException) as err:
-        make_cfg(f"{group}=nope")
-    assert "nope" in str(err.value) and "Available options" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,22 +24,14 @@ from experiments.export import RunExportError, export_run
 from experiments.export import main as export_main
 from experiments.inference import ExportFormatError, load_exported
 from experiments.models import build_model
+from tests.conftest import METHODS
 from wasi import WSILinear
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ["model=vit_tiny_cpu", "model.kwargs.depth=2", "dataset=digits", "trainer.epochs=1", "trainer.max_steps=3",
-         "trainer.batch_size=32", "trainer.measure=false", "logger.mode=disabled"]
-
-
 @pytest.fixture(scope="module")
-def wasi_run(tmp_path_factory) -> Path:
-    """A real 3-step WASI run of train.py (subprocess), as a user would produce it."""
-    run_dir = tmp_path_factory.mktemp("wasi_run")
-    cmd = [sys.executable, "train.py", *TRAIN, "method=wasi", f"hydra.run.dir={run_dir}",
-           f"paths.cache_dir={run_dir / 'cache'}", "hardware.threads=1"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return run_dir
+def wasi_run(method_sweep: Path) -> Path:
+    """The WASI job of the session's six-method sweep: a real run of train.py, as a user would produce it."""
+    return method_sweep / str(METHODS.index("wasi"))
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,7 @@ def test_optuna_preset_composes_to_a_valid_search_space():
         assert isinstance(dists[key], UniformDistribution) and 0 < dists[key].low < dists[key].high <= 1
 
 
+@pytest.mark.slow
 def test_joblib_launcher_runs_two_jobs(tmp_path: Path):
     train("-m", "hydra/launcher=joblib_local", "method=vanilla,wasi", *TINY, f"hydra.sweep.dir={tmp_path}",
           f"paths.cache_dir={tmp_path / 'cache'}")

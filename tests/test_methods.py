@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import wasi
-from experiments.methods import Lora, SvdLlm, Vanilla
+from experiments.methods import Lora, Subspace, SvdLlm, Vanilla
 from wasi import svd_llm
 
 DEVICE = torch.device("cpu")
@@ -125,3 +125,16 @@ def test_svd_llm_rejects_bad_options():
         SvdLlm(finetune="full")
     with pytest.raises(ValueError, match="ratio"):
         SvdLlm(ratio=1.5)
+
+
+def test_budget_rank_table_is_built_once_and_reused(tmp_path, monkeypatch):
+    table = tmp_path / "rank_table.json"
+
+    def apply() -> dict:
+        method = Subspace(name="wasi", weight=True, activation=True, budget_mib=1.0, rank_table=str(table))
+        return method.apply(tiny_vit(), batches(1), DEVICE)
+
+    first = apply()
+    assert table.is_file()
+    monkeypatch.setattr(wasi.model, "build_rank_table", lambda *a, **k: pytest.fail("the saved table was not reused"))
+    assert apply()["layers"] == first["layers"]

@@ -234,3 +234,12 @@ def test_wandb_runs_flattened_and_offline(monkeypatch: pytest.MonkeyPatch) -> No
     assert report.value(run, "epsilon") == 0.7 and report.value(run, "method") == "wasi"
     assert report.value(run, "memory/peak_bytes") == 1024
     assert report.wandb_runs("other/project") == []
+
+
+def test_report_of_a_real_sweep(method_sweep: Path, tmp_path: Path) -> None:
+    """The session's six-method train.py sweep: every job in the summary, none failed, every plot drawn."""
+    written = report.write_report(report.find_results(method_sweep), tmp_path, failed=report.find_failed(method_sweep))
+    rows = _parse_table((tmp_path / "report.md").read_text().split("## Summary")[1])
+    assert [r["method"] for r in rows] == ["vanilla", "lora", "svd_llm", "wsi", "asi", "wasi"]
+    assert all(r["runs"] == "1" and float(r["memory/peak (MiB)"]) > 0 for r in rows)
+    assert report.find_failed(method_sweep) == [] and len(written) == 4
