@@ -11,6 +11,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 class PretrainedWeightsUnavailableError(RuntimeError):
     """Pretrained weights were asked for but could not be loaded (usually: offline)."""
@@ -29,7 +31,7 @@ def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
     kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.get("kwargs") else {}
     if cfg.get("checkpoint"):
         model = timm.create_model(cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
-        load_checkpoint(model, Path(cfg.checkpoint))
+        load_checkpoint(model, resolve_checkpoint(cfg.checkpoint))
         return model
     if not cfg.pretrained:
         return timm.create_model(cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
@@ -44,6 +46,16 @@ def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
             "model.checkpoint=/path/to/model.safetensors, or train from scratch on purpose with "
             "model.pretrained=false."
         ) from err
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """`path` as given if it exists (or is absolute), else relative to the repository root, so a
+    checkpoint shipped in the repository (e.g. checkpoints/vit_tiny_fractal.safetensors) is found
+    from any working directory."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
+        return path
+    return REPO_ROOT / path
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
