@@ -1,6 +1,6 @@
 """Pretrain `vit_tiny_cpu` on generated fractals (experiments/fractals.py) and ship its weights.
 
-    python -m experiments.pretrain                      # the shipped recipe (defaults below)
+    OMP_WAIT_POLICY=PASSIVE python -m experiments.pretrain    # the shipped recipe (defaults below)
     python -m experiments.pretrain --epochs 2 --train-size 4000 --out /tmp/try.safetensors   # a quick try
 
 WASI fine-tunes a *pretrained* model, and no pretrained weights can be downloaded offline, so this
@@ -13,6 +13,9 @@ Writes `--out` (default checkpoints/vit_tiny_fractal.safetensors: every tensor b
 head, so `model.checkpoint=<it>` gives any dataset a fresh head; conf/model/vit_tiny_pretrained.yaml
 points at it), a card `<out>.md` beside it (command, settings, accuracy, times, versions, sha256)
 and, in `--run-dir`, `model.safetensors` (with the fractal head) and `history.json`.
+
+OMP_WAIT_POLICY=PASSIVE changes no number, only how idle OpenMP threads wait: on a machine whose
+cores are shared with other jobs, the default busy-waiting made 2 threads 2.3x slower (measured).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import platform
 import resource
 import shlex
@@ -299,7 +303,9 @@ def main(argv: list[str] | None = None) -> Path:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     times = {"wall_s": time.perf_counter() - wall0, "cpu_s": usage.ru_utime + usage.ru_stime,
              "process_time_s": time.process_time() - cpu0, "sha256": sha256(out)}
-    command = "python -m experiments.pretrain " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_WAIT_POLICY",) if k in os.environ)
+    args_text = " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = f"{env}python -m experiments.pretrain {args_text}"
     (run_dir / "history.json").write_text(json.dumps({"recipe": dataclasses.asdict(r), **summary, **times,
                                                       "versions": versions(), "command": command}, indent=1))
     write_card(out.with_suffix(".md"), out, r, summary, command.strip(), times)
