@@ -14,6 +14,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 HUB_TIMEOUT_S = 5.0  # how long to wait for the Hugging Face hub before calling the machine offline
 
@@ -39,7 +41,7 @@ def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
     kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.get("kwargs") else {}
     if cfg.get("checkpoint"):
         model = timm.create_model(cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
-        load_checkpoint(model, Path(cfg.checkpoint))
+        load_checkpoint(model, resolve_checkpoint(cfg.checkpoint))
         return model
     if not cfg.pretrained:
         return timm.create_model(cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
@@ -91,6 +93,16 @@ def hub_unreachable(repo: str | None, timeout_s: float = HUB_TIMEOUT_S) -> str |
     except Exception as err:  # no network, DNS, proxy, timeout
         return f"cannot reach the Hugging Face hub ({type(err).__name__}: {err}; waited at most {timeout_s:g} s)"
     return None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """`path` as given if it exists (or is absolute), else relative to the repository root, so a
+    checkpoint shipped in the repository (e.g. checkpoints/vit_tiny_fractal.safetensors) is found
+    from any working directory."""
+    path = Path(path).expanduser()
+    if path.is_absolute() or path.exists() or not (REPO_ROOT / path).exists():
+        return path
+    return REPO_ROOT / path
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
