@@ -41,6 +41,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+import experiments.config  # noqa: F401  (registers the config schemas that conf/ extends)
 from experiments import metrics
 from experiments.hardware import autocast, seed_everything, setup_hardware
 from experiments.variant import Variant, build_variant, train_step

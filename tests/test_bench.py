@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +18,7 @@ from PIL import Image
 from device import latency
 from experiments import bench
 from experiments.models import build_model
+from tests.cli import ROOT
 
 SMALL = ["--model", "vit_tiny_cpu", "--batch", "4", "--set", "model.kwargs.depth=2", "hardware.threads=1"]
 
@@ -122,3 +125,10 @@ def test_pi_profile_defaults_can_be_overridden() -> None:
     args = bench.parse_args([*latency.DEFAULTS, "--hardware", "cpu", "--batch", "8"])
     assert (args.hardware, args.measure, args.batch, str(args.out_root)) == ("cpu", ["time"], 8, "results/pi_latency")
     assert bench.parse_args(latency.DEFAULTS).hardware == "cpu_pi"
+
+
+def test_the_tool_composes_configs_on_its_own() -> None:
+    """In a fresh interpreter (no test fixtures registering the config schemas first)."""
+    probe = "from experiments import bench; print(bench.compose_cfg(['method=wasi', 'model=vit_b32']).method.name)"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.split() == ["wasi"], done.stderr[-2000:]
