@@ -30,6 +30,8 @@ def test_block_run_equals_none_run(model_name, config):
     bf16 = config.pop("bf16", False)
     base, block = injected(model_name, recompute=reference, **config), injected(model_name, recompute="block", **config)
     assert all(is_checkpointed(block.get_submodule(n)) for n in wasi.blocks.find_blocks(block))
+    fused = [m for m in block.modules() if isinstance(m, wasi.RecomputeMlp)]  # low-rank MLPs also recompute u Lᵀ
+    assert len(fused) == (len(wasi.blocks.find_blocks(block)) if config.get("weight", True) else 0)
     data = batches(MODELS[model_name][1])
     for m in (base, block):
         train(m, data, bf16=bf16)

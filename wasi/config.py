@@ -38,7 +38,9 @@ class WASIConfig:
         and log-sum-exp, LayerNorm its input);
       "mlp": each MLP whose fc1 and fc2 are converted becomes a wasi.RecomputeMlp that saves fc1's low-rank
         x Rᵀ (…, K) instead of anything of the hidden width (…, 4D) (needs weight=True);
-      "block": every transformer block saves only its input (wasi.checkpoint_blocks), recomputing the rest.
+      "block": every transformer block saves only its input (wasi.checkpoint_blocks), recomputing the rest; with
+        weight=True its MLPs are also RecomputeMlp (where the MLP has no dropout), so a block recomputed in
+        backward holds nothing of the hidden width either.
       Default (None): "mlp" when weight=True, else "none".
     seed: seeds each layer's Gaussian Tucker initialisation (layer i uses seed + i).
     """

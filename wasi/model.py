@@ -94,7 +94,8 @@ def inject(model: nn.Module, config: WASIConfig, calibration: tuple[Tensor, Tens
     config.train_rest, config.last_n)`. Swin MLP inputs are compressed as (B, H, W, C): each such block gets a
     pre-hook telling its converted MLP layers (H, W). config.recompute: "mlp" turns each timm Mlp whose fc1 and
     fc2 were converted into a RecomputeMlp (an Mlp with only fc2 converted stays as it is); "block" runs
-    `checkpoint_blocks(model)`.
+    `checkpoint_blocks(model)`, and with low-rank weights (WSI/WASI) first fuses the MLPs it can as "mlp" does,
+    so a block being recomputed in backward holds nothing of the hidden width either.
     calibration: (x, y) batch, needed for epsilon_act and for budget_bytes without a rank_table.
     rank_table: reuse a saved table on the budget path instead of building one.
     """
@@ -124,10 +125,10 @@ def inject(model: nn.Module, config: WASIConfig, calibration: tuple[Tensor, Tens
         for block in sorted({b for b in map(block_of, names) if b is not None}):
             track_token_grid(model.get_submodule(block))
     recomputed: list[str] = []
-    if config.recompute == "mlp":
-        recomputed = _recompute_mlps(model, names)
-    elif config.recompute == "block":
-        recomputed = checkpoint_blocks(model)
+    if config.recompute in ("mlp", "block") and config.weight:
+        recomputed = _recompute_mlps(model, names, strict=config.recompute == "mlp")
+    if config.recompute == "block":
+        recomputed += checkpoint_blocks(model)
     summary = InjectionSummary(layers=layers, rank_table=table, recompute=str(config.recompute), recomputed=recomputed,
                                trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                                total_params=sum(p.numel() for p in model.parameters()))
@@ -156,13 +157,22 @@ def _fused_mlps(names: list[str]) -> list[str]:
     return [n[: -len(".fc1")] for n in names if n.endswith("mlp.fc1") and n[: -len("fc1")] + "fc2" in converted]
 
 
-def _recompute_mlps(model: nn.Module, names: list[str]) -> list[str]:
-    """Replace each timm Mlp whose fc1 and fc2 are both in `names` by a RecomputeMlp; returns their names."""
-    mlps = _fused_mlps(names)
+def _recompute_mlps(model: nn.Module, names: list[str], strict: bool = True) -> list[str]:
+    """Replace each timm Mlp whose fc1 and fc2 are both in `names` by a RecomputeMlp; returns their names.
+    strict=False skips an Mlp that RecomputeMlp cannot take (dropout, a hidden norm) instead of raising."""
+    mlps = [n for n in _fused_mlps(names) if strict or _fusable(model.get_submodule(n))]
     for name in mlps:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, RecomputeMlp.from_mlp(model.get_submodule(name)))
     return mlps
+
+
+def _fusable(mlp: nn.Module) -> bool:
+    try:
+        RecomputeMlp.check(mlp)
+    except ValueError:
+        return False
+    return True
 
 
 def _convert(linear: nn.Linear, config: WASIConfig, act_ranks: list[int] | None, seed: int) -> nn.Module:
