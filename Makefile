@@ -3,7 +3,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-RUN_ARGS ?= trainer.epochs=12 trainer.batch_size=64 optimizer.momentum=0.9
+RUN_ARGS ?=
+RUN_DIR := outputs/run/$(shell date +%Y-%m-%d_%H-%M-%S)
 
 .PHONY: setup run test lint test-slow sweep pi-latency report clean
 
@@ -14,8 +15,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 setup: $(VENV)/.installed
 
-run: setup  ## the main job: fine-tune on the embedded default dataset, offline
-	$(PY) train.py $(RUN_ARGS)
+run: setup  ## the main job: vanilla and WASI fine-tuning of the shipped pretrained model on digits, offline
+	$(PY) train.py -m +experiment=demo hydra.sweep.dir=$(RUN_DIR) $(RUN_ARGS)
+	$(PY) -m experiments.report $(RUN_DIR)
 
 test: setup lint  ## lint, then the default (fast) test suite
 	$(PY) -m pytest -q -m "not slow"
@@ -27,8 +29,8 @@ lint: setup  ## ruff on everything, mypy on the library
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-sweep: setup  ## every method on the small model and embedded data
-	$(PY) train.py -m method=vanilla,lora,svd_llm,wsi,asi,wasi $(RUN_ARGS)
+sweep: setup  ## every method fine-tuning the shipped pretrained model on digits
+	$(PY) train.py -m +experiment=demo method=vanilla,lora,svd_llm,wsi,asi,wasi $(RUN_ARGS)
 
 pi-latency: setup  ## training/inference latency, vanilla vs WASI at each epsilon (Raspberry Pi 5 profile)
 	$(PY) -m device.latency $(LATENCY_ARGS)

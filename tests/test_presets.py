@@ -5,7 +5,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
 
+from experiments.config import validate
 from experiments.variant import build_variant
 from tests.cli import ROOT, sweep_results, train
 
@@ -82,3 +84,19 @@ def test_presets_train_as_the_authors_scripts(preset):
 def test_small_sweep_runs(tmp_path, preset):
     results = run_small(preset, tmp_path)
     assert results and all(0 <= r["test/acc"] <= 1 for r in results)
+
+
+@pytest.mark.parametrize("extra", [[], ["method=wasi", "method.epsilon=0.4"], ["model=vit_tiny_cpu"]])
+def test_offline_presets_compose_and_validate(extra):
+    """make run's preset (vanilla and WASI from the shipped checkpoint on digits) and the fine-tuning benchmark."""
+    demo = composed("demo", *extra)
+    model = "vit_tiny_cpu" if "model=vit_tiny_cpu" in extra else "vit_tiny_pretrained"
+    assert (demo.model.name, demo.dataset.name) == (model, "digits")
+    assert demo.hydra.sweeper.params.method == "vanilla,wasi" and demo.hardware.name == "cpu"
+    bench = composed("finetune", "dataset=shapes", *extra)
+    assert bench.method.train_rest and bench.hydra.sweeper.params.seed == "1,2,3"
+    for cfg in (demo, bench):
+        with open_dict(cfg):
+            cfg.pop("hydra")  # the job's own node, resolved by Hydra when it runs
+            cfg.paths.run_dir = "unused"
+        validate(cfg)
