@@ -14,7 +14,9 @@ variant's forward, backward and optimizer step and its inference round-robin (re
 variant, starting one variant later each round), so a slow spell of the machine hits all alike.
 Ratios `×` are the reference's value over the variant's (reference: vanilla without recompute, else
 the first variant), from medians. Writes under --out: variants.csv (one row per variant),
-summary.md, saved_tensors.csv (cost), timing.csv, timing_raw.csv, latency.png (time) and run.json.
+summary.md, saved_tensors.csv (cost), timing.csv, timing_raw.csv, latency.png (time), profile.csv
+(profile: torch.profiler's time in the library's Tucker step, compressed gradient and factored update) and
+run.json.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ log = logging.getLogger(__name__)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 PHASES = ("forward", "backward", "optimizer", "train_step", "inference")
+REGIONS = ("wasi.tucker", "wasi.compressed_grad", "wasi.factored_update")  # record_function labels in wasi/
 COST = ("memory/activation_bytes", "memory/peak_bytes", "memory/weight_bytes", "flops/train_step",
         "flops/inference_per_image")
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -176,6 +179,32 @@ def time_round_robin(built: list[tuple[Spec, Variant, DictConfig]], x: torch.Ten
     return pd.DataFrame(rows)
 
 
+def profile_regions(built: list[tuple[Spec, Variant, DictConfig]], x: torch.Tensor, y: torch.Tensor,
+                    device: torch.device, warmup: int, reps: int) -> pd.DataFrame:
+    """Calls and time per training step inside each of the library's labelled regions (REGIONS), by
+    torch.profiler over `reps` steps after `warmup`, one variant at a time; share = region time / step time
+    (CPU time, which is wall time on CPU; with CUDA the regions' host time). One row per (label, region)."""
+    from torch.profiler import ProfilerActivity, profile, record_function, schedule
+
+    rows = []
+    for spec, variant, cfg in built:
+        variant.model.train()
+        window = schedule(wait=0, warmup=warmup, active=reps, repeat=1)  # warm-up steps run but are not counted
+        with profile(activities=[ProfilerActivity.CPU], schedule=window) as prof:
+            for _ in range(warmup + reps):
+                with record_function("step"):
+                    train_step(variant.model, variant.optimizer, x, y, cfg.trainer.grad_clip,
+                               autocast(cfg.hardware, device))
+                prof.step()
+        events = {e.key: e for e in prof.key_averages()}
+        seconds = {key: e.cpu_time_total / reps / 1e6 for key, e in events.items()}
+        rows += [{"label": spec.label, "region": region, "seconds": seconds.get(region, 0.0),
+                  "calls": events[region].count / reps if region in events else 0,
+                  "share": seconds.get(region, 0.0) / seconds["step"]} for region in ("step", *REGIONS)]
+        log.info("profiled %s", spec.label)
+    return pd.DataFrame(rows)
+
+
 def timing_stats(raw: pd.DataFrame, reference: str, threads: int) -> pd.DataFrame:
     """Median and IQR per (label, phase), by torch.utils.benchmark's Measurement, and the speed-up
     median(reference) / median(label) of the same phase."""
@@ -206,8 +235,10 @@ def add_ratios(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     return table
 
 
-def markdown(table: pd.DataFrame, breakdown: dict[str, dict[str, int]], header: str) -> str:
-    """summary.md: the main table (MiB, GFLOPs, ms, × vs the reference), ranks, saved-tensor sources."""
+def markdown(table: pd.DataFrame, breakdown: dict[str, dict[str, int]], header: str,
+             profiled: pd.DataFrame | None = None) -> str:
+    """summary.md: the main table (MiB, GFLOPs, ms, × vs the reference), ranks, saved-tensor sources,
+    profiled regions."""
     mib, g = 2.0**20, 1e9
     cols = {"label": ("variant", None), "K_mean": ("K mean", 1), "memory/compressed_layers_bytes": ("layers MiB", mib),
             "layers ×": ("layers ×", 1), "memory/activation_bytes": ("act MiB", mib),
@@ -230,6 +261,12 @@ def markdown(table: pd.DataFrame, breakdown: dict[str, dict[str, int]], header: 
         sources.loc["total"] = sources.sum()
         lines += ["", "Memory held from forward to backward by the module and op that created it (MiB, all "
                   "blocks summed; `metrics.held_activations`):", "", sources.round(1).to_markdown(floatfmt="g")]
+    if profiled is not None:
+        shares = profiled.assign(cell=[f"{1e3 * s:.0f} ms ({100 * f:.1f}%)" for s, f in
+                                       zip(profiled.seconds, profiled.share)])
+        lines += ["", "Time per step in the library's labelled regions (torch.profiler; % of the step):", "",
+                  shares.pivot(index="label", columns="region", values="cell").loc[
+                      list(dict.fromkeys(profiled.label)), ["step", *REGIONS]].to_markdown()]
     return "\n".join(lines) + "\n"
 
 
@@ -284,7 +321,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--hub", action="store_true", help="pretrained weights from the hub (model.pretrained=true)")
     p.add_argument("--hardware", default="cpu", help="conf/hardware choice")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the hardware config's)")
-    p.add_argument("--measure", nargs="+", choices=["cost", "time"], default=["cost"])
+    p.add_argument("--measure", nargs="+", choices=["cost", "time", "profile"], default=["cost"],
+                   help="profile: the share of a step in the library's Tucker step, compressed gradient and "
+                   "factored update")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds")
     p.add_argument("--reps", type=int, default=10, help="timed rounds")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant")
@@ -329,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if "cost" in args.measure:
             cost, breakdown[spec.label] = measure_cost(variant, cfg, x, y, device)
             rows[-1].update(cost)
-        if "time" in args.measure:
+        if {"time", "profile"} & set(args.measure):
             built.append((spec, variant, cfg))
         del variant
         gc.collect()
@@ -337,7 +376,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         table.to_csv(out / "variants.csv", index=False)  # after every variant: a stopped run keeps what it has
     if breakdown:
         pd.DataFrame(breakdown).fillna(0).astype(int).rename_axis("source").to_csv(out / "saved_tensors.csv")
-    if built:
+    profiled = None
+    if "profile" in args.measure:
+        profiled = profile_regions(built, x, y, device, args.warmup, args.reps)
+        profiled.to_csv(out / "profile.csv", index=False)
+    if "time" in args.measure:
         raw = time_round_robin(built, x, y, device, args.warmup, args.reps)
         stats = timing_stats(raw, reference, torch.get_num_threads())
         raw.to_csv(out / "timing_raw.csv", index=False)
@@ -347,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             by_label = stats[stats.phase == phase].set_index("label")
             table[key], table[f"{key} ×"] = table.label.map(by_label.median_s), table.label.map(by_label.speedup)
         table.to_csv(out / "variants.csv", index=False)
-    (out / "summary.md").write_text(markdown(table, breakdown, header))
+    (out / "summary.md").write_text(markdown(table, breakdown, header, profiled))
     (out / "run.json").write_text(json.dumps({"argv": list(sys.argv[1:] if argv is None else argv),
                                               "environment": environment(device), "reference": reference,
                                               "weights": weights, "inputs": inputs}, indent=2))

@@ -25,7 +25,7 @@ SMALL = ["--model", "vit_tiny_cpu", "--batch", "4", "--set", "model.kwargs.depth
 
 @pytest.fixture(scope="module")
 def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return bench.main([*SMALL, "--eps", "0.6", "--measure", "cost", "time", "--warmup", "1", "--reps", "3",
+    return bench.main([*SMALL, "--eps", "0.6", "--measure", "cost", "time", "profile", "--warmup", "1", "--reps", "3",
                        "--out", str(tmp_path_factory.mktemp("bench"))])
 
 
@@ -73,6 +73,16 @@ def test_timing_statistics_come_from_the_raw_times(out: Path) -> None:
     for row in stats.itertuples():
         assert row.median_s == pytest.approx(median[row.label, row.phase], rel=1e-12)
         assert row.speedup == pytest.approx(median["vanilla", row.phase] / row.median_s, rel=1e-12)
+
+
+def test_profile_counts_one_call_per_layer_and_step(out: Path) -> None:
+    prof = pd.read_csv(out / "profile.csv").set_index(["label", "region"])
+    for region in bench.REGIONS:  # 2 blocks x (fc1, fc2) WASI layers: one Tucker step, one gradient, one update each
+        assert prof.loc[("wasi ε=0.6", region), "calls"] == 4
+        assert prof.loc[("vanilla", region), "calls"] == 0 and prof.loc[("vanilla", region), "seconds"] == 0
+    wasi = prof.loc["wasi ε=0.6"]
+    assert (wasi.share == wasi.seconds / wasi.loc["step", "seconds"]).all()
+    assert 0 < wasi.loc[list(bench.REGIONS), "share"].sum() < 1
 
 
 def test_summary_and_plot(out: Path) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.profiler import record_function
 
 from wasi.subspace import mode_product
 
@@ -32,6 +33,7 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+@record_function("wasi.compressed_grad")
 def tucker_weight_grad(dy: Tensor, core: Tensor, factors: Sequence[Tensor],
                        identity: Sequence[bool] | None = None) -> tuple[Tensor, Tensor]:
     """∇W = G Pᵀ from a Tucker-compressed input, never forming an (O, I) matrix.

@@ -5,6 +5,7 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from wasi.distributed import reduce_factored_grads
 from wasi.layers import WSILinear, low_rank_factors
@@ -127,6 +128,7 @@ class SubspaceSGD(torch.optim.Optimizer):
                 d = self.state[p]["momentum_buffer"] = d.clone() if buf is None else buf.mul_(mu).add_(d)
             p.add_(d, alpha=-lr)
 
+    @record_function("wasi.factored_update")
     def _factored_step(self, layer: WSILinear, group: dict) -> None:
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
         L, R = layer.L, layer.R

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.profiler import record_function
 
 __all__ = ["explained_variance_rank", "mode_cross", "mode_gram", "mode_product", "mode_view", "orth", "project",
            "subspace_iteration", "truncated_hosvd", "tucker", "tucker_ranks", "tucker_reconstruct", "unfold"]
@@ -93,6 +94,7 @@ def tucker_ranks(shape: Sequence[int], ranks: Sequence[int]) -> list[int]:
     return [min(int(r), n, total // n) for n, r in zip(shape, ranks)]
 
 
+@record_function("wasi.tucker")
 def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None,
            generator: torch.Generator | None = None) -> tuple[Tensor, list[Tensor]]:
     """Tucker decomposition of x by one subspace-iteration step per mode.
