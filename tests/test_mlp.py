@@ -46,6 +46,24 @@ def test_gradients_equal_recompute_none(model_name, variant, bf16):
         torch.testing.assert_close(got[k], expected[k], **tol, msg=k)
 
 
+@pytest.mark.parametrize("act", [nn.GELU(approximate="tanh"), nn.SiLU()], ids=["gelu_tanh", "silu"])
+def test_other_activations_equal_recompute_none(act):
+    """GELU's backward runs by its own kernel (its approximate mode too), any other activation through autograd."""
+    make, size, ranks = MODELS["vit"]
+    models = []
+    for recompute in ("none", "mlp"):
+        model = make()
+        for block in model.blocks:
+            block.mlp.act = copy.deepcopy(act)
+        inject(model, WASIConfig(epsilon=0.9, ranks=ranks, recompute=recompute, train_rest=True))
+        models.append(model)
+    x, y = batches(size, n=1)[0]
+    expected, got = gradients(models[0], x, y, False), gradients(models[1], x, y, False)
+    assert got.keys() == expected.keys() and any(k.endswith("fc1.bias.grad") for k in got)
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
 @pytest.mark.parametrize("variant", ["wasi", "wsi"])
 @pytest.mark.parametrize("model_name", ["vit", "swin"])
 def test_weights_after_momentum_steps_equal_recompute_none(model_name, variant):

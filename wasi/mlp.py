@@ -26,8 +26,8 @@ class RecomputeMlp(nn.Module):
     Training forward, x: (…, I) (in the autocast dtype under autocast, as SubspaceLinearFn):
         u = x R₁ᵀ (…, K₁),  h = u L₁ᵀ + b₁ (…, H),  a = act(h),  y = (a R₂ᵀ) L₂ᵀ + b₂ (…, O).
     Saved for backward: fc1's input as that layer saves it (Tucker S, U_m of x for WASI; x for WSI), u, and
-    for WASI fc2's Tucker S, U_m of a; nothing of size (…, H). Backward: dA = (dy L₂) R₂; h = u L₁ᵀ + b₁ and
-    a = act(h) are recomputed; dh = act'(h) ⊙ dA; fc2's ∇W from its Tucker factors (WASI) or from the
+    for WASI fc2's Tucker S, U_m of a; nothing of size (…, H). Backward: dA = (dy L₂) R₂; h = u L₁ᵀ + b₁ is
+    recomputed (and a = act(h) for WSI's fc2); dh = act'(h) ⊙ dA; fc2's ∇W from its Tucker factors (WASI) or from the
     recomputed a (WSI); dx = (dh L₁) R₁; fc1's ∇W from its saved input; biases Σ dy, Σ dh. The gradients
     are those of the plain Mlp with the same layers. Eval mode or no grad: the plain path.
     """
@@ -121,23 +121,20 @@ class _RecomputeMlpFn(torch.autograd.Function):
             if need[8]:
                 assert p2.bias is not None
                 grads[8] = bias_grad(dy, p2.bias)
-            h = a = None
-            if need_dh or (need_w2 and not tucker2):  # recompute h = u L₁ᵀ + b₁ and a = act(h), as in forward
+            h = None
+            if need_dh or (need_w2 and not tucker2):  # recompute h = u L₁ᵀ + b₁ (and a = act(h) for WSI's fc2)
                 assert p1.L is not None
-                with torch.no_grad():
-                    h = F.linear(u, p1.L.to(u.dtype), None if p1.bias is None else p1.bias.to(u.dtype))
-                h.requires_grad_(need_dh)
-                with torch.enable_grad():  # .forward, not __call__: the module's hooks ran in the forward pass
-                    a = ctx.mlp.act.forward(h)
+                h = F.linear(u, p1.L.to(u.dtype), None if p1.bias is None else p1.bias.to(u.dtype))
             if tucker2:
                 grads[5] = weight_grad(dy, p2, need[5], factored2, core=second[0], factors=second[1:])
             elif need_w2:
-                assert a is not None
-                grads[5] = weight_grad(dy, p2, need[5], factored2, x=a.detach())
+                a = ctx.mlp.act.forward(h)  # .forward, not __call__: the module's hooks ran in the forward pass
+                grads[5] = weight_grad(dy, p2, need[5], factored2, x=a)
+                del a
             if need_dh:
-                assert h is not None and a is not None
-                (dh,) = torch.autograd.grad(a, h, input_grad(dy, p2))
-                del a, h
+                assert h is not None
+                dh = _activation_backward(ctx.mlp.act, input_grad(dy, p2), h)
+                del h
                 if need[0]:
                     grads[0] = input_grad(dh, p1)
                 if need[4]:
@@ -148,3 +145,14 @@ class _RecomputeMlpFn(torch.autograd.Function):
                 else:
                     grads[1] = weight_grad(dh, p1, need[1], factored1, x=first[0])
         return tuple(grads)
+
+
+def _activation_backward(act: nn.Module, da: Tensor, h: Tensor) -> Tensor:
+    """dh = act'(h) ⊙ da for an elementwise activation; h, da, dh: (…, H). GELU by its backward kernel,
+    which needs h alone (so act(h) is never held); any other activation through autograd."""
+    if type(act) is nn.GELU:
+        return torch.ops.aten.gelu_backward(da, h, approximate=act.approximate)
+    with torch.enable_grad():
+        h = h.detach().requires_grad_()
+        (dh,) = torch.autograd.grad(act.forward(h), h, da)
+    return dh
