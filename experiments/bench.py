@@ -330,28 +330,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="default: <--out-root>/<--tag or timestamp>")
     p.add_argument("--out-root", type=Path, default=Path("results/bench"))
     p.add_argument("--tag", default=None)
-    args = p.parse_args(argv)
-    if args.spectrum == "pretrained" and (args.checkpoint or args.hub):
-        p.error("--spectrum pretrained stands in for real weights; drop it with --checkpoint or --hub")
-    return args
+    return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     """Build, measure and write every variant; returns the output folder."""
     args = parse_args(argv)
     out = args.out or args.out_root / (args.tag or datetime.now().strftime("%Y%m%d-%H%M%S"))
-    out.mkdir(parents=True, exist_ok=True)
     base = base_overrides(args)
     probe = compose_cfg(base)
+    checkpoint = probe.model.get("checkpoint")  # --checkpoint, or the model config's own (vit_tiny_pretrained)
+    if args.spectrum == "pretrained" and (checkpoint or args.hub):
+        raise SystemExit(f"--spectrum pretrained stands in for real weights, and --model {args.model} loads "
+                         f"{checkpoint or 'hub weights'}: drop --spectrum pretrained")
+    out.mkdir(parents=True, exist_ok=True)
     device = setup_hardware(probe.hardware)
     x, y, num_classes = make_batch(probe, args.batch, args.data)
     x, y = x.to(device), y.to(device)
     specs = variant_specs(args, base)
     vanilla = [s.label for s in specs if s.method == "vanilla" and s.recompute in (None, "none")]
     reference = (vanilla or [specs[0].label])[0]
-    weights = {"random": "random init", "pretrained": "random init with a pretrained-like spectrum on the targets "
-               "(experiments.spectrum)"}[args.spectrum] if not (args.checkpoint or args.hub) else (
-        f"checkpoint {args.checkpoint}" if args.checkpoint else "pretrained (hub)")
+    weights = (f"checkpoint {checkpoint}" if checkpoint else "pretrained (hub)" if args.hub else
+               {"random": "random init", "pretrained": "random init with a pretrained-like spectrum on the targets "
+                "(experiments.spectrum)"}[args.spectrum])
     inputs = ("Gaussian noise" if args.data == "noise" else
               f"the first {args.batch} training images of dataset={args.data}")
     header = (f"# Benchmark: {args.model}, batch {args.batch}\n\n`python -m experiments.bench "

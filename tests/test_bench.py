@@ -131,6 +131,15 @@ def test_variants_sweep_epsilon_and_recompute_only_where_they_apply() -> None:
         "none", "block", "none", "block", "none", "mlp", "block"]
 
 
+def test_weights_line_names_a_model_configs_own_checkpoint(tmp_path: Path) -> None:
+    out = bench.main(["--model", "vit_tiny_pretrained", "--methods", "vanilla", "--batch", "2", "--data", "digits",
+                      "--set", "hardware.threads=1", "--out", str(tmp_path / "b")])
+    assert "Weights: checkpoint checkpoints/vit_tiny_fractal.safetensors." in (out / "summary.md").read_text()
+    with pytest.raises(SystemExit, match="drop --spectrum pretrained"):
+        bench.main(["--model", "vit_tiny_pretrained", "--spectrum", "pretrained", "--out", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()
+
+
 def test_pi_profile_defaults_can_be_overridden() -> None:
     args = bench.parse_args([*latency.DEFAULTS, "--hardware", "cpu", "--batch", "8"])
     assert (args.hardware, args.measure, args.batch, str(args.out_root)) == ("cpu", ["time"], 8, "results/pi_latency")
