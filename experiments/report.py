@@ -125,10 +125,15 @@ def _from_config(run: Run, path: tuple[str, ...]) -> Any:
     return node
 
 
+#: Keys whose effective value a run records at the top level (the config may leave them to the library).
+EFFECTIVE: dict[str, str] = {"recompute": "method/recompute"}
+
+
 def value(run: Run, key: str) -> Any:
     """The run's value for ``key``: top level first, then the config fallback, else None."""
-    if run.get(key) is not None:
-        return run[key]
+    for top in (EFFECTIVE.get(key), key):
+        if top is not None and run.get(top) is not None:
+            return run[top]
     path = CONFIG_FALLBACK.get(key)
     return _from_config(run, path) if path else None
 
@@ -248,7 +253,8 @@ def summary_table(runs: list[Run]) -> str:
     the number of runs (seeds), test accuracy as mean ± standard deviation over them, and the mean of the
     other SUMMARY metrics (deterministic ones are equal across seeds)."""
     by = _varying(runs, GROUP_KEYS) or ["method"]
-    frame = pd.DataFrame([{**{k: str(value(r, k)) for k in by}, **{k: value(r, k) for k in SUMMARY}} for r in runs])
+    frame = pd.DataFrame([{**{k: format_cell(value(r, k)) for k in by}, **{k: value(r, k) for k in SUMMARY}}
+                          for r in runs])
     rows = []
     for keys, group in frame.groupby(by, sort=False):
         row = dict(zip(by, keys if isinstance(keys, tuple) else (keys,)))
@@ -259,7 +265,9 @@ def summary_table(runs: list[Run]) -> str:
         for key in SUMMARY[1:]:
             values = group[key].dropna()
             u = unit(key, values)
-            row[header(key, u)] = format_cell(float(values.mean()) if len(values) else None, u)
+            mean = float(values.mean()) if len(values) else None
+            counted = key.startswith("params/") and mean is not None
+            row[header(key, u)] = f"{mean:,.0f}" if counted else format_cell(mean, u)
         rows.append(row)
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 

@@ -191,9 +191,12 @@ def test_summary_averages_seeds_of_each_configuration(tmp_path: Path) -> None:
         folder.mkdir(parents=True)
         (folder / "results.json").write_text(json.dumps({
             "method": method, "model": "vit_tiny", "dataset": "digits", "test/acc": acc, "config/seed": seed,
-            "memory/peak_bytes": 3 * 2**20 if method == "vanilla" else 2**20, "params/trainable": 1000}))
+            "memory/peak_bytes": 3 * 2**20 if method == "vanilla" else 2**20, "params/trainable": 1000,
+            "config/method.recompute": "none" if method == "vanilla" else None,  # the library's default: ...
+            **({"method/recompute": "mlp"} if method == "wasi" else {})}))       # ... as the run resolved it
     rows = _parse_table(report.summary_table(report.find_results(tmp_path / "sweep")))
-    assert [(r["method"], r["runs"]) for r in rows] == [("vanilla", "3"), ("wasi", "2")]
+    assert [(r["method"], r["recompute"], r["runs"]) for r in rows] == [("vanilla", "none", "3"), ("wasi", "mlp", "2")]
+    assert rows[0]["params/trainable"] == "1,000"
     vanilla = [100 * a for (m, _), a in accs.items() if m == "vanilla"]
     assert rows[0]["test/acc (%)"] == f"{statistics.mean(vanilla):.1f} ± {statistics.stdev(vanilla):.1f}"
     assert (rows[0]["memory/peak (MiB)"], rows[1]["memory/peak (MiB)"]) == ("3.0", "1.0")
