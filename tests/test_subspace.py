@@ -3,6 +3,8 @@ import numpy as np
 import pytest
 import torch
 
+import wasi.layers
+import wasi.subspace
 from wasi import explained_variance_rank, orth, subspace_iteration, truncated_hosvd, tucker, tucker_reconstruct
 
 torch.set_num_threads(1)
@@ -269,3 +271,25 @@ def test_tucker_and_weight_grad_make_no_copies():
 
     copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone") and not under_qr(e)]
     assert copies == []
+
+
+def test_svd_falls_back_to_float64_when_float32_does_not_converge(monkeypatch):
+    """LAPACK may fail on a float32 matrix with many repeated singular values (seen on a pretrained-like
+    spectrum at 1 thread); the float64 retry gives the same factorisation, returned in float32."""
+    real_svd = torch.linalg.svd
+    calls = []
+
+    def flaky(m, **kwargs):
+        calls.append(m.dtype)
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(m, **kwargs)
+
+    m = torch.randn(12, 7, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    u, s, vh = wasi.subspace.svd(m)
+    assert calls == [torch.float32, torch.float64]
+    assert u.dtype == s.dtype == vh.dtype == torch.float32 and u.shape == (12, 7) and vh.shape == (7, 7)
+    torch.testing.assert_close(u @ torch.diag(s) @ vh, m, atol=1e-5, rtol=1e-5)
+    L, R = wasi.layers.low_rank_factors(m, 1.0)  # the layers' init goes through it too
+    torch.testing.assert_close(L @ R, m, atol=1e-5, rtol=1e-5)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from wasi.blocks import block_grid, grid_view
 from wasi.functional import FactoredGradSink, SubspaceLinearFn, compute_dtype
 from wasi.recompute import active_record
-from wasi.subspace import explained_variance_rank, tucker
+from wasi.subspace import explained_variance_rank, svd, tucker
 
 __all__ = ["WEIGHT_UPDATES", "ASILinear", "WASILinear", "WSILinear", "low_rank_factors", "track_token_grid"]
 
@@ -29,7 +29,7 @@ def low_rank_factors(weight: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
 
     weight: (O, I) -> L = U_K: (O, K) with orthonormal columns, R = Σ_K V_Kᵀ: (K, I).
     """
-    u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    u, s, vh = svd(weight)
     k = explained_variance_rank(s, epsilon)
     return u[:, :k].to(weight.dtype).contiguous(), (s[:k, None] * vh[:k]).to(weight.dtype).contiguous()
 

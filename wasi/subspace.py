@@ -18,12 +18,26 @@ from torch import Tensor
 from torch.profiler import record_function
 
 __all__ = ["explained_variance_rank", "mode_cross", "mode_gram", "mode_product", "mode_view", "orth", "project",
-           "subspace_iteration", "truncated_hosvd", "tucker", "tucker_ranks", "tucker_reconstruct", "unfold"]
+           "subspace_iteration", "svd", "truncated_hosvd", "tucker", "tucker_ranks", "tucker_reconstruct", "unfold"]
 
 
 def orth(m: Tensor) -> Tensor:
     """Q of the reduced QR of `m: (a, k)` -> `(a, k)`, computed in at least float32, returned in m.dtype."""
     return torch.linalg.qr(m.to(torch.promote_types(m.dtype, torch.float32)), mode="reduced").Q.to(m.dtype)
+
+
+def svd(m: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Reduced SVD `m = U diag(S) Vᵀ` of `m: (a, b)` in float32 -> U: (a, k), S: (k,), Vᵀ: (k, b), k = min(a, b).
+
+    LAPACK's divide-and-conquer SVD can fail to converge on a float32 matrix with many (nearly) repeated
+    singular values; it is then taken in float64 and returned in float32.
+    """
+    m = m.detach().float()
+    try:
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        u, s, vh = (t.float() for t in torch.linalg.svd(m.double(), full_matrices=False))
+    return u, s, vh
 
 
 def explained_variance_rank(s: Tensor, eps: float) -> int:
@@ -161,7 +175,7 @@ def truncated_hosvd(x: Tensor, eps: float) -> tuple[Tensor, list[Tensor]]:
             evals, evecs = torch.linalg.eigh(mode_gram(xf, mode))  # ascending
             s, u = evals.flip(0).clamp_min(0).sqrt(), evecs.flip(1)
         else:
-            u, s, _ = torch.linalg.svd(unfold(xf, mode), full_matrices=False)
+            u, s, _ = svd(unfold(xf, mode))
         factors.append(u[:, :explained_variance_rank(s, eps)].to(x.dtype))
     return project(x, factors), factors
 

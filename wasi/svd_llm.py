@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from wasi.subspace import explained_variance_rank
+from wasi.subspace import explained_variance_rank, svd
 
 __all__ = ["GramAccumulator", "rank_from_epsilon", "rank_from_ratio", "svd_llm_factors", "whitening"]
 
@@ -89,4 +89,4 @@ def rank_from_ratio(out_features: int, in_features: int, rho: float) -> int:
 def rank_from_epsilon(w: torch.Tensor, eps: float) -> int:
     """The weight rank K that WASI's ε gives for W: (O, I): explained variance of its float32 singular values
     (the same SVD and rule as the WSI layer init)."""
-    return explained_variance_rank(torch.linalg.svd(w.detach().float(), full_matrices=False).S, eps)
+    return explained_variance_rank(svd(w)[1], eps)
