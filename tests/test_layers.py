@@ -3,6 +3,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.tiny_models import saved_tensors
 from wasi import ASILinear, WASILinear, WSILinear, tucker_reconstruct
 
 torch.set_num_threads(1)
@@ -36,18 +37,6 @@ def _weight_grad(layer) -> torch.Tensor:
     return layer.weight.grad
 
 
-def _saved_tensors(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
-
-
 @pytest.mark.parametrize("ndim", [3, 4])
 @pytest.mark.parametrize("kind", ["wasi", "wasi_ref", "asi", "wsi", "wsi_ref"])
 def test_full_ranks_match_dense_autograd(kind, ndim):
@@ -76,7 +65,7 @@ def test_truncated_ranks_weight_grad_is_grad_of_reconstruction(kind, ndim):
     shape = SHAPES[ndim]
     layer = _make(kind, linear, [2] * (ndim - 1) + [3], epsilon=0.7)
     x = torch.randn(*shape, requires_grad=True)
-    y, saved = _saved_tensors(lambda: layer(x))
+    y, saved = saved_tensors(lambda: layer(x))
     core, factors = saved[0], saved[1:]
     assert len(factors) == ndim and factors[-1].shape == (8, 3)
     dy = torch.randn_like(y)
@@ -93,7 +82,7 @@ def test_truncated_ranks_weight_grad_is_grad_of_reconstruction(kind, ndim):
 def test_wasi_saves_only_core_and_factors():
     layer = _make("wasi", _linear(), [2, 3, 4], epsilon=0.7)
     x = torch.randn(*SHAPES[3], requires_grad=True)
-    _, saved = _saved_tensors(lambda: layer(x))
+    _, saved = saved_tensors(lambda: layer(x))
     ranks = [2, 3, 4]
     expected = (2 * 3 * 4 + sum(n * r for n, r in zip(SHAPES[3], ranks))) * 4  # S + Σ U_m, float32
     assert sum(t.numel() * t.element_size() for t in saved) == expected
@@ -142,7 +131,7 @@ def test_batch_one_clipped_ranks_and_smaller_last_batch():
     layer = _make("wasi", linear, [8, 50, 50], epsilon=0.7)
     for batch in (3, 3, 1, 3):  # a smaller batch re-initialises the batch factor, then grows back
         x = torch.randn(batch, 5, 8, requires_grad=True)
-        y, saved = _saved_tensors(lambda x=x: layer(x))
+        y, saved = saved_tensors(lambda x=x: layer(x))
         # r_m <= min(n_m, ∏_{j≠m} n_j): batch 1 leaves 5 tokens, so at most 5 feature directions
         assert [tuple(u.shape) for u in saved[1:]] == [(batch, batch), (5, 5), (8, min(8, 5 * batch))]
         dy = torch.randn_like(y)
@@ -178,7 +167,7 @@ def test_backward_twice_accumulates_factored_grad():
     total = torch.zeros(OUT, 8)
     for _ in range(2):
         x = torch.randn(*SHAPES[3])
-        y, saved = _saved_tensors(lambda x=x: layer(x))
+        y, saved = saved_tensors(lambda x=x: layer(x))
         dy = torch.randn_like(y)
         y.backward(dy)
         total += dy.reshape(-1, OUT).T @ tucker_reconstruct(saved[0], saved[1:]).reshape(-1, 8)

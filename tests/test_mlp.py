@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import wasi
-from tests.tiny_models import MODELS, batches, gradients, injected, train
+from tests.tiny_models import MODELS, batches, gradients, injected, saved_tensors, train
 from wasi import RecomputeMlp, WASIConfig, WASILinear, WSILinear, inject
 
 torch.set_num_threads(1)
@@ -81,18 +81,6 @@ def test_weights_after_momentum_steps_equal_recompute_none(model_name, variant):
             torch.testing.assert_close(v, u, msg=name)
 
 
-def _saved(fn):
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
-
-
 @pytest.mark.parametrize("activation", [True, False])
 def test_saves_only_low_rank_u_and_the_layers_inputs(activation):
     """One ViT MLP on (B, N, 48) tokens, hidden 192: saved = fc1's input (Tucker or dense x), u = x R₁ᵀ (B, N, K₁),
@@ -101,7 +89,7 @@ def test_saves_only_low_rank_u_and_the_layers_inputs(activation):
     mlp = model.blocks[0].mlp
     assert isinstance(mlp, RecomputeMlp)
     x = torch.randn(3, 65, 48, requires_grad=True)
-    y, saved = _saved(lambda: mlp(x))
+    y, saved = saved_tensors(lambda: mlp(x))
     k1 = mlp.fc1.rank
     hidden = mlp.fc1.out_features
     assert not any(t.shape[-1] == hidden and t.dim() == 3 for t in saved)
@@ -115,7 +103,7 @@ def test_saves_only_low_rank_u_and_the_layers_inputs(activation):
     assert sum(t.numel() * t.element_size() for t in saved) == expected + u[0].numel() * 4
     plain = copy.deepcopy(model.blocks[0].mlp)
     plain.__class__ = timm.layers.Mlp  # the same submodules, plain timm forward
-    _, plain_saved = _saved(lambda: plain(x))
+    _, plain_saved = saved_tensors(lambda: plain(x))
     assert any(t.shape == (3, 65, hidden) for t in plain_saved)
     y.sum().backward()
 

@@ -75,3 +75,16 @@ def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool = F
             g, p = layer.factored_grad
             out[f"{name}.G_Pt"] = g.float() @ p.float().T
     return out
+
+
+def saved_tensors(fn):
+    """(fn(), the tensors autograd saved for backward while it ran)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
