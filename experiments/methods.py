@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -203,7 +204,7 @@ class SvdLlm(Vanilla):
     Each target W becomes W_u W_v at rank k from the parameter ratio `ratio` or, if `ratio` is
     null, from WASI's weight `epsilon` (equal size to WSI/WASI). `finetune`: "lora" (PEFT LoRA on
     both factors, the paper's baseline) or "factors" (plain training of W_u, W_v). The whitening
-    matrices C are cached at `cache` (safetensors) per model, dataset and calibration size.
+    matrices C are cached at `cache` (safetensors) with a fingerprint of the weights and images they come from.
     """
 
     def __init__(self, name: str = "svd_llm", ratio: float | None = None, epsilon: float = 0.8,
@@ -246,26 +247,32 @@ class SvdLlm(Vanilla):
     @torch.no_grad()
     def _whitening(self, model: nn.Module, names: list[str], loader: Iterable[Batch],
                    device: torch.device) -> dict[str, torch.Tensor]:
-        """C per target layer from Σ xᵀx over `calib_samples` training images (cached on disk)."""
-        from safetensors.torch import load_file, save_file
+        """C per target layer from Σ xᵀx over the first `calib_samples` training images. Cached on disk with
+        a fingerprint of what it depends on (the model's weights and those images): a file made from other
+        weights or images is recomputed, not reused."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
 
+        images, seen = [], 0
+        for x, _ in loader:
+            images.append(x[: self.calib_samples - seen])
+            seen += images[-1].shape[0]
+            if seen >= self.calib_samples:
+                break
+        key = _fingerprint(model, images)
         if self.cache is not None and self.cache.is_file():
-            cached = load_file(str(self.cache))
-            if set(cached) == set(names):
-                log.info("reusing SVD-LLM whitening from %s", self.cache)
-                return cached
+            with safe_open(str(self.cache), "pt") as f:
+                if (f.metadata() or {}).get("fingerprint") == key and set(f.keys()) == set(names):
+                    log.info("reusing SVD-LLM whitening from %s", self.cache)
+                    return {n: f.get_tensor(n) for n in names}
         grams = {n: svd_llm.GramAccumulator(model.get_submodule(n).in_features, device) for n in names}
         hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: grams[n].update(a[0]))
                  for n in names]
-        was_training, seen = model.training, 0
+        was_training = model.training
         model.eval()
         try:
-            for x, _ in loader:
-                x = x[: self.calib_samples - seen].to(device)
-                model(x)
-                seen += x.shape[0]
-                if seen >= self.calib_samples:
-                    break
+            for x in images:
+                model(x.to(device))
         finally:
             for h in hooks:
                 h.remove()
@@ -273,5 +280,14 @@ class SvdLlm(Vanilla):
         whitening = {n: svd_llm.whitening(g.gram).contiguous() for n, g in grams.items()}
         if self.cache is not None:
             self.cache.parent.mkdir(parents=True, exist_ok=True)
-            save_file(whitening, str(self.cache))
+            save_file(whitening, str(self.cache), metadata={"fingerprint": key})
         return whitening
+
+
+def _fingerprint(model: nn.Module, images: list[torch.Tensor]) -> str:
+    """sha256 over every parameter and buffer of `model` and the images, byte for byte."""
+    digest = hashlib.sha256()
+    for name, tensor in [*model.state_dict().items(), ("images", torch.cat(images))]:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -1,4 +1,6 @@
 """Baselines as methods: PEFT LoRA and SVD-LLM init, on a tiny timm ViT."""
+import logging
+
 import pytest
 import timm
 import torch
@@ -85,7 +87,7 @@ def test_lora_merged_model_equals_adapted_model():
 
 
 @pytest.mark.parametrize("finetune", ["lora", "factors"])
-def test_svd_llm_equal_size_uses_wasi_rank_and_caches_whitening(tmp_path, finetune):
+def test_svd_llm_equal_size_uses_wasi_rank_and_caches_whitening(tmp_path, caplog, finetune):
     reference = tiny_vit()
     ranks = {n: svd_llm.rank_from_epsilon(reference.get_submodule(n).weight, 0.6)
              for n in wasi.find_targets(reference)}
@@ -107,11 +109,19 @@ def test_svd_llm_equal_size_uses_wasi_rank_and_caches_whitening(tmp_path, finetu
     else:
         assert all("lora_" in n or n.startswith("head.") for n in params)
 
-    # A second apply reuses the cached whitening: same factors even with other calibration data.
-    again = tiny_vit()
-    SvdLlm(epsilon=0.6, calib_samples=16, finetune=finetune, cache=str(cache)).apply(again, batches(2, 4)[::-1], DEVICE)
+    # The same weights and images reuse the cached whitening; other images (or weights) recompute it.
     name = next(iter(ranks))
-    torch.testing.assert_close(again.get_submodule(name)[0].weight, model.get_submodule(name)[0].weight)
+    with caplog.at_level(logging.INFO, logger="experiments.methods"):
+        again = tiny_vit()
+        SvdLlm(epsilon=0.6, calib_samples=16, finetune=finetune, cache=str(cache)).apply(again, batches(), DEVICE)
+        assert "reusing SVD-LLM whitening" in caplog.text
+        torch.testing.assert_close(again.get_submodule(name)[0].weight, model.get_submodule(name)[0].weight)
+        caplog.clear()
+        other = tiny_vit()
+        SvdLlm(epsilon=0.6, calib_samples=16, finetune=finetune, cache=str(cache)).apply(
+            other, batches(2, 4)[::-1], DEVICE)
+        assert "reusing" not in caplog.text
+    assert not torch.allclose(other.get_submodule(name)[0].weight, model.get_submodule(name)[0].weight)
 
 
 def test_svd_llm_ratio_gives_formula_rank():
