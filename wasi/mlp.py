@@ -94,7 +94,7 @@ class _RecomputeMlpFn(torch.autograd.Function):
         p2 = LinearParams(w2, L2, R2, b2, mlp.fc2._sink())
         h, u = linear_forward(x, p1)
         with torch.autocast(x.device.type, enabled=False):
-            a = mlp.act(h)
+            a = _activation_(mlp.act, h)
         del h
         core2, factors2 = mlp.fc2._compress(a)
         y, _ = linear_forward(a, p2)
@@ -147,11 +147,19 @@ class _RecomputeMlpFn(torch.autograd.Function):
         return tuple(grads)
 
 
-def _activation_backward(act: nn.Module, da: Tensor, h: Tensor) -> Tensor:
-    """dh = act'(h) ⊙ da for an elementwise activation; h, da, dh: (…, H). GELU by its backward kernel,
-    which needs h alone (so act(h) is never held); any other activation through autograd."""
+def _activation_(act: nn.Module, h: Tensor) -> Tensor:
+    """act(h) for h: (…, H), a temporary of the caller's: GELU writes over h (one (…, H) tensor at a time)."""
     if type(act) is nn.GELU:
-        return torch.ops.aten.gelu_backward(da, h, approximate=act.approximate)
+        return torch.ops.aten.gelu.out(h, approximate=act.approximate, out=h)
+    return act(h)
+
+
+def _activation_backward(act: nn.Module, da: Tensor, h: Tensor) -> Tensor:
+    """dh = act'(h) ⊙ da for an elementwise activation; h, da, dh: (…, H). GELU by its backward kernel, which
+    needs h alone (so act(h) is never held) and writes dh over da (a temporary of the caller's), so the
+    backward peak holds two (…, H) tensors, not four; any other activation through autograd."""
+    if type(act) is nn.GELU:
+        return torch.ops.aten.gelu_backward.grad_input(da, h, approximate=act.approximate, grad_input=da)
     with torch.enable_grad():
         h = h.detach().requires_grad_()
         (dh,) = torch.autograd.grad(act.forward(h), h, da)
