@@ -277,7 +277,7 @@ class SvdLlm(Vanilla):
             for h in hooks:
                 h.remove()
             model.train(was_training)
-        whitening = {n: svd_llm.whitening(g.gram).contiguous() for n, g in grams.items()}
+        whitening = {n: svd_llm.whitening(g.gram / g.count).contiguous() for n, g in grams.items()}  # the mean xᵀx
         if self.cache is not None:
             self.cache.parent.mkdir(parents=True, exist_ok=True)
             save_file(whitening, str(self.cache), metadata={"fingerprint": key})

@@ -124,6 +124,18 @@ def test_svd_llm_equal_size_uses_wasi_rank_and_caches_whitening(tmp_path, caplog
     assert not torch.allclose(other.get_submodule(name)[0].weight, model.get_submodule(name)[0].weight)
 
 
+def test_svd_llm_factors_do_not_depend_on_the_calibration_size():
+    """The whitening comes from the mean xᵀx: the same images twice give the same W_u and W_v. (From the sum,
+    W_u would grow and W_v shrink by n^¼, which made LoRA on the two factors diverge on `shapes`.)"""
+    once, twice = tiny_vit(), tiny_vit()
+    data = batches(1)
+    SvdLlm(epsilon=0.6, calib_samples=8, finetune="factors").apply(once, data, DEVICE)
+    SvdLlm(epsilon=0.6, calib_samples=16, finetune="factors").apply(twice, data * 2, DEVICE)
+    for name in wasi.find_targets(tiny_vit()):
+        for j in (0, 1):
+            torch.testing.assert_close(twice.get_submodule(name)[j].weight, once.get_submodule(name)[j].weight)
+
+
 def test_svd_llm_ratio_gives_formula_rank():
     model = tiny_vit()
     out = SvdLlm(ratio=0.25, calib_samples=8, finetune="factors").apply(model, batches(), DEVICE)
