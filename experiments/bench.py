@@ -338,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
     out = args.out or args.out_root / (args.tag or datetime.now().strftime("%Y%m%d-%H%M%S"))
     base = base_overrides(args)
-    probe = compose_cfg(base)
+    probe = compose_cfg([*base, f"method={args.methods[0]}"])  # --set may name keys of a method
     checkpoint = probe.model.get("checkpoint")  # --checkpoint, or the model config's own (vit_tiny_pretrained)
     if args.spectrum == "pretrained" and (checkpoint or args.hub):
         raise SystemExit(f"--spectrum pretrained stands in for real weights, and --model {args.model} loads "

@@ -62,13 +62,14 @@ CONFIG_FALLBACK: dict[str, tuple[str, ...]] = {
     "model": ("model", "name"),
     "dataset": ("dataset", "name"),
     "epsilon": ("method", "epsilon"),
+    "epsilon_act": ("method", "epsilon_act"),
     "recompute": ("method", "recompute"),
     "train_rest": ("method", "train_rest"),
     "seed": ("seed",),
 }
 
 #: The summary: one row per configuration (the GROUP_KEYS that vary across runs), seeds averaged.
-GROUP_KEYS: tuple[str, ...] = ("dataset", "model", "method", "epsilon", "recompute", "train_rest")
+GROUP_KEYS: tuple[str, ...] = ("dataset", "model", "method", "epsilon", "epsilon_act", "recompute", "train_rest")
 SUMMARY: tuple[str, ...] = ("test/acc", "params/trainable", "memory/activation_bytes", "memory/peak_bytes",
                             "flops/train_step", "time/train_step_s")
 

@@ -135,6 +135,10 @@ def test_weights_line_names_a_model_configs_own_checkpoint(tmp_path: Path) -> No
     out = bench.main(["--model", "vit_tiny_pretrained", "--methods", "vanilla", "--batch", "2", "--data", "digits",
                       "--set", "hardware.threads=1", "--out", str(tmp_path / "b")])
     assert "Weights: checkpoint checkpoints/vit_tiny_fractal.safetensors." in (out / "summary.md").read_text()
+    out = bench.main(["--model", "vit_tiny_pretrained", "--methods", "wasi", "--eps", "0.8", "--batch", "2",
+                      "--data", "digits", "--set", "hardware.threads=1", "method.epsilon_act=0.95",
+                      "--out", str(tmp_path / "d")])  # --set may name a method's own keys
+    assert pd.read_csv(out / "variants.csv").label.tolist() == ["wasi ε=0.8"]
     with pytest.raises(SystemExit, match="drop --spectrum pretrained"):
         bench.main(["--model", "vit_tiny_pretrained", "--spectrum", "pretrained", "--out", str(tmp_path / "c")])
     assert not (tmp_path / "c").exists()
