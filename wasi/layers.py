@@ -8,6 +8,7 @@ grad needed) the layers run plain `F.linear` ops, so tracers such as fvcore see 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -50,7 +51,7 @@ def _nbytes(*tensors: Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-class _SubspaceLinear(nn.Module):
+class _SubspaceLinear(nn.Module, ABC):
     """Shared training/inference dispatch, Tucker warm start and memory report.
 
     Subclasses set `weight` or `L`/`R`, and `bias`, and say how the weight enters SubspaceLinearFn.
@@ -131,20 +132,21 @@ class _SubspaceLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, act_ranks={self.act_ranks}"
 
+    @abstractmethod
     def _fn_weights(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """(weight, L, R) as SubspaceLinearFn takes them."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _sink(self) -> FactoredGradSink | None:
         """Where the factored ∇W = G Pᵀ goes (factored update), else None."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _inference(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The eval-mode forward, x: (…, I) -> (…, O)."""
 
+    @abstractmethod
     def _paper_weights(self) -> tuple[Tensor | None, ...]:
         """The weight representation the paper counts: W or L first, the bias (or None) last."""
-        raise NotImplementedError
 
 
 class ASILinear(_SubspaceLinear):
