@@ -126,8 +126,8 @@ class _SubspaceLinear(nn.Module, ABC):
         assert weights[0] is not None
         dense_weight = self.out_features * self.in_features + (0 if self.bias is None else self.out_features)
         return {"activation_bytes": self._act_bytes[0], "weight_bytes": _nbytes(*weights),
-                    "dense_activation_bytes": self._act_bytes[1],
-                    "dense_weight_bytes": dense_weight * weights[0].element_size()}
+                "dense_activation_bytes": self._act_bytes[1],
+                "dense_weight_bytes": dense_weight * weights[0].element_size()}
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, act_ranks={self.act_ranks}"

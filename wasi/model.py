@@ -197,13 +197,12 @@ def _activation_ranks(model: nn.Module, names: list[str], config: WASIConfig,
             raise ValueError("epsilon_act needs a calibration batch: pass calibration=(x, y) to inject")
         return _calibration_ranks(model, names, calibration[0], config.epsilon_act), \
             {n: config.epsilon_act for n in names}, None
-    if rank_table is None and calibration is None:
-        raise ValueError("budget_bytes needs a calibration batch: pass calibration=(x, y) to inject "
-                         "or a saved rank_table")
-    if rank_table is None:
-        assert calibration is not None
-        rank_table = build_rank_table(model, names, calibration[0], calibration[1], config.eps_set)
     table = rank_table
+    if table is None:
+        if calibration is None:
+            raise ValueError("budget_bytes needs a calibration batch: pass calibration=(x, y) to inject "
+                             "or a saved rank_table")
+        table = build_rank_table(model, names, calibration[0], calibration[1], config.eps_set)
     if sorted(table.layers) != sorted(names):
         raise ValueError(f"rank_table covers layers {table.layers} but the targets are {names}; "
                          "rebuild it for this model, targets and last_n")
