@@ -1,1 +1,16 @@
-"""Everything Hydra-facing: builds model, data and method from a config, trains, measures, logs."""
+"""The experiment suite: builds model, data and method from a config, trains, measures, logs, deploys.
+
+Entry points sit at this level (`python -m experiments.<name>`): run (the training loop, what train.py
+calls), bench, report, export, pretrain. The rest is in packages named by role:
+
+    training/       the loop's infrastructure: checkpoints, signals, processes, hardware, logging, errors
+    builders/       model, method and variant construction; the pretrained-like spectrum
+    data/           datasets: the loaders, generated shapes and fractals
+    measurement/    cost metrics (FLOPs, memory, time)
+    deployment/     the exported-model format and its loader
+    configuration/  the config schema: types, allowed values, one-line errors
+"""
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO_ROOT / "conf"

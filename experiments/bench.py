@@ -6,10 +6,10 @@
     make pi-latency     # python -m device.latency: this tool with the Raspberry Pi 5 profile
 
 Every variant (method × ε × recompute) is composed from conf/ and built by
-`experiments.variant.build_variant`, exactly as a training run builds it, on the same weights
+`experiments.builders.variant.build_variant`, exactly as a training run builds it, on the same weights
 (`--spectrum`, `--checkpoint`) and measured on the same batch (`--data`: the first --batch training
 images of a dataset config, or `noise`). `--measure cost` uses the functions behind a run's
-results.json (`experiments.metrics.measure`, one variant at a time); `--measure time` times every
+results.json (`experiments.measurement.metrics.measure`, one variant at a time); `--measure time` times every
 variant's forward, backward and optimizer step and its inference round-robin (repetition r of every
 variant, starting one variant later each round), so a slow spell of the machine hits all alike.
 Ratios `×` are the reference's value over the variant's (reference: vanilla without recompute, else
@@ -43,17 +43,18 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-import experiments.config  # noqa: F401  (registers the config schemas that conf/ extends)
-from experiments import metrics
-from experiments.hardware import autocast, seed_everything, setup_hardware
-from experiments.variant import Variant, build_variant, train_step
+import experiments.configuration.schema  # noqa: F401  (registers the config schemas that conf/ extends)
+from experiments import CONF_DIR
+from experiments.builders.variant import Variant, build_variant, train_step
+from experiments.measurement import metrics
+from experiments.training.hardware import autocast, seed_everything, setup_hardware
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 PHASES = ("forward", "backward", "optimizer", "train_step", "inference")
 REGIONS = ("wasi.tucker", "wasi.compressed_grad", "wasi.factored_update")  # record_function labels in wasi/
 COST = ("memory/activation_bytes", "memory/peak_bytes", "memory/weight_bytes", "flops/train_step",
@@ -316,7 +317,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--data", default="shapes", help="conf/dataset choice for the batch, or 'noise' (Gaussian)")
     p.add_argument("--spectrum", choices=["random", "pretrained"], default="random",
-                   help="target weights as initialised, or with the pretrained-like spectrum (experiments.spectrum)")
+                   help="target weights as initialised, or with the pretrained-like spectrum "
+                   "(experiments.builders.spectrum)")
     p.add_argument("--checkpoint", default=None, help="local weights file (model.checkpoint)")
     p.add_argument("--hub", action="store_true", help="pretrained weights from the hub (model.pretrained=true)")
     p.add_argument("--hardware", default="cpu", help="conf/hardware choice")
@@ -352,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     reference = (vanilla or [specs[0].label])[0]
     weights = (f"checkpoint {checkpoint}" if checkpoint else "pretrained (hub)" if args.hub else
                {"random": "random init", "pretrained": "random init with a pretrained-like spectrum on the targets "
-                "(experiments.spectrum)"}[args.spectrum])
+                "(experiments.builders.spectrum)"}[args.spectrum])
     inputs = ("Gaussian noise" if args.data == "noise" else
               f"the first {args.batch} training images of dataset={args.data}")
     header = (f"# Benchmark: {args.model}, batch {args.batch}\n\n`python -m experiments.bench "

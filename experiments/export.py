@@ -1,9 +1,9 @@
-"""Export a trained run as a standalone inference artefact, loaded by `experiments.inference`.
+"""Export a trained run as a standalone inference artefact, loaded by `experiments.deployment.exported`.
 
     python -m experiments.export RUN_DIR [--out DIR]        # DIR defaults to RUN_DIR/export
 
 Reads the run's `.hydra/config.yaml` and `best.safetensors` and writes `model.safetensors` and
-`model.json` (see experiments/inference.py). The module structure is rebuilt from the tensor
+`model.json` (see experiments/deployment/exported.py). The module structure is rebuilt from the tensor
 names of the checkpoint, so no calibration data is needed:
 - WSI/WASI layers (`L`, `R`, `bias`, and the dense `weight` of the reference/svd updates, dropped)
   become a low-rank wasi.WSILinear(L, R, bias);
@@ -22,7 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from experiments.inference import (
+from experiments.builders.methods import Lora, factor_linear
+from experiments.builders.models import read_state_dict
+from experiments.deployment.exported import (
     CONFIG_FILE,
     FORMAT,
     FORMAT_VERSION,
@@ -33,8 +35,6 @@ from experiments.inference import (
     load_exported,
     low_rank_linear,
 )
-from experiments.methods import Lora, factor_linear
-from experiments.models import read_state_dict
 from wasi import WSILinear
 
 __all__ = ["export_run", "deployable", "RunExportError"]

@@ -1,4 +1,4 @@
-"""Pretrain `vit_tiny_cpu` on generated fractals (experiments/fractals.py) and ship its weights.
+"""Pretrain `vit_tiny_cpu` on generated fractals (experiments/data/fractals.py) and ship its weights.
 
     OMP_WAIT_POLICY=PASSIVE python -m experiments.pretrain    # the shipped recipe (defaults below)
     python -m experiments.pretrain --epochs 2 --train-size 4000 --out /tmp/try.safetensors   # a quick try
@@ -41,8 +41,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import save_file
 from torch import nn
 
-from experiments.fractals import RenderSettings, render_fractals, search_classes
-from experiments.models import REPO_ROOT, build_model
+from experiments import REPO_ROOT
+from experiments.builders.models import build_model
+from experiments.data.fractals import RenderSettings, render_fractals, search_classes
 
 log = logging.getLogger("experiments.pretrain")
 
@@ -55,7 +56,7 @@ MEAN, STD = 0.5, 0.5  # the normalisation of every embedded dataset config (shap
 class Recipe:
     """Every setting of a pretraining run; the defaults are the shipped checkpoint's recipe."""
 
-    # data (experiments.fractals.fractals arguments)
+    # data (experiments.data.fractals.fractals arguments)
     num_classes: int = 100
     train_size: int = 50_000
     val_size: int = 5_000
@@ -235,7 +236,7 @@ def write_card(path: Path, out: Path, r: Recipe, summary: dict, command: str, ti
 
 The `model=vit_tiny_cpu` architecture (timm `VisionTransformer`: 32×32 input, 4×4 patches, width 96,
 4 blocks, 3 heads) trained from seed {r.seed} to classify {r.num_classes} FractalDB-style classes
-(`experiments/fractals.py`: one random iterated function system of 2-8 affine maps per class,
+(`experiments/data/fractals.py`: one random iterated function system of 2-8 affine maps per class,
 accepted by a filling-rate check; instances jitter its maps and vary colour, placement and flips).
 No download is involved: the data are generated from `data_seed`.
 

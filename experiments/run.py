@@ -1,10 +1,10 @@
 """The training loop, top to bottom: build, resume, train, evaluate, keep the best, checkpoint, test,
 measure, log.
 
-One process, or N under `torchrun --nproc_per_node=N train.py ...` (experiments/distributed.py:
+One process, or N under `torchrun --nproc_per_node=N train.py ...` (experiments/training/distributed.py:
 DDP, global batch N × trainer.batch_size, rank 0 alone logs and writes files). `last.ckpt` in the
 run folder is written every epoch, every `trainer.checkpoint_every` steps and on SIGINT/SIGTERM;
-`resume=true` continues from it exactly (experiments/checkpoint.py).
+`resume=true` continues from it exactly (experiments/training/checkpoint.py).
 """
 from __future__ import annotations
 
@@ -23,14 +23,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from experiments import checkpoint, distributed, metrics
-from experiments.checkpoint import Progress
-from experiments.config import validate
-from experiments.hardware import autocast, seed_everything, setup_hardware
-from experiments.logger import WandbLogger, flatten, resolved_config, write_results
-from experiments.methods import first_batch
-from experiments.signals import StopRequest, TrainingInterrupted
-from experiments.variant import build_variant, train_step
+from experiments.builders.methods import first_batch
+from experiments.builders.variant import build_variant, train_step
+from experiments.configuration.schema import validate
+from experiments.measurement import metrics
+from experiments.training import checkpoint, distributed
+from experiments.training.checkpoint import Progress
+from experiments.training.hardware import autocast, seed_everything, setup_hardware
+from experiments.training.logger import WandbLogger, flatten, resolved_config, write_results
+from experiments.training.signals import StopRequest, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class NonFiniteLossError(FloatingPointError):
 def run(cfg: DictConfig) -> dict:
     """Train and evaluate one configuration; returns (and writes) the flat results dict.
 
-    Every setting is checked first (experiments.config.validate: ConfigError names the key and a fix),
+    Every setting is checked first (experiments.configuration.schema.validate: ConfigError names the key and a fix),
     before anything is built or written. SIGINT/SIGTERM write last.ckpt at the next step boundary, then
     raise TrainingInterrupted (a SystemExit with status 130/143); a second SIGINT stops at once.
     """
@@ -79,7 +80,7 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
     config = resolved_config(cfg)
 
     # Resume: last.ckpt holds weights, optimizer, schedule, position, RNG states and the W&B run id
-    # (experiments/checkpoint.py); the W&B run continues under that id.
+    # (experiments/training/checkpoint.py); the W&B run continues under that id.
     best_path, last_path = run_dir / "best.safetensors", run_dir / "last.ckpt"
     start = Progress()
     if resume_from is not None:

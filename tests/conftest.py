@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
-import experiments.config  # noqa: E402, F401  (registers the config schemas that conf/ extends)
+import experiments.configuration.schema  # noqa: E402, F401  (registers the config schemas that conf/ extends)
 from tests.cli import train  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

@@ -17,7 +17,7 @@ from PIL import Image
 
 from device import latency
 from experiments import bench
-from experiments.models import build_model
+from experiments.builders.models import build_model
 from tests.cli import ROOT
 
 SMALL = ["--model", "vit_tiny_cpu", "--batch", "4", "--set", "model.kwargs.depth=2", "hardware.threads=1"]

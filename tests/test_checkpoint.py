@@ -20,9 +20,9 @@ from torch import nn
 
 import experiments.run as run_module
 import wasi
-from experiments import checkpoint
-from experiments.checkpoint import CheckpointError, NonFiniteWeightsError, Progress
-from experiments.signals import TrainingInterrupted
+from experiments.training import checkpoint
+from experiments.training.checkpoint import CheckpointError, NonFiniteWeightsError, Progress
+from experiments.training.signals import TrainingInterrupted
 from tests.wandb_log import offline_runs
 
 ROOT = Path(__file__).resolve().parents[1]

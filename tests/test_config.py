@@ -9,8 +9,8 @@ import torch
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from experiments import errors
-from experiments.config import ConfigError, validate
+from experiments.configuration.schema import ConfigError, validate
+from experiments.training import errors
 from wasi import WASIConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -54,7 +54,7 @@ def test_methods_instantiate(make_cfg, method):
 
 
 # ---------------------------------------------------------------------------------------------
-# The schema (experiments/config.py): types while composing, ranges and combinations by validate()
+# The schema (experiments/configuration/schema.py): types while composing, ranges and combinations by validate()
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, message", [

@@ -1,4 +1,4 @@
-"""experiments/data.py: every loader on tiny files in its real on-disk layout, offline.
+"""experiments/data/datasets.py: every loader on tiny files in its real on-disk layout, offline.
 
 Images written here are single-colour, the colour encoding (label, uid) as
 (2 * label + 40, 4 * uid, 200), so each loaded tensor can be checked against the
@@ -20,8 +20,9 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from experiments import data, shapes
-from experiments.data import DatasetNotFoundError
+from experiments.data import datasets as data
+from experiments.data import shapes
+from experiments.data.datasets import DatasetNotFoundError
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 CIFAR = ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])  # (mean, std) of the paper's preprocessing
@@ -324,7 +325,7 @@ def test_shapes_learnable_by_a_small_cnn(one_thread):
 def test_dataset_configs_follow_the_contract(path):
     cfg = OmegaConf.load(path)
     assert cfg.name == path.stem
-    assert cfg._target_ == "experiments.data.build_datasets" and cfg._partial_ and cfg.source._partial_
+    assert cfg._target_ == "experiments.data.datasets.build_datasets" and cfg._partial_ and cfg.source._partial_
     assert {"num_classes", "mean", "std", "val_fraction", "hflip"} <= set(cfg)
     assert len(cfg.mean) == len(cfg.std) == 3
     assert cfg.source.get("download", False) is False  # never download unless asked

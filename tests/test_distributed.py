@@ -17,8 +17,8 @@ from omegaconf import open_dict
 import experiments.run as run_module
 import wasi
 import wasi.distributed
-from experiments import checkpoint, distributed
-from experiments.variant import train_step
+from experiments.builders.variant import train_step
+from experiments.training import checkpoint, distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, GLOBAL_BATCH = 3, 8

@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from experiments.builders.models import build_model
+from experiments.deployment.exported import ExportFormatError, load_exported
 from experiments.export import RunExportError, export_run
 from experiments.export import main as export_main
-from experiments.inference import ExportFormatError, load_exported
-from experiments.models import build_model
 from tests.conftest import METHODS
 from wasi import WSILinear
 
@@ -96,10 +96,11 @@ def test_loader_imports_no_training_code(wasi_export: Path):
     probe = textwrap.dedent(f"""
         import json, sys, torch, timm, safetensors.torch
         before = set(sys.modules)
-        from experiments.inference import load_exported
+        from experiments.deployment.exported import load_exported
         load_exported({str(wasi_export)!r})(torch.zeros(1, 3, 32, 32))
-        bad = {{"hydra", "omegaconf", "peft", "experiments.run", "experiments.methods", "experiments.models",
-               "experiments.data", "experiments.export", "experiments.logger"}}
+        bad = {{"hydra", "omegaconf", "peft", "experiments.run", "experiments.builders.methods",
+               "experiments.builders.models", "experiments.data.datasets", "experiments.export",
+               "experiments.training.logger"}}
         found = [n for n in sys.modules if n in bad or n.split(".")[0] in bad]
         found += [n for n in set(sys.modules) - before if n.split(".")[0] == "wandb"]
         json.dump(sorted(found), sys.stdout)

@@ -1,4 +1,4 @@
-"""experiments/fractals.py: FractalDB-style classes and images, deterministic, balanced, not degenerate."""
+"""experiments/data/fractals.py: FractalDB-style classes and images, deterministic, balanced, not degenerate."""
 from pathlib import Path
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from experiments import fractals as F
+from experiments.data import fractals as F
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "fractals.yaml"
 SMALL = F.RenderSettings(walkers=16, steps=48)  # fewer points: fast, still well drawn at 32x32

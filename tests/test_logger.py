@@ -6,7 +6,7 @@ import pytest
 import wandb
 from omegaconf import OmegaConf
 
-from experiments.logger import WandbLogger
+from experiments.training.logger import WandbLogger
 
 
 class FakeRun:
@@ -44,7 +44,7 @@ def init_calls(monkeypatch):
 
 
 def test_online_init_failure_falls_back_to_offline(init_calls, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="experiments.logger"):
+    with caplog.at_level(logging.WARNING, logger="experiments.training.logger"):
         logger = WandbLogger(cfg("online"), tmp_path, {"seed": 1})
     assert [mode for mode, _ in init_calls] == ["online", "offline"]
     assert init_calls[0][1] == init_calls[1][1]  # same project, name, config, folder

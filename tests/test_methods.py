@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import wasi
-from experiments.methods import Lora, Subspace, SvdLlm, Vanilla
+from experiments.builders.methods import Lora, Subspace, SvdLlm, Vanilla
 from wasi import svd_llm
 
 DEVICE = torch.device("cpu")
@@ -111,7 +111,7 @@ def test_svd_llm_equal_size_uses_wasi_rank_and_caches_whitening(tmp_path, caplog
 
     # The same weights and images reuse the cached whitening; other images (or weights) recompute it.
     name = next(iter(ranks))
-    with caplog.at_level(logging.INFO, logger="experiments.methods"):
+    with caplog.at_level(logging.INFO, logger="experiments.builders.methods"):
         again = tiny_vit()
         SvdLlm(epsilon=0.6, calib_samples=16, finetune=finetune, cache=str(cache)).apply(again, batches(), DEVICE)
         assert "reusing SVD-LLM whitening" in caplog.text

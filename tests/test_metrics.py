@@ -1,4 +1,4 @@
-"""experiments.metrics against hand counts: analytic FLOPs, autograd's saved tensors, tensor sizes."""
+"""experiments.measurement.metrics against hand counts: analytic FLOPs, autograd's saved tensors, tensor sizes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from experiments import metrics
+from experiments.measurement import metrics
 from wasi import WSILinear
 
 F32 = 4  # bytes per float32 element
@@ -258,7 +258,7 @@ def test_count_parameters_shared_and_frozen():
 def test_compressed_layers_bytes_matches_factor_shapes():
     """Paper count for one WASI layer, from its ranks and shapes by hand (float32, 4 bytes)."""
     import wasi
-    from experiments.metrics import compressed_layers_bytes
+    from experiments.measurement.metrics import compressed_layers_bytes
 
     torch.manual_seed(0)
     B, N, I, O = 4, 6, 12, 10

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from experiments.models import CheckpointMismatchError, PretrainedWeightsUnavailableError, build_model
+from experiments.builders.models import CheckpointMismatchError, PretrainedWeightsUnavailableError, build_model
 
 TINY = dict(timm_name="vit_tiny_patch16_224", image_size=32, kwargs=dict(img_size=32, patch_size=8, depth=2))
 

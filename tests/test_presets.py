@@ -7,8 +7,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
-from experiments.config import validate
-from experiments.variant import build_variant
+from experiments.builders.variant import build_variant
+from experiments.configuration.schema import validate
 from tests.cli import ROOT, sweep_results, train
 
 PRESETS = ["vit_b32_eps", "swin_t_eps", "vit_b32_baselines", "swin_t_baselines", "last_n", "budget"]

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from experiments import pretrain
-from experiments.models import build_model
+from experiments.builders.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "vit_tiny_fractal.safetensors"

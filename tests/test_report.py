@@ -124,7 +124,8 @@ def test_small_flop_counts_are_in_mflops_and_unitless_floats_keep_4_digits() -> 
 def test_failed_jobs_are_listed_with_their_last_error(sweep: tuple[Path, list[dict]], tmp_path: Path) -> None:
     root, runs = sweep
     sweep_dir = root / "2025-01-01" / "12-00-00"
-    for job, log in ((6, "[t][experiments.errors][ERROR] - trainer.grad_clip=-1.0: must be a number > 0. Fix: x\n"
+    for job, log in ((6, "[t][experiments.training.errors][ERROR] - trainer.grad_clip=-1.0: must be a number > 0. "
+                         "Fix: x\n"
                          "Traceback (most recent call last):\n  File ...\nConfigError: trainer.grad_clip=-1.0\n"),
                      (7, "[t][experiments.run][INFO] - epoch 1 step 3\n")):
         (sweep_dir / str(job) / ".hydra").mkdir(parents=True)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.spectrum import EPSILONS, RANKS_768, pretrained_like_, pretrained_ranks, pretrained_spectrum
+from experiments.builders.spectrum import EPSILONS, RANKS_768, pretrained_like_, pretrained_ranks, pretrained_spectrum
 from wasi.subspace import explained_variance_rank
 
 

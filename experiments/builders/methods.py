@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import wasi
-from experiments.config import bytes_to_mib_ceil, invalid, mib_to_bytes
+from experiments.configuration.schema import bytes_to_mib_ceil, invalid, mib_to_bytes
 from wasi import svd_llm
 
 log = logging.getLogger(__name__)

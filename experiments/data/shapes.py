@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from experiments.data import ArrayImages, RawSplits
+from experiments.data.datasets import ArrayImages, RawSplits
 
 
 def _polygon(n: int, aspect: float = 1.0, start: float = np.pi / 2) -> np.ndarray:

@@ -2,9 +2,9 @@
 
     error: trainer.grad_clip=-1.0: must be a number > 0. Fix: trainer.grad_clip=2.0, or null to disable clipping
 
-Exit status 2 for a wrong setting (found while composing the config, by experiments.config.validate,
+Exit status 2 for a wrong setting (found while composing the config, by experiments.configuration.schema.validate,
 or later, e.g. an infeasible method.budget_mib), 1 for any other failure; SIGINT/SIGTERM keep their
-130/143 (experiments.signals). `HYDRA_FULL_ERROR=1` shows Python's full traceback instead.
+130/143 (experiments.training.signals). `HYDRA_FULL_ERROR=1` shows Python's full traceback instead.
 
 Two parts, both used by train.py: `logged` is around the task function's body (inside Hydra's job,
 where conf/config.yaml routes this module's logger to the run's train.log only); `main` calls the
@@ -24,7 +24,7 @@ from hydra.errors import MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf.errors import OmegaConfBaseException
 
-from experiments.config import ConfigError, from_omegaconf
+from experiments.configuration.schema import ConfigError, from_omegaconf
 
 log = logging.getLogger(__name__)
 

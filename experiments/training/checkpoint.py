@@ -11,7 +11,7 @@ A checkpoint is one `torch.save` of plain containers and tensors, read back only
                        the W&B run id (a resumed run logs to the same W&B run)
     rng                python, numpy (as lists), torch CPU and CUDA generator states (rank 0's;
                        every rank seeds and draws alike); the data order needs none: it is a
-                       function of (seed, epoch, position), see experiments.distributed.EpochSampler
+                       function of (seed, epoch, position), see experiments.training.distributed.EpochSampler
     warm_start         per rank, {layer name: [U_m]}: the Tucker factors the next ASI/WASI forward
                        warm-starts from (not in the state_dict; without them a resumed run would
                        restart them from the seeded Gaussian and drift slightly)
@@ -43,8 +43,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from experiments.config import as_override
-from experiments.logger import flatten
+from experiments.configuration.schema import as_override
+from experiments.training.logger import flatten
 from wasi import ASILinear, WSILinear
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experiments.data import ArrayImages, RawSplits
+from experiments.data.datasets import ArrayImages, RawSplits
 
 MIN_MAPS, MAX_MAPS = 2, 8
 _SPLIT_CODES = {"train": 0, "test": 1, "val": 2}

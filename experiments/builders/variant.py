@@ -17,15 +17,15 @@ from omegaconf import DictConfig
 from torch import nn
 
 import wasi
-from experiments.models import build_model
-from experiments.spectrum import pretrained_like_
+from experiments.builders.models import build_model
+from experiments.builders.spectrum import pretrained_like_
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass
 class Variant:
-    """model: the timm model after `method.apply`; method: the `experiments.methods` object;
+    """model: the timm model after `method.apply`; method: the `experiments.builders.methods` object;
     optimizer: from `method.build_optimizer`; summary: what `apply` reported (JSON-able)."""
 
     model: nn.Module
@@ -40,7 +40,7 @@ def build_variant(cfg: DictConfig, num_classes: int, calibration: Iterable[Batch
     calibration batches x: (B, 3, S, S), y: (B,)) and build its optimizer from `cfg.optimizer`.
 
     spectrum="pretrained" (benchmarks only) first gives the method's target weights the pretrained-like
-    spectrum of `experiments.spectrum`; "random" keeps the weights as built.
+    spectrum of `experiments.builders.spectrum`; "random" keeps the weights as built.
     """
     model = build_model(cfg.model, num_classes).to(device)
     if spectrum == "pretrained":

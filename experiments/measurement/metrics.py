@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 import wasi
-from experiments.variant import Variant, train_step
+from experiments.builders.variant import Variant, train_step
 from wasi import factored_layers
 
 _logger = logging.getLogger(__name__)

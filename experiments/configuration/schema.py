@@ -1,7 +1,7 @@
 """The config schema: the type and allowed values of every setting, one dataclass per config node.
 
 Importing this module stores the schemas in Hydra's ConfigStore (`register`), which composing conf/
-needs: train.py (through experiments.errors), experiments.methods (so experiments.variant and
+needs: train.py (through experiments.training.errors), experiments.builders.methods (so experiments.builders.variant and
 experiments.bench) and tests/conftest.py import it. The YAML files extend the schemas:
 `conf/config.yaml` starts from `config_schema` (top-level keys, `trainer`, `paths`, `model`,
 `hardware`, `logger`), each `conf/method/*.yaml` and `conf/optimizer/*.yaml` from its own
@@ -195,7 +195,7 @@ class AdamW(Checked):
 
 
 # ---------------------------------------------------------------------------------------------
-# Methods (conf/method/*.yaml -> experiments.methods)
+# Methods (conf/method/*.yaml -> experiments.builders.methods)
 # ---------------------------------------------------------------------------------------------
 
 TARGETS_RULE = one_of(*TARGETS)

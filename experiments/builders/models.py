@@ -12,9 +12,9 @@ from huggingface_hub.errors import HfHubHTTPError
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-log = logging.getLogger(__name__)
+from experiments import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger(__name__)
 
 
 HUB_TIMEOUT_S = 5.0  # how long to wait for the Hugging Face hub before calling the machine offline

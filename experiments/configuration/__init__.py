@@ -1,0 +1,1 @@
+"""The config schema (configuration.schema): the type and allowed values of every setting."""

@@ -1,0 +1,1 @@
+"""The training loop's infrastructure: checkpoints, stop signals, data parallelism, hardware, logging, errors."""
