@@ -129,6 +129,21 @@ def test_galore_state_is_the_projection_and_low_rank_moments():
     assert metrics.peak_bytes(lambda: None, DEVICE, model, optimizer) == F32 * (2 * total + state + buffers)
 
 
+def test_galore_resumes_from_a_checkpoint_as_if_never_stopped(tmp_path):
+    """Its state holds galore_torch's GaLoreProjector objects; checkpoints are read back with weights_only=True."""
+    model, optimizer = built(Galore(rank=4))
+    step(model, optimizer, batch())
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "last.ckpt")
+    resumed, again = built(Galore(rank=4), seed=5)
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    resumed.load_state_dict(saved["model"])
+    again.load_state_dict(saved["optimizer"])
+    for m, opt in ((model, optimizer), (resumed, again)):
+        step(m, opt, batch(seed=2))
+    for (name, p), q in zip(model.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+
+
 def test_galore_moves_every_weight_and_the_rank_bounds_the_projected_update():
     model, optimizer = built(Galore(rank=2, targets="mlp", scale=1.0, update_proj_gap=100))
     w = model.blocks[0].mlp.fc1.weight

@@ -368,7 +368,8 @@ class Galore(Vanilla):
     target weight W: (O, I) in a rank-`rank` projection of its gradient (P: the top singular vectors of the
     gradient of the smaller side, refreshed every `update_proj_gap` steps; the update is projected back and
     scaled by `scale`). The weights, their gradients and the activations stay dense; the model exports as
-    vanilla's. Needs optimizer=adamw (its lr and weight_decay)."""
+    vanilla's. galore-torch keeps each projection as a slice of its SVD factor, so a min(O, I)² matrix per
+    weight stays allocated (metrics.weight_bytes counts it). Needs optimizer=adamw (its lr and weight_decay)."""
 
     def __init__(self, name: str = "galore", targets: str = "mlp+attn", last_n: int | None = None,
                  train_rest: bool = True, recompute: str = "none", rank: int = 4, update_proj_gap: int = 500,
@@ -388,8 +389,11 @@ class Galore(Vanilla):
 
     def build_optimizer(self, model: nn.Module, optimizer: functools.partial) -> torch.optim.Optimizer:
         from galore_torch import GaLoreAdamW
+        from galore_torch.galore_projector import GaLoreProjector
 
         settings = adamw_settings(self.name, optimizer, "galore_torch.GaLoreAdamW")
+        # The optimizer state holds one GaLoreProjector per weight: let resume's weights_only load rebuild them.
+        torch.serialization.add_safe_globals([GaLoreProjector])
         projected = [model.get_submodule(n).weight for n in self.projected_names(model)]
         ids = {id(p) for p in projected}
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
