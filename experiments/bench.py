@@ -11,10 +11,13 @@ Every variant (method × ε × recompute) is composed from conf/ and built by
 images of a dataset config, or `noise`). `--measure cost` uses the functions behind a run's
 results.json (`experiments.measurement.metrics.measure`, one variant at a time); `--measure time` times every
 variant's forward, backward and optimizer step and its inference round-robin (repetition r of every
-variant, starting one variant later each round), so a slow spell of the machine hits all alike.
+variant, starting one variant later each round), so a slow spell of the machine hits all alike;
+`--measure energy` reads the machine's energy counters (experiments.measurement.energy: NVML, RAPL, a
+Jetson's rails) around the same training steps and inferences of the same rounds (joules per training step
+and per inference: means over the timed rounds), or says in one line that there is none.
 Ratios `×` are the reference's value over the variant's (reference: vanilla without recompute, else
 the first variant), from medians. Writes under --out: variants.csv (one row per variant),
-summary.md, saved_tensors.csv (cost), timing.csv, timing_raw.csv, latency.png (time), profile.csv
+summary.md, saved_tensors.csv (cost), timing.csv, timing_raw.csv, latency.png (time), energy.csv (energy), profile.csv
 (profile: torch.profiler's time in the library's Tucker step, compressed gradient and factored update) and
 run.json.
 """
@@ -41,12 +44,13 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import experiments.configuration.schema  # noqa: F401  (registers the config schemas that conf/ extends)
 from experiments import CONF_DIR
 from experiments.builders.variant import Variant, build_variant, train_step
 from experiments.measurement import metrics
+from experiments.measurement.energy import EnergyMeter, NoEnergySensor, open_meter
 from experiments.training.hardware import autocast, seed_everything, setup_hardware
 
 matplotlib.use("Agg")
@@ -91,10 +95,14 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
 def variant_specs(args: argparse.Namespace, base: list[str]) -> list[Spec]:
     """Every method of --methods, once per --eps value where ε matters to it (a weight rank K, or activation
     ranks from epsilon_act, which follows ε unless set), once per --recompute mode it supports ("mlp" needs
-    WSI/WASI)."""
+    WSI/WASI). A method that builds its optimizer from one optimizer group (its schema's `optimizer_need`:
+    LoRA-FA, GaLore from optimizer=adamw) gets that group, unless --set chooses one."""
     specs = []
+    chosen_optimizer = any(o.startswith(("optimizer=", "+optimizer=")) for o in args.set)
     for name in args.methods:
         method = compose_cfg([*base, f"method={name}"]).method
+        need = getattr(OmegaConf.get_type(method), "optimizer_need", None)  # e.g. GaLore: optimizer=adamw
+        own = [] if need is None or chosen_optimizer else [f"optimizer={need.choice}"]
         activation_from_eps = method.get("ranks") is None and method.get("budget_mib") is None  # epsilon_act = ε
         uses_eps = "epsilon" in method and (method.get("weight", True) or activation_from_eps)
         for eps in args.eps if uses_eps else [None]:
@@ -102,7 +110,7 @@ def variant_specs(args: argparse.Namespace, base: list[str]) -> list[Spec]:
                 if mode == "mlp" and not method.get("weight", False):
                     continue
                 label = name + ("" if eps is None else f" ε={eps:g}") + ("" if mode is None else f" [{mode}]")
-                overrides = [*base, f"method={name}"] + ([] if eps is None else [f"method.epsilon={eps}"])
+                overrides = [*base, f"method={name}", *own] + ([] if eps is None else [f"method.epsilon={eps}"])
                 overrides += [] if mode is None else [f"method.recompute={mode}"]
                 specs.append(Spec(label, name, eps, mode, overrides))
     return specs
@@ -127,10 +135,16 @@ def describe(spec: Spec, variant: Variant) -> dict[str, Any]:
     layers = variant.summary.get("layers", [])
     ks = [layer["weight_rank"] for layer in layers if layer["weight_rank"] is not None]
     return {"label": spec.label, "method": spec.method, "epsilon": spec.epsilon,
-            "recompute": getattr(variant.method, "recompute", None),
+            "recompute": getattr(variant.method, "recompute", None), "optimizer": optimizer_name(variant.optimizer),
             "K_mean": sum(ks) / len(ks) if ks else None, "K": ks or None,
             "act_ranks": [layer["act_ranks"] for layer in layers if layer["act_ranks"]] or None,
             **{f"params/{k}": v for k, v in metrics.count_parameters(variant.model).items()}}
+
+
+def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer's class, with its package unless it is torch's: SGD, peft.LoraFAOptimizer, galore_torch.AdamW."""
+    package = type(optimizer).__module__.split(".")[0]
+    return type(optimizer).__name__ if package == "torch" else f"{package}.{type(optimizer).__name__}"
 
 
 def measure_cost(variant: Variant, cfg: DictConfig, x: torch.Tensor, y: torch.Tensor,
@@ -148,11 +162,22 @@ def measure_cost(variant: Variant, cfg: DictConfig, x: torch.Tensor, y: torch.Te
 
 
 def time_round_robin(built: list[tuple[Spec, Variant, DictConfig]], x: torch.Tensor, y: torch.Tensor,
-                     device: torch.device, warmup: int, reps: int) -> pd.DataFrame:
-    """Seconds per phase of every variant, round-robin; one row per (label, rep, phase)."""
+                     device: torch.device, warmup: int, reps: int, meter: EnergyMeter | None = None) -> pd.DataFrame:
+    """Seconds per phase of every variant, round-robin; one row per (label, rep, phase). With `meter`, the
+    train_step and inference rows also hold `joules/<domain>`: the counters read (after a device sync)
+    just before the step's first clock and after its last, and around the inference."""
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
+
+    def energy() -> dict[str, float]:
+        if meter is None:
+            return {}
+        sync()
+        return meter.read()
+
+    def used(start: dict[str, float], end: dict[str, float]) -> dict[str, float]:
+        return {f"joules/{domain}": end[domain] - start[domain] for domain in start}
 
     rows, n = [], len(built)
     for r in range(warmup + reps):
@@ -164,18 +189,24 @@ def time_round_robin(built: list[tuple[Spec, Variant, DictConfig]], x: torch.Ten
                 marks.append(time.perf_counter())
 
             variant.model.train()
+            step_start = energy()
             clock()
             train_step(variant.model, variant.optimizer, x, y, cfg.trainer.grad_clip, amp, clock)
+            step_end = energy()
             deployed = variant.method.inference_model(variant.model).eval()
             with torch.no_grad(), amp:
+                inference_start = energy()
                 clock()
                 deployed(x)
                 clock()
+                inference_end = energy()
             t = [b - a for a, b in zip(marks, marks[1:])]
             seconds = {"forward": t[0], "backward": t[1], "optimizer": t[2], "train_step": sum(t[:3]),
                        "inference": t[4]}
+            joules = {"train_step": used(step_start, step_end), "inference": used(inference_start, inference_end)}
             if r >= warmup:
-                rows += [{"label": spec.label, "rep": r - warmup, "phase": p, "seconds": seconds[p]} for p in PHASES]
+                rows += [{"label": spec.label, "rep": r - warmup, "phase": p, "seconds": seconds[p],
+                          **joules.get(p, {})} for p in PHASES]
         log.info("timing round %d/%d (%s)", r + 1, warmup + reps, "warm-up" if r < warmup else "timed")
     return pd.DataFrame(rows)
 
@@ -223,6 +254,22 @@ def timing_stats(raw: pd.DataFrame, reference: str, threads: int) -> pd.DataFram
     return stats
 
 
+def energy_stats(raw: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """Joules per training step and per inference of every variant and energy domain: the mean over the timed
+    rounds (a counter that advances in jumps reads 0 or a jump in one window, so no median), and the ratio
+    mean(reference) / mean(label) of the same phase and domain. One row per (label, phase, domain)."""
+    columns = [c for c in raw if c.startswith("joules/")]
+    long = raw.dropna(subset=columns).melt(id_vars=["label", "phase"], value_vars=columns, var_name="domain",
+                                           value_name="joules")
+    long["domain"] = long["domain"].str.removeprefix("joules/")
+    stats = long.groupby(["label", "phase", "domain"], sort=False)["joules"].agg(n="count", mean_j="mean",
+                                                                                 std_j="std").reset_index()
+    ref = stats[stats.label == reference].set_index(["phase", "domain"])["mean_j"]
+    stats["ratio"] = [ref.get((p, d), float("nan")) / m if m else float("nan")
+                      for p, d, m in zip(stats.phase, stats.domain, stats.mean_j)]
+    return stats
+
+
 def add_ratios(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     """`layers ×`, the paper's per-layer figure (dense / compressed bytes of the converted layers), and, once the
     reference row exists, `<metric> ×` = the reference's value / the row's for the cost metrics."""
@@ -249,6 +296,9 @@ def markdown(table: pd.DataFrame, breakdown: dict[str, dict[str, int]], header: 
             "flops/inference_per_image": ("infer GFLOPs/img", g), "time/train_step_s": ("step ms", 1e-3),
             "time/train_step_s ×": ("step ×", 1), "time/inference_s": ("infer ms", 1e-3),
             "time/inference_s ×": ("infer ×", 1)}
+    cols.update({key: (f"{phase} J {key.split('/')[1]}", 1) for key in table if key.startswith("energy/")
+                 for phase in ["step" if key.endswith("/train_step_j") else "infer"]})
+    cols = {"label": cols.pop("label"), "optimizer": ("optimizer", None), **cols}
     shown = pd.DataFrame({name: table[key] if scale is None else (table[key] / scale).round(2)
                           for key, (name, scale) in cols.items() if key in table})
     lines = [header, "", shown.to_markdown(index=False, floatfmt="g"), ""]
@@ -323,9 +373,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--hub", action="store_true", help="pretrained weights from the hub (model.pretrained=true)")
     p.add_argument("--hardware", default="cpu", help="conf/hardware choice")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: the hardware config's)")
-    p.add_argument("--measure", nargs="+", choices=["cost", "time", "profile"], default=["cost"],
+    p.add_argument("--measure", nargs="+", choices=["cost", "time", "energy", "profile"], default=["cost"],
                    help="profile: the share of a step in the library's Tucker step, compressed gradient and "
-                   "factored update")
+                   "factored update; energy: joules per training step and per inference, read around the timed "
+                   "calls of --measure time's rounds (NVML, RAPL or a Jetson's rails; one line if none is readable)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds")
     p.add_argument("--reps", type=int, default=10, help="timed rounds")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant")
@@ -361,6 +412,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
               f"{shlex.join(sys.argv[1:] if argv is None else argv)}`\n\nWeights: {weights}. Inputs: {inputs}. "
               f"Device: {device}, {probe.hardware.precision}, {torch.get_num_threads()} threads. Reference for `×`: "
               f"{reference} (its value / the row's).")
+    meter, timed = None, {"time", "energy"} & set(args.measure)
+    if "energy" in args.measure:
+        try:
+            meter = open_meter(device)
+            header += f"\n\nEnergy: {meter.description}; joules are means over the {args.reps} timed rounds."
+        except NoEnergySensor as err:
+            log.warning("energy: %s; energy is not measured, the other measures still run", err)
+            header += f"\n\nEnergy: not measured ({err})."
+            timed = timed - {"energy"}
     rows, breakdown, built = [], {}, []
     for spec in specs:
         cfg = compose_cfg(spec.overrides)
@@ -371,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if "cost" in args.measure:
             cost, breakdown[spec.label] = measure_cost(variant, cfg, x, y, device)
             rows[-1].update(cost)
-        if {"time", "profile"} & set(args.measure):
+        if {"profile"} & set(args.measure) or timed:
             built.append((spec, variant, cfg))
         del variant
         gc.collect()
@@ -383,8 +443,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if "profile" in args.measure:
         profiled = profile_regions(built, x, y, device, args.warmup, args.reps)
         profiled.to_csv(out / "profile.csv", index=False)
-    if "time" in args.measure:
-        raw = time_round_robin(built, x, y, device, args.warmup, args.reps)
+    if timed:
+        raw = time_round_robin(built, x, y, device, args.warmup, args.reps, meter)
         stats = timing_stats(raw, reference, torch.get_num_threads())
         raw.to_csv(out / "timing_raw.csv", index=False)
         stats.to_csv(out / "timing.csv", index=False)
@@ -392,6 +452,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
         for phase, key in (("train_step", "time/train_step_s"), ("inference", "time/inference_s")):
             by_label = stats[stats.phase == phase].set_index("label")
             table[key], table[f"{key} ×"] = table.label.map(by_label.median_s), table.label.map(by_label.speedup)
+        if meter is not None:
+            joules = energy_stats(raw, reference)
+            joules.to_csv(out / "energy.csv", index=False)
+            for (phase, domain), group in joules.groupby(["phase", "domain"], sort=False):
+                table[f"energy/{domain}/{phase}_j"] = table.label.map(group.set_index("label").mean_j)
         table.to_csv(out / "variants.csv", index=False)
     (out / "summary.md").write_text(markdown(table, breakdown, header, profiled))
     (out / "run.json").write_text(json.dumps({"argv": list(sys.argv[1:] if argv is None else argv),

@@ -42,6 +42,11 @@ __all__ = ["export_run", "deployable", "RunExportError"]
 log = logging.getLogger(__name__)
 
 
+#: State a trained model holds for training only, which inference and LoRA merging never read: PEFT VeLoRA's
+#: projection vectors (its backward compresses the adapter input with them).
+TRAINING_ONLY = (".lora_velora_embed.",)
+
+
 class RunExportError(RuntimeError):
     """A run folder cannot be exported (missing files, or weights that do not fit its config)."""
 
@@ -85,8 +90,9 @@ def read_run_config(run_dir: Path) -> DictConfig:
 def deployable(model: nn.Module, state: dict[str, Tensor], method_cfg: DictConfig,
                source: str = "checkpoint") -> nn.Module:
     """Reshape a fresh timm `model` to fit the trained `state`, load it strictly, and return the
-    inference form: LoRA merged, WSI/WASI and SVD-LLM factors as low-rank wasi.WSILinear, the rest dense."""
-    state = dict(state)
+    inference form: LoRA merged (LoRA-FA's and VeLoRA's too; VeLoRA's TRAINING_ONLY projections dropped),
+    WSI/WASI and SVD-LLM factors as low-rank wasi.WSILinear, the rest dense (vanilla, GaLore)."""
+    state = {k: v for k, v in state.items() if not any(part in k for part in TRAINING_ONLY)}
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     svd_pairs = [n for n in linears if _weight(state, f"{n}.0") is not None]  # SVD-LLM Sequential(W_v, W_u)
     for name in svd_pairs:

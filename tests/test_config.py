@@ -24,6 +24,8 @@ def choices(group: str) -> list[str]:
 @pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])
 def test_every_choice_composes(make_cfg, group, choice):
     cfg = make_cfg(f"{group}={choice}")
+    need = getattr(OmegaConf.get_type(cfg.method), "optimizer_need", None)  # LoRA-FA, GaLore: optimizer=adamw
+    cfg = make_cfg(f"{group}={choice}", f"optimizer={need.choice}") if need else cfg
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     validate(cfg)  # and every value is allowed
     if group == "optimizer":

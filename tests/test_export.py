@@ -135,6 +135,9 @@ def fake_run(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, torch.Tensor]:
     (["method=lora", "method.targets=mlp+attn"], 0),
     (["method=svd_llm"], 4),
     (["method=svd_llm", "method.finetune=factors", "method.last_n=2"], 2),
+    (["method=velora"], 0),
+    (["method=lora_fa", "optimizer=adamw"], 0),
+    (["method=galore", "optimizer=adamw"], 0),
 ])
 def test_every_method_exports_its_deployed_model(make_cfg, tmp_path: Path, overrides: list[str], n_low_rank: int):
     torch.set_num_threads(1)

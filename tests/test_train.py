@@ -65,7 +65,8 @@ def error_line(proc) -> str:
     (["method=wasi", "method.epsilon=abc"], 2, "method.epsilon=abc: must be a float. Fix: e.g. method.epsilon=0.8",
      False),  # a type, checked by Hydra while composing
     (["trainer.epoch=3"], 2, "trainer.epoch is not a setting. Fix: did you mean trainer.epochs?", False),
-    (["method=nope"], 2, "method=nope: there is no conf/method/nope.yaml. Fix: method=<one of asi, lora,", False),
+    (["method=nope"], 2, "method=nope: there is no conf/method/nope.yaml. Fix: method=<one of asi, galore, lora,",
+     False),
     (["method=wasi", "method.ranks=[8,8,8]", "method.budget_mib=1"], 2,
      "method.ranks=[8,8,8]: method.budget_mib=1.0 also chooses the activation ranks. Fix: keep one of", True),
     (["method=wsi", "optimizer=adamw"], 2, "optimizer._target_=torch.optim.AdamW: method=wsi updates its weight "

@@ -13,6 +13,7 @@ import hashlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from torch import nn
 import wasi
 from experiments.configuration.schema import bytes_to_mib_ceil, invalid, mib_to_bytes
 from wasi import svd_llm
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +173,15 @@ class Lora(Vanilla):
 
     def add_adapters(self, model: nn.Module, names: list[str]) -> None:
         """PEFT LoRA on the named linears, in place (PEFT freezes everything but the adapters)."""
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import inject_adapter_in_model
 
-        config = LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=names)
-        inject_adapter_in_model(config, model)
+        inject_adapter_in_model(self.lora_config(names), model)
+
+    def lora_config(self, names: list[str]) -> LoraConfig:
+        """The PEFT config of the adapters on the named linears (a LoRA variant sets its own options here)."""
+        from peft import LoraConfig
+
+        return LoraConfig(r=self.r, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=names)
 
     def inference_model(self, model: nn.Module) -> nn.Module:
         """A copy with every adapter merged into its dense weight (what one deploys)."""
@@ -291,3 +300,103 @@ def _fingerprint(model: nn.Module, images: list[torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Today's memory-saving peers, each through its own library.
+# ---------------------------------------------------------------------------------------------
+
+def adamw_settings(name: str, optimizer: functools.partial, builds: str) -> dict:
+    """The keywords of the `optimizer=adamw` partial that method `name` builds its own AdamW-type optimizer
+    (`builds`) from; another optimizer is a ValueError naming the fix."""
+    if optimizer.func is not torch.optim.AdamW:
+        raise ValueError(f"method={name} trains with {builds}, built from the AdamW settings, so it needs "
+                         f"optimizer=adamw (got {optimizer.func.__name__})")
+    return dict(optimizer.keywords)
+
+
+class Velora(Lora):
+    """VeLoRA (Miles et al., NeurIPS 2024) as PEFT's LoRA variant (`LoraConfig(velora_config=VeloraConfig(...))`):
+    LoRA adapters on the target linears whose A projection saves each token's input x: (T, I) only as its
+    `num_groups` sub-token projections (T, num_groups) onto one vector (the first batch's normalised mean
+    sub-token with init_type="batch_average_once"), and rebuilds x from them (times `scale`) for A's gradient in
+    backward. B's gradient and the input gradient stay exact; merging is plain LoRA's."""
+
+    def __init__(self, name: str = "velora", r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 targets: str = "mlp", last_n: int | None = None, train_rest: bool = False, recompute: str = "none",
+                 num_groups: int = 32, scale: float = 0.1, init_type: str = "batch_average_once"):
+        super().__init__(name, r, alpha, dropout, targets, last_n, train_rest, recompute)
+        self.num_groups, self.scale, self.init_type = num_groups, scale, init_type
+
+    def lora_config(self, names: list[str]) -> LoraConfig:
+        from peft import VeloraConfig
+
+        config = super().lora_config(names)
+        config.velora_config = VeloraConfig(num_groups=self.num_groups, scale=self.scale, init_type=self.init_type)
+        return config
+
+    def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
+        return {**super().apply(model, loader, device), "velora/num_groups": self.num_groups,
+                "velora/scale": self.scale, "velora/init_type": self.init_type}
+
+
+class LoraFa(Lora):
+    """LoRA-FA (Zhang et al. 2023) through PEFT: LoRA adapters whose A stays frozen at its random init while B
+    trains with PEFT's LoRA-FA optimizer (`peft.optimizers.create_lorafa_optimizer`: AdamW, B's gradient
+    projected by (A Aᵀ)⁻¹ scaled by (r/alpha)², so that ΔW = B A follows the full gradient's projection onto
+    A's row space). With A frozen, an adapter keeps only A x (r per token) for backward, not its input x.
+    Needs optimizer=adamw (its lr and weight_decay)."""
+
+    def add_adapters(self, model: nn.Module, names: list[str]) -> None:
+        """PEFT LoRA on the named linears, in place, keeping PEFT's tuner: the LoRA-FA optimizer reads the
+        adapters' scaling from it (`inject_adapter_in_model` builds the same tuner and drops it)."""
+        from peft import LoraModel
+
+        self.tuner = LoraModel(model, self.lora_config(names), "default")
+
+    def build_optimizer(self, model: nn.Module, optimizer: functools.partial) -> torch.optim.Optimizer:
+        from peft.optimizers import create_lorafa_optimizer
+
+        settings = adamw_settings(self.name, optimizer, "PEFT's LoRA-FA optimizer")
+        return create_lorafa_optimizer(self.tuner, r=self.r, lora_alpha=self.alpha, lr=settings["lr"],
+                                       weight_decay=settings.get("weight_decay", 0.0))  # freezes every lora_A
+
+
+class Galore(Vanilla):
+    """GaLore (Zhao et al., ICML 2024) through `galore-torch`: full fine-tuning (with `train_rest`, every
+    parameter trains densely, as vanilla) with `galore_torch.GaLoreAdamW`, which keeps the Adam moments of each
+    target weight W: (O, I) in a rank-`rank` projection of its gradient (P: the top singular vectors of the
+    gradient of the smaller side, refreshed every `update_proj_gap` steps; the update is projected back and
+    scaled by `scale`). The weights, their gradients and the activations stay dense; the model exports as
+    vanilla's. galore-torch keeps each projection as a slice of its SVD factor, so a min(O, I)² matrix per
+    weight stays allocated (metrics.weight_bytes counts it). Needs optimizer=adamw (its lr and weight_decay)."""
+
+    def __init__(self, name: str = "galore", targets: str = "mlp+attn", last_n: int | None = None,
+                 train_rest: bool = True, recompute: str = "none", rank: int = 4, update_proj_gap: int = 500,
+                 scale: float = 4.0, proj_type: str = "std"):
+        super().__init__(name, targets, last_n, train_rest, recompute)
+        self.rank, self.update_proj_gap, self.scale, self.proj_type = rank, update_proj_gap, scale, proj_type
+
+    def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
+        super().apply(model, loader, device)
+        return {"galore/rank": self.rank, "galore/update_proj_gap": self.update_proj_gap,
+                "galore/scale": self.scale, "galore/targets": self.projected_names(model)}
+
+    def projected_names(self, model: nn.Module) -> list[str]:
+        """The target linears (the last `last_n` of them) whose weights get GaLore's projected optimizer state."""
+        names = wasi.find_targets(model, self.targets)
+        return names if self.last_n is None else names[-self.last_n:]
+
+    def build_optimizer(self, model: nn.Module, optimizer: functools.partial) -> torch.optim.Optimizer:
+        from galore_torch import GaLoreAdamW
+        from galore_torch.galore_projector import GaLoreProjector
+
+        settings = adamw_settings(self.name, optimizer, "galore_torch.GaLoreAdamW")
+        # The optimizer state holds one GaLoreProjector per weight: let resume's weights_only load rebuild them.
+        torch.serialization.add_safe_globals([GaLoreProjector])
+        projected = [model.get_submodule(n).weight for n in self.projected_names(model)]
+        ids = {id(p) for p in projected}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+        groups = [{"params": rest}, {"params": projected, "rank": self.rank, "update_proj_gap": self.update_proj_gap,
+                                     "scale": self.scale, "proj_type": self.proj_type}]
+        return GaLoreAdamW(groups, no_deprecation_warning=True, **settings)

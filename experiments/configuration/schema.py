@@ -231,6 +231,44 @@ class SvdLlmMethod(VanillaMethod):
     cache: str | None = MISSING
 
 
+@dataclass(frozen=True)
+class OptimizerNeed:
+    """The optimizer group a method builds its own optimizer from: conf/optimizer/<choice>.yaml, whose
+    `_target_` is `target`; `builds` names what the method builds (for the message)."""
+
+    choice: str
+    target: str
+    builds: str
+
+
+@dataclass
+class VeloraMethod(LoraMethod):
+    """conf/method/velora.yaml: PEFT's VeLoRA options (peft.VeloraConfig) on top of LoRA's."""
+
+    num_groups: int = setting(at_least(1), "method.num_groups=32")
+    scale: float = setting(POSITIVE, "method.scale=0.1")
+    init_type: str = setting(one_of("batch_average_once", "batch_average", "random"),
+                             "method.init_type=batch_average_once")
+
+
+@dataclass
+class LoraFaMethod(LoraMethod):
+    """conf/method/lora_fa.yaml: LoRA's options; the optimizer is PEFT's LoRA-FA (AdamW settings)."""
+
+    optimizer_need: ClassVar[OptimizerNeed] = OptimizerNeed("adamw", "torch.optim.AdamW", "PEFT's LoRA-FA optimizer")
+
+
+@dataclass
+class GaloreMethod(VanillaMethod):
+    """conf/method/galore.yaml: galore_torch.GaLoreAdamW's projection settings (AdamW settings otherwise)."""
+
+    optimizer_need: ClassVar[OptimizerNeed] = OptimizerNeed("adamw", "torch.optim.AdamW", "galore_torch.GaLoreAdamW")
+    rank: int = setting(at_least(1), "method.rank=4")
+    update_proj_gap: int = setting(at_least(1), "method.update_proj_gap=500")
+    scale: float = setting(POSITIVE, "method.scale=4")
+    proj_type: str = setting(one_of("std", "reverse_std", "right", "left", "full"), "method.proj_type=std")
+
+
 @dataclass
 class SubspaceMethod(Checked, wasi.WASIConfig):
     """conf/method/wasi.yaml (asi.yaml and wsi.yaml extend it): wasi.WASIConfig, whose fields and
@@ -304,10 +342,16 @@ class Config(Checked):
         if getattr(self.method, "weight", False) and target != "torch.optim.SGD":
             raise invalid("optimizer._target_", target, f"method={self.method.name} updates its weight factors with "
                           "the subspace SGD step (docs/method.md, Factored update)", "optimizer=sgd")
+        need = getattr(self.method, "optimizer_need", None)
+        if need is not None and target != need.target:
+            raise invalid("optimizer._target_", target, f"method={self.method.name} trains with {need.builds}, "
+                          f"built from the {need.choice} settings", f"optimizer={need.choice}")
 
 
 SCHEMAS = {"config_schema": Config, "vanilla_method_schema": VanillaMethod, "lora_method_schema": LoraMethod,
            "svd_llm_method_schema": SvdLlmMethod, "wasi_method_schema": SubspaceMethod,
+           "velora_method_schema": VeloraMethod, "lora_fa_method_schema": LoraFaMethod,
+           "galore_method_schema": GaloreMethod,
            "sgd_optimizer_schema": SGD, "adamw_optimizer_schema": AdamW}
 
 

@@ -216,3 +216,151 @@ def cub200(root: str) -> RawSplits:
             f"{sorted(set(train.classes) ^ set(test.classes))}"
         )
     return RawSplits(train=train, test=test)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fashion-MNIST, Food-101 and ISIC 2018 (the authors' other datasets).
+# ---------------------------------------------------------------------------------------------
+
+#: Where Debian's package `dataset-fashion-mnist` puts the four *-ubyte.gz files.
+FASHION_MNIST_SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = tuple(name for name, _ in tvd.FashionMNIST.resources)  # train/t10k images/labels .gz
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """A grey (mode L) PIL image as RGB, the three channels equal."""
+    return image.convert("RGB")
+
+
+def fashion_mnist(root: str, download: bool = False, train_size: int | None = None,
+                  system_dir: str = FASHION_MNIST_SYSTEM_DIR) -> RawSplits:
+    """Fashion-MNIST (60000 train, 10000 test, 28x28 grey, 10 classes) read by torchvision's FashionMNIST
+    from `root/FashionMNIST/raw`, items as RGB.
+
+    The four `*-ubyte.gz` files are taken from the first folder that has all of them: `system_dir`
+    (Debian's `dataset-fashion-mnist`), `root/FashionMNIST/raw`, `root/fashion-mnist`; they are unpacked
+    into `root/FashionMNIST/raw` (torchvision's layout) unless it already holds the unpacked files. With
+    none of them, `download=True` lets torchvision download them. `train_size`: keep a class-stratified
+    subset of that many training images (`train_test_split`, random_state 0: the same images for every
+    run seed); the test split is always all 10000.
+    """
+    raw = Path(root) / "FashionMNIST" / "raw"
+    unpacked = [raw / name.removesuffix(".gz") for name in FASHION_MNIST_FILES]
+    if not all(f.is_file() for f in unpacked):
+        places = [Path(system_dir), raw, Path(root) / "fashion-mnist"]
+        found = next((d for d in places if all((d / name).is_file() for name in FASHION_MNIST_FILES)), None)
+        if found is not None:
+            _gunzip_all(found, raw)
+        elif not download:
+            raise DatasetNotFoundError(
+                f"Fashion-MNIST not found: none of {', '.join(str(p) for p in places)} holds "
+                f"{', '.join(FASHION_MNIST_FILES)}. Fix: apt-get install dataset-fashion-mnist (puts them in "
+                f"{system_dir}), or run with dataset.source.download=true to download them into {raw}, or set "
+                "paths.data_dir=/path (or WASI_DATA_DIR=/path) to a folder that holds FashionMNIST/raw/."
+            )
+    train = _torchvision(tvd.FashionMNIST, "FashionMNIST", root, download, train=True, transform=to_rgb)
+    test = _torchvision(tvd.FashionMNIST, "FashionMNIST", root, download, train=False, transform=to_rgb)
+    if train_size is not None:
+        train = training_subset(train, train.targets.numpy(), train_size, "dataset.source.train_size")
+    return RawSplits(train=train, test=test)
+
+
+def _gunzip_all(source: Path, target: Path) -> None:
+    """Unpack every FASHION_MNIST_FILES .gz of `source` into `target` (atomically: a concurrent reader never
+    sees a half-written file)."""
+    import gzip
+    import os
+    import shutil
+    import tempfile
+
+    target.mkdir(parents=True, exist_ok=True)
+    log.info("unpacking Fashion-MNIST from %s into %s (torchvision's layout)", source, target)
+    for name in FASHION_MNIST_FILES:
+        with gzip.open(source / name, "rb") as src, tempfile.NamedTemporaryFile(dir=target, delete=False) as dst:
+            shutil.copyfileobj(src, dst)
+        os.chmod(dst.name, 0o644)
+        os.replace(dst.name, target / name.removesuffix(".gz"))
+
+
+def training_subset(dataset: Dataset, labels: np.ndarray, size: int, key: str) -> Dataset:
+    """A class-stratified subset of `size` items of a training split (`train_test_split`, random_state 0),
+    in their original order. labels: (N,) ints."""
+    from sklearn.model_selection import train_test_split
+
+    n = len(labels)
+    if not 0 < size <= n:
+        raise ValueError(f"{key}={size}: must be in [1, {n}] (the training split has {n} images). "
+                         f"Fix: {key}=null for all of them, or a smaller number")
+    if size == n:
+        return dataset
+    keep, _ = train_test_split(np.arange(n), train_size=size, stratify=labels, random_state=0)
+    return Subset(dataset, sorted(keep.tolist()))
+
+
+def food101(root: str, download: bool = False) -> RawSplits:
+    """Food-101 (75750 train, 25250 test, 101 classes; meta/train.json and meta/test.json) from
+    `root/food-101`, read by torchvision's Food101."""
+    return RawSplits(
+        train=_torchvision(tvd.Food101, "food-101", root, download, split="train"),
+        test=_torchvision(tvd.Food101, "food-101", root, download, split="test"),
+    )
+
+
+#: ISIC 2018 task 3 diagnosis columns of the ground-truth CSVs, in the files' order (label = column index).
+ISIC2018_CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
+ISIC2018_SPLITS = {"train": "Training", "validation": "Validation", "test": "Test"}
+
+
+class LabelledImages(Dataset):
+    """Image files and their labels -> items (PIL RGB, int)."""
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int]) -> None:
+        self.files, self.labels = list(files), [int(y) for y in labels]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        with Image.open(self.files[index]) as image:
+            return image.convert("RGB"), self.labels[index]
+
+
+def isic2018_split(base: Path, split: str) -> LabelledImages:
+    """One split of the ISIC 2018 task 3 release under `base`: the images
+    `ISIC2018_Task3_<Split>_Input/<image>.jpg` and the one-hot labels of
+    `ISIC2018_Task3_<Split>_GroundTruth/ISIC2018_Task3_<Split>_GroundTruth.csv` (columns image, MEL, NV, BCC,
+    AKIEC, BKL, DF, VASC; label = the index of the column holding 1)."""
+    import pandas as pd
+
+    name = f"ISIC2018_Task3_{ISIC2018_SPLITS[split]}"
+    images, csv = base / f"{name}_Input", base / f"{name}_GroundTruth" / f"{name}_GroundTruth.csv"
+    if not images.is_dir() or not csv.is_file():
+        raise DatasetNotFoundError(
+            f"ISIC 2018 {split} split not found: expected {images}/ and {csv}. Fix: download {name}_Input.zip "
+            f"and {name}_GroundTruth.zip (task 3, https://challenge.isic-archive.com/data/#2018) and unzip both "
+            f"into {base}, or set paths.data_dir=/path (or WASI_DATA_DIR=/path) to a folder that holds isic2018/."
+        )
+    table = pd.read_csv(csv)
+    missing = [c for c in ("image", *ISIC2018_CLASSES) if c not in table.columns]
+    onehot = table[list(ISIC2018_CLASSES)].to_numpy() if not missing else None
+    if missing or not ((onehot == 0) | (onehot == 1)).all() or not (onehot.sum(1) == 1).all():
+        raise ValueError(f"{csv} is not an ISIC 2018 task 3 ground truth: it needs the columns image, "
+                         f"{', '.join(ISIC2018_CLASSES)} with exactly one 1 per row"
+                         + (f" (missing {missing})" if missing else ""))
+    files = [images / f"{image}.jpg" for image in table["image"]]
+    absent = [f.name for f in files if not f.is_file()]
+    if absent:
+        raise DatasetNotFoundError(f"{len(absent)} images listed in {csv} are not in {images} (e.g. {absent[:3]}). "
+                                   f"Fix: unzip {name}_Input.zip completely into {base}")
+    return LabelledImages(files, onehot.argmax(1))
+
+
+def isic2018(root: str, test_split: str = "validation") -> RawSplits:
+    """ISIC 2018 task 3 (skin lesion diagnosis, 7 classes ISIC2018_CLASSES) from `root/isic2018`: the 10015
+    training images train (and give the validation split), `test_split` tests: "validation" (the challenge's
+    193-image validation set, the authors' held-out split) or "test" (its 1512-image test set)."""
+    if test_split not in ("validation", "test"):
+        raise ValueError(f"dataset.source.test_split={test_split}: must be validation or test. "
+                         "Fix: dataset.source.test_split=validation")
+    base = Path(root).absolute() / "isic2018"
+    return RawSplits(train=isic2018_split(base, "train"), test=isic2018_split(base, test_split))

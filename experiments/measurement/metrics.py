@@ -212,9 +212,26 @@ def _factored_grads(model: nn.Module) -> list[torch.Tensor]:
 
 
 def _optimizer_state_tensors(optimizer: torch.optim.Optimizer | None) -> list[torch.Tensor]:
+    """Every tensor the optimizer's state holds, also inside containers and objects (galore_torch keeps each
+    weight's projection in a GaLoreProjector's `ortho_matrix`)."""
     if optimizer is None:
         return []
-    return [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return [t for state in optimizer.state.values() for v in state.values() for t in _tensors_in(v)]
+
+
+def _tensors_in(value: Any, depth: int = 3) -> list[torch.Tensor]:
+    """Tensors of `value`: itself, or found within `depth` levels of lists, tuples, dicts and object attributes."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if depth == 0 or isinstance(value, (str, bytes, int, float, bool)) or value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        items: Iterable[Any] = value
+    elif isinstance(value, dict):
+        items = value.values()
+    else:
+        items = vars(value).values() if hasattr(value, "__dict__") else ()
+    return [t for item in items for t in _tensors_in(item, depth - 1)]
 
 
 def weight_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
@@ -222,7 +239,8 @@ def weight_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> i
 
     Frozen parameters and buffers are not counted. Optimizer state is every tensor in
     ``optimizer.state`` (e.g. SGD ``momentum_buffer``; AdamW ``exp_avg``, ``exp_avg_sq``,
-    ``step``). Factored gradients are the ``(G, P)`` of ``wasi.factored_layers(model)``.
+    ``step``), also inside the objects it holds (GaLore's projection matrices). Factored gradients
+    are the ``(G, P)`` of ``wasi.factored_layers(model)``.
     Memory is counted per storage, each once at its full size, so a view costs what its storage
     holds (e.g. a ``P`` that views the saved layer input) and an expanded tensor costs its storage.
     """
