@@ -10,6 +10,7 @@ from torch import nn
 
 import wasi
 from tests.families import FAMILIES
+from tests.tiny_models import saved_tensors
 from wasi import WASIConfig, inject, merge, rebuild
 from wasi.adapters import adapter_for
 from wasi.mlp import is_fused
@@ -140,3 +141,27 @@ def test_recompute_gives_the_gradients_of_none(name, method, mode):
     assert got.keys() == expected.keys() and len(got) > 5
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4, msg=key)
+
+
+@pytest.mark.parametrize("activation", [True, False])
+@pytest.mark.parametrize("name", ["eva02", "hf_llama", "hf_dinov2_swiglu", "hf_gpt2", "hf_vit"])
+def test_fused_mlps_save_nothing_of_the_hidden_width(name, activation):
+    """Plain, GLU-chunked and gated MLPs, fused: autograd saves the input projections' inputs (Tucker factors or x)
+    and their u = x Rᵀ (…, K), never a tensor of the hidden width (…, H)."""
+    family = FAMILIES[name]
+    model, batch = family.build(), family.batch(2, 0)
+    summary = inject(model, WASIConfig(activation=activation), calibration=batch)
+    mlp = model.get_submodule(summary.fused_mlps[0])
+    form = wasi.mlp.fused_form(mlp)
+    out = mlp.get_submodule(form.output)
+    x = torch.randn(2, 7, out.out_features, requires_grad=True)
+    y, saved = saved_tensors(lambda: mlp(x))
+    hidden = out.in_features  # H: the output projection's input width
+    assert saved and not any(t.shape[:2] == (2, 7) and t.shape[-1] >= hidden for t in saved)
+    assert {(2, 7, mlp.get_submodule(p).rank) for p in form.inputs} <= {tuple(t.shape) for t in saved}  # the u's
+    y.sum().backward()
+    assert x.grad is not None
+    plain = copy.deepcopy(mlp)
+    wasi.mlp.unfuse(plain)  # the same layers through the module's own forward: the activation saves (…, H)
+    _, saved = saved_tensors(lambda: plain(x))
+    assert any(t.shape[:2] == (2, 7) and t.shape[-1] >= hidden for t in saved)
