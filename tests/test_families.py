@@ -165,3 +165,19 @@ def test_fused_mlps_save_nothing_of_the_hidden_width(name, activation):
     wasi.mlp.unfuse(plain)  # the same layers through the module's own forward: the activation saves (…, H)
     _, saved = saved_tensors(lambda: plain(x))
     assert any(t.shape[:2] == (2, 7) and t.shape[-1] >= hidden for t in saved)
+
+
+@pytest.mark.parametrize("name", ["eva02", "hf_llama"])
+def test_fused_gated_mlps_with_the_dense_weight_update(name):
+    """weight_update="reference" (a dense weight taking the gradient): the fused gated MLPs' dense weight
+    gradients equal the unfused ones."""
+    family = FAMILIES[name]
+    x, y = family.batch(2, 3)
+    models = [family.build(), family.build()]
+    for model, recompute in zip(models, ("none", "mlp")):
+        inject(model, WASIConfig(epsilon=0.9, weight_update="reference", recompute=recompute), calibration=(x, y))
+    expected, got = _gradients(models[0], x, y), _gradients(models[1], x, y)
+    assert got.keys() == expected.keys()
+    assert any(k.endswith(("mlp.fc2.weight.grad", "down_proj.weight.grad")) for k in got)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-4, msg=key)

@@ -19,7 +19,7 @@ from wasi.adapters import adapter_for, replace_module
 from wasi.blocks import enclosing, find_blocks
 from wasi.config import WASIConfig
 from wasi.layers import ASILinear, WASILinear, WSILinear, track_token_grid
-from wasi.mlp import form_of, fuse
+from wasi.mlp import MlpForm, form_of, fuse
 from wasi.probe import Inputs, Seen, observe
 from wasi.ranks import RankTable, build_rank_table, ranks_for, solve_budget
 from wasi.recompute import checkpoint_blocks
@@ -165,7 +165,8 @@ def rebuild(model: nn.Module, record: Mapping[str, Any]) -> InjectionSummary:
             raise ValueError(f"the record converts {info.name} ({info.base}), which this model does not have as "
                              f"such a layer; rebuild onto a fresh copy of the architecture it was taken from")
         replace_module(model, info.name, _empty_layer(info, config, module))
-    fusing = [Mlp(n, _form(model, n), enclosing(find_blocks(model), n) or "") for n in record.get("fused_mlps", [])]
+    blocks = find_blocks(model)
+    fusing = [Mlp(n, _form(model, n), enclosing(blocks, n) or "") for n in record.get("fused_mlps", [])]
     # the converted layers are the last_n blocks' targets already, so they stand for every target in set_trainable
     return _finish(model, config, [l.name for l in layers], layers, fusing, None,
                    grid_blocks=record.get("grid_blocks", []), checkpoint=bool(record.get("checkpointed_blocks")))
@@ -179,7 +180,7 @@ def _has(model: nn.Module, name: str) -> bool:
     return True
 
 
-def _form(model: nn.Module, name: str) -> Any:
+def _form(model: nn.Module, name: str) -> MlpForm:
     form = form_of(model.get_submodule(name))
     if form is None:
         raise ValueError(f"the record fuses the MLP {name}, which this model does not have")
