@@ -112,10 +112,11 @@ class _NoHead(nn.Module):
 
 def test_a_model_without_a_head_needs_modules_to_save():
     x, y = torch.randn(2, 5, 16), torch.randint(0, 3, (2,))
+    model = _NoHead()
     with pytest.raises(ValueError, match=r"no classifier head found in _NoHead .* modules_to_save=\[\.\.\.\] "
                                          r"\(modules_to_save=\[\] for none\), or set train_rest=True"):
-        inject(_NoHead(), WASIConfig(), calibration=(x, y))
-    model = _NoHead()
+        inject(model, WASIConfig(), calibration=(x, y))
+    assert not any(isinstance(m, wasi.WSILinear) for m in model.modules())  # refused before converting anything
     summary = inject(model, WASIConfig(modules_to_save=["norm"]), calibration=(x, y))
     assert summary.trains == ["blocks.0.mlp", "blocks.1.mlp", "norm"]
     only = inject(_NoHead(), WASIConfig(modules_to_save=[]), calibration=(x, y))

@@ -24,7 +24,7 @@ from wasi.probe import Inputs, Seen, observe
 from wasi.ranks import RankTable, build_rank_table, ranks_for, solve_budget
 from wasi.recompute import checkpoint_blocks
 from wasi.targets import Mlp, find_mlps, find_targets, tuned_targets
-from wasi.trainable import set_trainable
+from wasi.trainable import set_trainable, trained_modules
 
 __all__ = ["InjectionSummary", "LayerSummary", "factored_layers", "find_targets", "inject", "rebuild"]
 
@@ -137,12 +137,14 @@ def inject(model: nn.Module, config: WASIConfig, calibration: tuple[Inputs, Tens
         _check_fixed_ranks(names, config.ranks, seen)
     fusing = _plan_fusion(model, candidates, computes, strict, mode)
     act_ranks, act_eps, table = _activation_ranks(model, names, config, x, y, rank_table, seen, eps_ranks)
+    # before converting anything (a model without a head is refused here); a converted layer's factors train
+    set_trainable(model, all_names, config.train_rest, config.last_n, config.modules_to_save)
     layers = []
     for idx, name in enumerate(names):
         caps = seen[name].view[0] if name in act_eps and act_ranks[name][0] >= seen[name].view[0] else None
         layers.append(_replace(model, name, config, act_ranks.get(name), act_eps.get(name), config.seed + idx,
                                seen[name], caps))
-    return _finish(model, config, all_names, layers, fusing, table)
+    return _finish(model, config, layers, fusing, table)
 
 
 def rebuild(model: nn.Module, record: Mapping[str, Any]) -> InjectionSummary:
@@ -161,15 +163,17 @@ def rebuild(model: nn.Module, record: Mapping[str, Any]) -> InjectionSummary:
     for info in layers:
         module = model.get_submodule(info.name) if _has(model, info.name) else None
         adapter = None if module is None else adapter_for(module)
-        if module is None or adapter is None or adapter.name != info.base:
+        if adapter is None or adapter.name != info.base:
             raise ValueError(f"the record converts {info.name} ({info.base}), which this model does not have as "
                              f"such a layer; rebuild onto a fresh copy of the architecture it was taken from")
-        replace_module(model, info.name, _empty_layer(info, config, module))
+    # the converted layers are the last_n blocks' targets already, so they stand for every target here
+    set_trainable(model, [l.name for l in layers], config.train_rest, config.last_n, config.modules_to_save)
+    for info in layers:
+        replace_module(model, info.name, _empty_layer(info, config, model.get_submodule(info.name)))
     blocks = find_blocks(model)
     fusing = [Mlp(n, _form(model, n), enclosing(blocks, n) or "") for n in record.get("fused_mlps", [])]
-    # the converted layers are the last_n blocks' targets already, so they stand for every target in set_trainable
-    return _finish(model, config, [l.name for l in layers], layers, fusing, None,
-                   grid_blocks=record.get("grid_blocks", []), checkpoint=bool(record.get("checkpointed_blocks")))
+    return _finish(model, config, layers, fusing, None, grid_blocks=record.get("grid_blocks", []),
+                   checkpoint=bool(record.get("checkpointed_blocks")))
 
 
 def _has(model: nn.Module, name: str) -> bool:
@@ -235,11 +239,11 @@ def _replace(model: nn.Module, name: str, config: WASIConfig, act_ranks: list[in
     return info
 
 
-def _finish(model: nn.Module, config: WASIConfig, all_names: list[str], layers: list[LayerSummary],
-            fusing: Sequence[Mlp], table: RankTable | None, grid_blocks: Sequence[str] | None = None,
+def _finish(model: nn.Module, config: WASIConfig, layers: list[LayerSummary], fusing: Sequence[Mlp],
+            table: RankTable | None, grid_blocks: Sequence[str] | None = None,
             checkpoint: bool | None = None) -> InjectionSummary:
-    """What inject and rebuild share once the layers are converted: trainable set, grid hooks, recompute, summary."""
-    trains = set_trainable(model, all_names, config.train_rest, config.last_n, config.modules_to_save)
+    """What inject and rebuild share once the layers are converted: grid hooks, recompute, summary."""
+    trains = trained_modules(model)
     blocks = find_blocks(model)
     if grid_blocks is None:
         grid_blocks = sorted({b for l in layers if l.grid and (b := enclosing(blocks, l.name)) is not None})
