@@ -52,6 +52,7 @@ from experiments.builders.variant import Variant, build_variant, train_step
 from experiments.measurement import metrics
 from experiments.measurement.energy import EnergyMeter, NoEnergySensor, open_meter
 from experiments.training.hardware import autocast, seed_everything, setup_hardware
+from wasi import EPS_SET
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -360,7 +361,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="vit_b32", help="conf/model choice")
     p.add_argument("--methods", nargs="+", default=["vanilla", "wasi"], help="conf/method choices")
-    p.add_argument("--eps", nargs="+", type=float, default=[0.4, 0.5, 0.6, 0.7, 0.8, 0.9],
+    p.add_argument("--eps", nargs="+", type=float, default=list(EPS_SET),
                    help="method.epsilon of the methods it matters to (epsilon_act follows it unless --set)")
     p.add_argument("--recompute", nargs="+", choices=["none", "mlp", "block"], default=None,
                    help="method.recompute modes to compare (default: each method's own)")

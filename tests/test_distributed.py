@@ -45,7 +45,8 @@ def tiny_vit_steps(kwargs: dict, ctx: distributed.Context, steps: int = STEPS) -
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, embed_dim=32,
                               num_heads=2, num_classes=5)
-    wasi.inject(model, wasi.WASIConfig(weight=True, epsilon=0.9, targets="mlp+attn", **kwargs))
+    calibration = (torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)), None)
+    wasi.inject(model, wasi.WASIConfig(weight=True, epsilon=0.9, targets="mlp+attn", **kwargs), calibration)
     optimizer = wasi.SubspaceSGD(model, lr=0.5, momentum=0.9, weight_decay=1e-3)
     ddp_model = distributed.wrap(model, ctx)
     data = torch.Generator().manual_seed(1)

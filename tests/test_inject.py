@@ -14,6 +14,7 @@ from wasi import (
     InfeasibleBudgetError,
     SubspaceSGD,
     WASIConfig,
+    WASIConfigError,
     WASILinear,
     WSILinear,
     build_rank_table,
@@ -64,10 +65,11 @@ def test_find_targets_vit_and_swin():
     assert find_targets(vit) == VIT_MLP
     assert find_targets(vit, "mlp+attn") == [f"blocks.{i}.{m}" for i in (0, 1) for m in
                                              ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
-    assert find_targets(vit, last_n=3) == VIT_MLP[1:]
+    assert find_targets(vit, last_n=1) == VIT_MLP[2:]  # the last block
+    assert find_targets(vit, last_n=3) == VIT_MLP  # more blocks than the model has: all of them
     assert find_targets(_swin()) == ["layers.0.blocks.0.mlp.fc1", "layers.0.blocks.0.mlp.fc2",
                                      "layers.1.blocks.0.mlp.fc1", "layers.1.blocks.0.mlp.fc2"]
-    with pytest.raises(ValueError, match="no 'mlp' target"):
+    with pytest.raises(ValueError, match="no transformer blocks found in Sequential.*target_modules"):
         find_targets(nn.Sequential(nn.Linear(2, 2)))
 
 
@@ -75,7 +77,7 @@ def test_inject_vit_fixed_ranks_converts_freezes_and_counts():
     model = _vit()
     original = copy.deepcopy(model)
     total_before = sum(p.numel() for p in model.parameters())
-    summary = inject(model, WASIConfig(epsilon=0.7, ranks=[2, 4, 8]))
+    summary = inject(model, WASIConfig(epsilon=0.7, ranks=[2, 4, 8]), calibration=_batch())
     assert [l.name for l in summary.layers] == VIT_MLP
     expected_trainable, saved = HEAD, 0
     for info in summary.layers:
@@ -94,17 +96,18 @@ def test_inject_vit_fixed_ranks_converts_freezes_and_counts():
     assert summary.to_dict()["layers"][0]["act_ranks"] == [2, 4, 8]
 
 
-def test_inject_last_n_only_converts_and_trains_last_layers():
+def test_inject_last_n_only_converts_and_trains_the_last_blocks():
     model = _vit()
-    summary = inject(model, WASIConfig(ranks=[2, 4, 8], last_n=1))
-    assert [l.name for l in summary.layers] == ["blocks.1.mlp.fc2"]
-    assert all(type(model.get_submodule(n)) is nn.Linear for n in VIT_MLP[:3])
-    assert _trainable(model) == {"blocks.1.mlp.fc2.L", "blocks.1.mlp.fc2.R", "blocks.1.mlp.fc2.bias",
-                                 "head.weight", "head.bias"}
+    summary = inject(model, WASIConfig(ranks=[2, 4, 8], last_n=1), calibration=_batch())
+    assert [l.name for l in summary.layers] == ["blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in VIT_MLP[:2])
+    assert _trainable(model) == {f"blocks.1.mlp.{f}.{p}" for f in ("fc1", "fc2") for p in ("L", "R", "bias")} | \
+        {"head.weight", "head.bias"}
+    assert summary.trains == ["blocks.1.mlp", "head"]
     x, y = _batch()
     F.cross_entropy(model(x), y).backward()
     assert model.blocks[1].mlp.fc2.factored_grad is not None
-    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(("head", "blocks.1.mlp.fc2")))
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith(("head", "blocks.1.mlp")))
 
 
 def test_inject_swin_asi_mlp_and_attn():
@@ -127,7 +130,7 @@ def test_inject_swin_asi_mlp_and_attn():
 
 def test_inject_wsi_and_reference_mode():
     model = _vit()
-    inject(model, WASIConfig(activation=False, weight_update="reference", last_n=2))
+    inject(model, WASIConfig(activation=False, weight_update="reference", last_n=1), calibration=_batch())
     layer = model.blocks[1].mlp.fc1
     assert type(layer) is WSILinear and layer.act_ranks is None
     assert _trainable(model) == {f"blocks.1.mlp.{f}.{p}" for f in ("fc1", "fc2") for p in ("weight", "bias")} | \
@@ -160,24 +163,27 @@ def test_budget_ranks_come_from_the_rank_table():
     table = build_rank_table(_vit(), VIT_MLP, x, y, (0.4, 0.6, 0.8))
     budget = sum(min(row) for row in table.memory_bytes) + 2000
     model = _vit()
-    summary = inject(model, WASIConfig(budget_bytes=budget, eps_set=(0.4, 0.6, 0.8)), rank_table=table)
+    summary = inject(model, WASIConfig(budget_bytes=budget, eps_set=(0.4, 0.6, 0.8)), calibration=(x, None),
+                     rank_table=table)
     expected = ranks_for(table, solve_budget(table, budget))
     assert {l.name: l.act_ranks for l in summary.layers} == expected
     assert summary.rank_table is table
     built = inject(_vit(), WASIConfig(budget_bytes=budget, eps_set=(0.4, 0.6, 0.8)), calibration=(x, y))
     assert built.rank_table.ranks == table.ranks
     with pytest.raises(InfeasibleBudgetError):
-        inject(_vit(), WASIConfig(budget_bytes=10), rank_table=table)
+        inject(_vit(), WASIConfig(budget_bytes=10), calibration=(x, None), rank_table=table)
     with pytest.raises(ValueError, match="calibration"):
         inject(_vit(), WASIConfig(budget_bytes=budget))
+    with pytest.raises(ValueError, match="needs labels"):
+        inject(_vit(), WASIConfig(budget_bytes=budget), calibration=(x, None))
     with pytest.raises(ValueError, match="rebuild"):
-        inject(_vit(), WASIConfig(budget_bytes=budget, last_n=2), rank_table=table)
+        inject(_vit(), WASIConfig(budget_bytes=budget, last_n=1), calibration=(x, y), rank_table=table)
 
 
 def test_state_dict_round_trips_into_fresh_injected_model():
     config = WASIConfig(epsilon=0.7, ranks=[2, 4, 8])
     model = _vit()
-    inject(model, config)
+    inject(model, config, calibration=_batch())
     opt = SubspaceSGD(model, 0.05, momentum=0.9)
     for seed in range(2):
         x, y = _batch(seed=seed)
@@ -190,7 +196,7 @@ def test_state_dict_round_trips_into_fresh_injected_model():
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
     fresh = _vit()
-    inject(fresh, config)
+    inject(fresh, config, calibration=_batch(seed=3))
     fresh.load_state_dict(torch.load(buffer))
     x, _ = _batch(seed=7)
     model.eval(), fresh.eval()
@@ -200,7 +206,7 @@ def test_state_dict_round_trips_into_fresh_injected_model():
 
 def test_bf16_autocast_training_step_on_vit():
     model = _vit()
-    inject(model, WASIConfig(ranks=[2, 4, 8]))
+    inject(model, WASIConfig(ranks=[2, 4, 8]), calibration=_batch())
     before = model.blocks[0].mlp.fc1.L.detach().clone()
     opt = SubspaceSGD(model, 0.05, momentum=0.9)
     x, y = _batch()
@@ -215,24 +221,33 @@ def test_bf16_autocast_training_step_on_vit():
     torch.testing.assert_close(layer.L.T @ layer.L, torch.eye(layer.rank), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"epsilon": 1.5, "ranks": [2, 2, 2]}, "epsilon must be in \\(0, 1\\], got 1.5; set method.epsilon=0.8"),
-    ({"epsilon": 0.0, "ranks": [2, 2, 2]}, "epsilon must be in"),
-    ({"epsilon_act": 1.2}, "epsilon_act must be in \\(0, 1\\]"),
-    ({"ranks": [4, -1, 8]}, "ranks must be positive"),
-    ({"ranks": [2, 2, 2], "epsilon_act": 0.5}, "come from one of epsilon_act, ranks, budget_bytes"),
-    ({"ranks": [2, 2, 2], "budget_bytes": 10}, "keep one and set the others to null"),
-    ({"activation": False, "ranks": [2, 2, 2]}, "only apply when activation=True"),
-    ({"weight": False, "activation": False}, "nothing to do"),
-    ({"budget_bytes": 0}, "budget_bytes must be positive"),
-    ({"ranks": [2, 2, 2], "targets": "all"}, "set method.targets=mlp"),
-    ({"ranks": [2, 2, 2], "last_n": 0}, "last_n must be a positive int"),
-    ({"ranks": [2, 2, 2], "weight_update": "dense"}, "set method.weight_update=factored"),
-    ({"ranks": [2, 2, 2], "eps_set": (0.5, 1.5)}, "eps_set must be"),
+@pytest.mark.parametrize("kwargs, field, message", [
+    ({"epsilon": 1.5, "ranks": [2, 2, 2]}, "epsilon", "epsilon=1.5: must be in (0, 1]; set epsilon=0.8"),
+    ({"epsilon": 0.0, "ranks": [2, 2, 2]}, "epsilon", "epsilon=0.0: must be in (0, 1]"),
+    ({"epsilon_act": 1.2}, "epsilon_act", "epsilon_act=1.2: must be in (0, 1]; set epsilon_act=0.8"),
+    ({"ranks": [4, -1, 8]}, "ranks", "ranks=[4, -1, 8]: must be positive ints"),
+    ({"ranks": [2, 2, 2], "epsilon_act": 0.5}, "ranks", "ranks=[2, 2, 2]: epsilon_act also chooses the activation"),
+    ({"ranks": [2, 2, 2], "budget_bytes": 10}, "budget_bytes", "budget_bytes=10: ranks also chooses"),
+    ({"activation": False, "ranks": [2, 2, 2]}, "ranks", "ranks=[2, 2, 2]: activation ranks only apply when "
+     "activation=True; set ranks=None"),
+    ({"weight": False, "activation": False}, "weight", "weight=False: with activation=False too, nothing is "
+     "compressed; set weight=True"),
+    ({"budget_bytes": 0}, "budget_bytes", "budget_bytes=0: must be positive"),
+    ({"ranks": [2, 2, 2], "targets": "all"}, "targets", "targets='all': must be one of ('mlp', 'mlp+attn'); "
+     "set targets='mlp'"),
+    ({"ranks": [2, 2, 2], "target_modules": []}, "target_modules", "target_modules=[]: names no module"),
+    ({"ranks": [2, 2, 2], "last_n": 0}, "last_n", "last_n=0: must be a positive int or None"),
+    ({"ranks": [2, 2, 2], "weight_update": "dense"}, "weight_update", "set weight_update='factored'"),
+    ({"ranks": [2, 2, 2], "recompute": "all"}, "recompute", "recompute='all': must be one of"),
+    ({"weight": False, "recompute": "mlp"}, "recompute", "recompute='mlp': recomputes fc1's output"),
+    ({"ranks": [2, 2, 2], "eps_set": (0.5, 1.5)}, "eps_set", "eps_set=(0.5, 1.5): must be non-empty"),
 ])
-def test_config_errors_name_the_fix(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_config_errors_name_the_field_its_value_and_a_fix(kwargs, field, message):
+    """Messages name WASIConfig fields (the library's terms), and the error carries field, value and fix."""
+    with pytest.raises(WASIConfigError) as err:
         WASIConfig(**kwargs)
+    assert message in str(err.value) and "method." not in str(err.value) and "\n" not in str(err.value)
+    assert err.value.field == field and err.value.value == kwargs.get(field, err.value.value)
 
 
 def test_activation_ranks_default_to_the_weight_epsilon_unless_ranks_or_a_budget_is_chosen():
@@ -274,7 +289,7 @@ def test_swin_mlp_inputs_are_four_mode_tucker():
     assert {n: tuple(a.shape) for n, a in inputs.items()} == {
         "layers.0.blocks.0.mlp.fc1": (2, 14, 14, 24), "layers.0.blocks.0.mlp.fc2": (2, 14, 14, 96),
         "layers.1.blocks.0.mlp.fc1": (2, 7, 7, 48), "layers.1.blocks.0.mlp.fc2": (2, 7, 7, 192)}
-    inject(model, WASIConfig(ranks=[2, 5, 4, 8], recompute="none"))
+    inject(model, WASIConfig(ranks=[2, 5, 4, 8], recompute="none"), calibration=(x, y))
     captured = {}
 
     def capture(name):
@@ -301,14 +316,16 @@ def test_swin_mlp_inputs_are_four_mode_tucker():
 
 
 def test_swin_fixed_ranks_need_four_entries_and_vit_three():
-    with pytest.raises(ValueError, match=r"give 4 ranks, one per mode, e.g. method.ranks=\[8, 8, 8, 8\]"):
-        inject(_swin(), WASIConfig(ranks=[2, 8, 8]))
+    swin_batch = _batch(2, 56, 5)
+    with pytest.raises(ValueError, match=r"\(2, 14, 14, 24\) as its block's \(B, H, W, C\) map\): give 4 ranks, one "
+                                         r"per mode, e.g. ranks=\[8, 8, 8, 8\]"):
+        inject(_swin(), WASIConfig(ranks=[2, 8, 8]), calibration=swin_batch)
     with pytest.raises(ValueError, match="give 3 ranks"):
-        inject(_vit(), WASIConfig(ranks=[2, 8, 8, 8]))
-    with pytest.raises(ValueError, match="epsilon_act"):
-        inject(_swin(), WASIConfig(ranks=[2, 8, 8, 8], targets="mlp+attn"))
+        inject(_vit(), WASIConfig(ranks=[2, 8, 8, 8]), calibration=_batch())
+    with pytest.raises(ValueError, match="different mode counts .*use epsilon_act"):
+        inject(_swin(), WASIConfig(ranks=[2, 8, 8, 8], targets="mlp+attn"), calibration=swin_batch)
     swin = _swin()
-    inject(swin, WASIConfig(weight=False, ranks=[2, 8, 8, 8], last_n=2))  # ASI: the same rule
+    inject(swin, WASIConfig(weight=False, ranks=[2, 8, 8, 8], last_n=2), calibration=swin_batch)  # ASI: the same
     assert swin.get_submodule("layers.1.blocks.0.mlp.fc1").act_ranks == [2, 8, 8, 8]
 
 
@@ -325,7 +342,7 @@ def test_swin_epsilon_act_ranks_are_four_mode_hosvd():
 
 def test_token_grid_hook_follows_deep_copies():
     model = _swin()
-    inject(model, WASIConfig(ranks=[2, 5, 4, 8]))
+    inject(model, WASIConfig(ranks=[2, 5, 4, 8]), calibration=_batch(2, 56, 5))
     clone = copy.deepcopy(model)
     x, y = _batch(2, 56, 5)
     F.cross_entropy(clone(x), y).backward()
@@ -339,7 +356,7 @@ def test_stale_three_mode_swin_rank_table_is_refused():
     table = build_rank_table(_swin(), names, x, y, (0.5, 0.8))
     assert all(len(r) == 4 for rows in table.ranks for r in rows)
     budget = sum(max(row) for row in table.memory_bytes)
-    inject(_swin(), WASIConfig(budget_bytes=budget, eps_set=(0.5, 0.8)), rank_table=table)
+    inject(_swin(), WASIConfig(budget_bytes=budget, eps_set=(0.5, 0.8)), calibration=(x, y), rank_table=table)
     table.ranks = [[r[:3] for r in rows] for rows in table.ranks]  # as a table cached before 4-mode Swin inputs
     with pytest.raises(ValueError, match="rebuild the table"):
-        inject(_swin(), WASIConfig(budget_bytes=budget, eps_set=(0.5, 0.8)), rank_table=table)
+        inject(_swin(), WASIConfig(budget_bytes=budget, eps_set=(0.5, 0.8)), calibration=(x, y), rank_table=table)

@@ -1,5 +1,5 @@
-"""recompute="mlp" (RecomputeMlp) against recompute="none": same gradients and weights, nothing of the hidden
-width (…, H) saved."""
+"""recompute="mlp" (fused MLPs, wasi.mlp) against recompute="none": same gradients and weights, nothing of the
+hidden width (…, H) saved."""
 import copy
 
 import pytest
@@ -10,7 +10,8 @@ from torch import nn
 
 import wasi
 from tests.tiny_models import MODELS, batches, gradients, injected, saved_tensors, train
-from wasi import RecomputeMlp, WASIConfig, WASILinear, WSILinear, inject
+from wasi import WASIConfig, WASIConfigError, WASILinear, WSILinear, inject
+from wasi.mlp import MLP_FORMS, fuse, is_fused, unfuse
 
 torch.set_num_threads(1)
 
@@ -33,8 +34,8 @@ def test_gradients_equal_recompute_none(model_name, variant, bf16):
     """Input grad, factored G Pᵀ, dense weight grads, biases and every other trainable parameter (train_rest:
     the LayerNorm before each MLP gets its grad through the fused MLP's dx)."""
     none, mlp = _pair(model_name, train_rest=True, **VARIANTS[variant])
-    assert all(isinstance(m, RecomputeMlp) for n, m in mlp.named_modules() if n.endswith(".mlp"))
-    assert not any(isinstance(m, RecomputeMlp) for m in none.modules())
+    assert all(is_fused(m) for n, m in mlp.named_modules() if n.endswith(".mlp"))
+    assert not any(is_fused(m) for m in none.modules())
     x, y = batches(MODELS[model_name][1], n=1)[0]
     expected, got = gradients(none, x, y, bf16), gradients(mlp, x, y, bf16)
     assert got.keys() == expected.keys()
@@ -55,9 +56,9 @@ def test_other_activations_equal_recompute_none(act):
         model = make()
         for block in model.blocks:
             block.mlp.act = copy.deepcopy(act)
-        inject(model, WASIConfig(epsilon=0.9, ranks=ranks, recompute=recompute, train_rest=True))
+        x, y = batches(size, n=1)[0]
+        inject(model, WASIConfig(epsilon=0.9, ranks=ranks, recompute=recompute, train_rest=True), (x, y))
         models.append(model)
-    x, y = batches(size, n=1)[0]
     expected, got = gradients(models[0], x, y, False), gradients(models[1], x, y, False)
     assert got.keys() == expected.keys() and any(k.endswith("fc1.bias.grad") for k in got)
     for k in expected:
@@ -87,7 +88,7 @@ def test_saves_only_low_rank_u_and_the_layers_inputs(activation):
     fc2's Tucker factors (WASI) or nothing (WSI); the plain Mlp also saves GELU's (B, N, 192) input."""
     model = injected("vit", activation=activation, recompute="mlp")
     mlp = model.blocks[0].mlp
-    assert isinstance(mlp, RecomputeMlp)
+    assert is_fused(mlp)
     x = torch.randn(3, 65, 48, requires_grad=True)
     y, saved = saved_tensors(lambda: mlp(x))
     k1 = mlp.fc1.rank
@@ -102,7 +103,8 @@ def test_saves_only_low_rank_u_and_the_layers_inputs(activation):
         expected = x.numel() * 4
     assert sum(t.numel() * t.element_size() for t in saved) == expected + u[0].numel() * 4
     plain = copy.deepcopy(model.blocks[0].mlp)
-    plain.__class__ = timm.layers.Mlp  # the same submodules, plain timm forward
+    unfuse(plain)  # the same submodules, plain timm forward
+    assert type(plain) is timm.layers.Mlp and not is_fused(plain)
     _, plain_saved = saved_tensors(lambda: plain(x))
     assert any(t.shape == (3, 65, hidden) for t in plain_saved)
     y.sum().backward()
@@ -126,25 +128,30 @@ def test_injection_errors_name_the_fix():
     torch.manual_seed(0)
     dropped = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=48, depth=1,
                                 num_heads=2, num_classes=5, proj_drop_rate=0.1)
-    with pytest.raises(ValueError, match="recompute='none' or 'block'"):
-        inject(dropped, WASIConfig(ranks=[2, 4, 4]))
+    batch = batches(32, n=1)[0]
+    with pytest.raises(ValueError, match=r"recompute='mlp' cannot fuse the MLP blocks.0.mlp \(Mlp, timm Mlp\): the "
+                                         r"fused path does not replay dropout between the layers \(drop1: .*set "
+                                         r"recompute='none' or recompute='block'"):
+        inject(dropped, WASIConfig(ranks=[2, 4, 4], recompute="mlp"), batch)
     assert type(dropped.blocks[0].mlp.fc1) is nn.Linear  # refused before converting anything
-    inject(dropped, WASIConfig(ranks=[2, 4, 4], recompute="block"))  # the named fix works
-    with pytest.raises(ValueError, match="method.recompute=none or method.recompute=block"):
+    inject(copy.deepcopy(dropped), WASIConfig(ranks=[2, 4, 4], recompute="block"), batch)  # the named fix works
+    summary = inject(dropped, WASIConfig(ranks=[2, 4, 4]), batch)  # the default recompute: left unfused, named
+    assert summary.recompute == "mlp" and summary.fused_mlps == [] and not is_fused(dropped.blocks[0].mlp)
+    with pytest.raises(WASIConfigError, match="recompute='mlp': .*; set recompute='none' or recompute='block'"):
         WASIConfig(weight=False, ranks=[2, 4, 4], recompute="mlp")
-    assert WASIConfig(weight=False, ranks=[2, 4, 4]).recompute == "none"
-    assert WASIConfig(ranks=[2, 4, 4]).recompute == "mlp"
-    with pytest.raises(ValueError, match="recompute must be one of"):
+    assert WASIConfig(weight=False, ranks=[2, 4, 4]).recompute_mode == "none"
+    assert WASIConfig(ranks=[2, 4, 4]).recompute_mode == "mlp"
+    with pytest.raises(WASIConfigError, match="recompute='all': must be one of"):
         WASIConfig(ranks=[2, 4, 4], recompute="all")
     normed = timm.layers.Mlp(8, 16, norm_layer=nn.LayerNorm)
     normed.fc1, normed.fc2 = WSILinear.from_linear(normed.fc1, 0.9), WSILinear.from_linear(normed.fc2, 0.9)
     with pytest.raises(ValueError, match="hidden norm"):
-        RecomputeMlp.from_mlp(normed)
+        fuse(normed, MLP_FORMS[1])
 
 
 def test_only_mlps_with_both_linears_converted_are_fused():
-    model = injected("vit", last_n=3)  # blocks.0.mlp.fc2, blocks.1.mlp.fc1, blocks.1.mlp.fc2
-    assert isinstance(model.blocks[1].mlp, RecomputeMlp) and not isinstance(model.blocks[0].mlp, RecomputeMlp)
+    model = injected("vit", target_modules=["blocks.0.mlp.fc2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"])
+    assert is_fused(model.blocks[1].mlp) and not is_fused(model.blocks[0].mlp)
     assert isinstance(model.blocks[0].mlp.fc2, WASILinear) and type(model.blocks[0].mlp.fc1) is nn.Linear
     x, y = batches(32, n=1)[0]
     F.cross_entropy(model(x), y).backward()

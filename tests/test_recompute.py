@@ -1,9 +1,6 @@
 """recompute="block" / checkpoint_blocks against recompute="none": same weights, Tucker warm start and dense grads,
 far fewer saved and live bytes."""
 import copy
-import ctypes
-import ctypes.util
-import gc
 import io
 
 import pytest
@@ -11,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import wasi
+from experiments.measurement.metrics import activation_bytes
 from tests.tiny_models import MODELS, batches, gradients, injected, swin, train, vit
 from wasi import checkpoint_blocks
 from wasi.recompute import is_checkpointed
@@ -30,7 +28,7 @@ def test_block_run_equals_none_run(model_name, config):
     bf16 = config.pop("bf16", False)
     base, block = injected(model_name, recompute=reference, **config), injected(model_name, recompute="block", **config)
     assert all(is_checkpointed(block.get_submodule(n)) for n in wasi.blocks.find_blocks(block))
-    fused = [m for m in block.modules() if isinstance(m, wasi.RecomputeMlp)]  # low-rank MLPs also recompute u Lᵀ
+    fused = [m for m in block.modules() if wasi.mlp.is_fused(m)]  # low-rank MLPs also recompute u Lᵀ
     assert len(fused) == (len(wasi.blocks.find_blocks(block)) if config.get("weight", True) else 0)
     data = batches(MODELS[model_name][1])
     for m in (base, block):
@@ -100,50 +98,25 @@ def _saved_bytes(fn) -> int:
     return total
 
 
-def _heap_bytes() -> int:
-    """Bytes in use on the C heap (glibc mallinfo2: small chunks + mmapped chunks), where CPU tensors live."""
-    gc.collect()
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-
-    class Mallinfo2(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                   "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-    libc.mallinfo2.restype = Mallinfo2
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
-
-
-def _has_mallinfo2() -> bool:
-    try:
-        return hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2")
-    except OSError:
-        return False
-
-
 @pytest.mark.parametrize("activation", [True, False])
 def test_block_run_saves_and_holds_far_less(activation):
-    """Bytes packed by autograd's saved-tensor hooks, and heap bytes held from the end of the forward until backward.
+    """Bytes packed by autograd's saved-tensor hooks, and bytes of every storage the forward creates that is still
+    alive at its end (followed op by op, experiments.measurement.metrics.activation_bytes).
     A block run holds each block's input (B, N, D) plus the recorded Tucker factors; "mlp" sits in between."""
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 5, (16,))
     saved, live = {}, {}
     for mode in ("none", "mlp", "block"):
         model = injected("vit", recompute=mode, activation=activation, train_rest=True)
-        F.cross_entropy(model(x), y).backward()  # first step: warm-start state exists, allocator warm
+        F.cross_entropy(model(x), y).backward()  # first step: warm-start state exists
         model.zero_grad(set_to_none=True)
         for _, layer in wasi.factored_layers(model):
             layer.factored_grad = None
         saved[mode] = _saved_bytes(lambda m=model: F.cross_entropy(m(x), y))
-        if _has_mallinfo2():
-            before = _heap_bytes()
-            loss = F.cross_entropy(model(x), y)
-            live[mode] = _heap_bytes() - before
-            loss.backward()
+        live[mode] = activation_bytes(lambda m=model: F.cross_entropy(m(x), y), model)
     assert saved["block"] < saved["none"] / 4 and saved["mlp"] < saved["none"]  # block: the stem, norm and head
-    if live:
-        block_inputs = 2 * 16 * 65 * 48 * 4  # what checkpoint keeps for the 2 blocks
-        assert block_inputs <= live["block"] < live["none"] / 4
-        assert live["mlp"] < live["none"]
+    block_inputs = 2 * 16 * 65 * 48 * 4  # what checkpoint keeps for the 2 blocks
+    assert block_inputs <= live["block"] < live["none"] / 4
+    assert live["mlp"] < live["none"]
 
 
 def test_eval_and_no_grad_run_the_plain_forward():

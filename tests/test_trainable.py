@@ -50,17 +50,19 @@ def _trainable(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("make, size, last_n", [(vit, 32, 3), (vit, 32, 1), (swin, 56, 3), (swin, 56, 6)])
+@pytest.mark.parametrize("make, size, last_n", [(vit, 32, 2), (vit, 32, 1), (swin, 56, 2), (swin, 56, 3)])
 def test_last_n_freezes_exactly_what_the_forward_uses_before_the_first_target(make, size, last_n):
     model = make()
     names = find_targets(model)
-    before = _used_before(model, size, names[-last_n])
-    assert set(wasi.trainable.params_before(model, names[-last_n])) == before
+    first = wasi.tuned_targets(model, names, last_n)[0]  # the first target of the last last_n blocks
+    assert first == names[-2 * last_n]  # two MLP linears per block
+    before = _used_before(model, size, first)
+    assert set(wasi.trainable.params_before(model, first)) == before
     set_trainable(model, names, train_rest=True, last_n=last_n)
     everything = {n for n, _ in model.named_parameters()}
     assert _trainable(model) == everything - before
     assert "head.weight" in _trainable(model) or "head.fc.weight" in _trainable(model)
-    if make is swin and last_n == 3:  # first target layers.1.blocks.0.mlp.fc2: stage 1's patch merging is frozen
+    if make is swin and last_n == 2:  # first target layers.1.blocks.0.mlp.fc1: stage 1's patch merging is frozen
         assert "layers.1.downsample.reduction.weight" in before and "layers.1.blocks.0.attn.qkv.weight" in before
 
 
@@ -74,7 +76,7 @@ def test_train_rest_and_default(make):
     everything = {n for n, _ in model.named_parameters()}
     head = {f"{n}.{p}" for n in ("head", "head.fc") for p in ("weight", "bias")} & everything
     assert _trainable(model) == {f"{n}.{p}" for n in names for p in ("weight", "bias")} | head
-    set_trainable(model, names, last_n=2)
+    set_trainable(model, names, last_n=1)  # the last block's two MLP linears
     assert _trainable(model) == {f"{n}.{p}" for n in names[-2:] for p in ("weight", "bias")} | head
 
 
@@ -84,7 +86,7 @@ def test_parameters_inside_targets_are_left_to_the_method():
     model = vit()
     names = find_targets(model)
     peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=names[-2:]), model)
-    set_trainable(model, names, train_rest=True, last_n=2)
+    set_trainable(model, names, train_rest=True, last_n=1)
     fc = "blocks.1.mlp.fc2"
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     assert not flags[f"{fc}.base_layer.weight"] and flags[f"{fc}.lora_A.default.weight"]
@@ -95,9 +97,9 @@ def test_parameters_inside_targets_are_left_to_the_method():
 
 @pytest.mark.parametrize("model_name", ["vit", "swin"])
 def test_inject_train_rest_trains_the_rest_with_subspace_sgd(model_name):
-    model = injected(model_name, train_rest=True, last_n=3)
+    model = injected(model_name, train_rest=True, last_n=2)
     names = find_targets(MODELS[model_name][0]())
-    frozen = set(wasi.trainable.params_before(model, names[-3]))
+    frozen = set(wasi.trainable.params_before(model, names[-4]))  # before the MLP of the last-but-one block
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     train(model, batches(MODELS[model_name][1], n=2))
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -114,7 +116,7 @@ def test_errors_and_frozen_prefix_under_block_recompute():
     with pytest.raises(ValueError, match="last_n"):
         set_trainable(vit(), ["blocks.0.mlp.fc1"], train_rest=True, last_n=0)
     x, y = batches(32, n=1)[0]
-    model = injected("vit", train_rest=True, recompute="block", last_n=1)  # only blocks.1.mlp.fc2 converted
+    model = injected("vit", train_rest=True, recompute="block", target_modules=["blocks.1.mlp.fc2"], last_n=1)
     F.cross_entropy(model(x), y).backward()
     assert model.norm.weight.grad is not None and model.blocks[1].mlp.fc2.factored_grad is not None
     assert model.blocks[1].norm2.weight.grad is None and model.blocks[1].mlp.fc1.weight.grad is None

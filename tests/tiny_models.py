@@ -38,11 +38,13 @@ def batches(size: int, n: int = 3, batch: int = 3, seed: int = 1) -> list[tuple[
 
 
 def injected(name: str, **config) -> nn.Module:
-    make, _, ranks = MODELS[name]
+    """`name` with fixed activation ranks (unless epsilon_act is given), injected with a calibration batch of 2."""
+    make, size, ranks = MODELS[name]
     model = make()
     if config.get("activation", True) and "epsilon_act" not in config:
         config.setdefault("ranks", ranks)
-    wasi.inject(model, wasi.WASIConfig(**{"epsilon": 0.9, **config}))
+    calibration = batches(size, n=1, batch=2, seed=9)[0]
+    wasi.inject(model, wasi.WASIConfig(**{"epsilon": 0.9, **config}), calibration=calibration)
     return model
 
 

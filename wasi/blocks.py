@@ -1,46 +1,79 @@
-"""Transformer blocks of timm ViT and Swin: where they are, and the token layout their MLPs compress.
+"""Transformer blocks, found from a model's structure, and the channels-last maps some of them take.
 
-timm names blocks `blocks.<i>` (ViT) and `layers.<s>.blocks.<i>` (Swin). A Swin block takes a channels-last
-map (B, H, W, C) but runs its MLP on the (B, H·W, C) reshape; the MLP linears' inputs are compressed over
-four modes, (B, H, W, C) (a free view), as in docs/method.md, Activation subspace (ASI). The block tells its
-converted MLP layers (H, W) from a forward pre-hook (wasi.layers.track_token_grid); calibration code gets the
-same views from `compression_views`.
+A block is an item of a stack: an `nn.ModuleList` or `nn.Sequential` whose items are all of one type and each
+hold a linear layer (timm `blocks.<i>`, Swin `layers.<s>.blocks.<i>`, multi-stage `stages.<s>.blocks.<i>`,
+Hugging Face `encoder.layer.<i>`, GPT-2 `h.<i>`, Llama `model.layers.<i>`, under any prefix), taking the outermost
+stacks. An item with a stack among its direct children is a stage, and that stack's items are the blocks (Swin's
+`layers.<s>` holds `blocks`); a stack deeper inside an item (a layer split into a Sequential of factors, a mixture
+of experts) leaves the item a block. An item that is itself a bare `nn.Sequential`/`nn.ModuleList` (DaViT's pairs
+of blocks) gives its children.
+
+A Swin block takes a channels-last map (B, H, W, C) but runs its MLP on the (B, H·W, C) reshape; such MLP inputs
+are compressed over four modes, (B, H, W, C) (a free view), as in docs/method.md, Activation subspace (ASI). The
+block tells those layers (H, W) from a forward pre-hook (`wasi.layers.track_token_grid`).
 """
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["block_grid", "block_of", "compressed_modes", "compression_views", "find_blocks", "grid_view"]
+from wasi.adapters import is_linear_like
 
-_BLOCK = re.compile(r"(?:^|\.)blocks\.\d+$")
-_MLP_LINEAR = re.compile(r"^(?P<block>(?:.*\.)?blocks\.\d+)\.mlp\.fc[12]$")
-_SWIN_MLP_LINEAR = re.compile(r"(?:^|\.)layers\.\d+\.blocks\.\d+\.mlp\.fc[12]$")
+__all__ = ["block_grid", "enclosing", "find_blocks", "first_tensor", "grid_view"]
+
+_STACKS = (nn.ModuleList, nn.Sequential)
 
 
 def find_blocks(model: nn.Module) -> list[str]:
-    """Qualified names of the transformer blocks in forward order: ViT `blocks.<i>`, Swin `layers.<s>.blocks.<i>`
-    (any prefix allowed, e.g. a wrapper's `base_model.model.`; blocks nested in a block are not listed)."""
-    names: list[str] = []
-    for name, _ in model.named_modules():
-        if _BLOCK.search(name) and not any(name.startswith(b + ".") for b in names):
-            names.append(name)
-    return names
+    """Qualified names of the transformer blocks of `model` in registration order (module doc: what counts)."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    holds: dict[str, bool] = {}
+    for name in reversed(list(modules)):  # children before parents
+        module = modules[name]
+        prefix = f"{name}." if name else ""
+        holds[name] = is_linear_like(module) or any(holds.get(prefix + c, False) for c, _ in module.named_children())
+
+    def join(parent: str, child: str) -> str:
+        return f"{parent}.{child}" if parent else child
+
+    def is_stack(name: str) -> bool:
+        """A stack of blocks: same-type items, each holding a linear layer without being one."""
+        module = modules[name]
+        items = list(module.named_children())
+        return isinstance(module, _STACKS) and bool(items) and len({type(m) for _, m in items}) == 1 and all(
+            holds[join(name, c)] and not is_linear_like(m) for c, m in items)
+
+    def blocks_of(stack: str) -> list[str]:
+        found = []
+        for child, module in modules[stack].named_children():
+            item = join(stack, child)
+            inner = [join(item, c) for c, _ in module.named_children() if is_stack(join(item, c))]
+            if inner:  # a stage: its stacks of blocks are direct children (Swin `layers.<s>.blocks`)
+                found += [b for s in inner for b in blocks_of(s)]
+            elif type(module) in _STACKS:  # a bare container of blocks (DaViT's pairs)
+                found += [join(item, c) for c, m in module.named_children() if holds[join(item, c)]]
+            else:
+                found.append(item)
+        return found
+
+    stacks = [n for n in modules if is_stack(n)]
+    roots = [n for n in stacks if not any(n.startswith(o + ".") for o in stacks if o != n)]
+    return [b for root in roots for b in blocks_of(root)]
 
 
-def block_of(name: str) -> str | None:
-    """The block holding MLP linear `name` (`<block>.mlp.fc1` / `.fc2`), else None."""
-    match = _MLP_LINEAR.match(name)
-    return None if match is None else match.group("block")
+def enclosing(blocks: Sequence[str], name: str) -> str | None:
+    """The block among `blocks` that holds module `name`, else None."""
+    return next((b for b in blocks if name == b or name.startswith(b + ".")), None)
 
 
-def compressed_modes(name: str) -> int:
-    """How many modes the target linear `name` compresses its input over: 4 for a Swin MLP linear
-    (`layers.<s>.blocks.<i>.mlp.fc1/fc2`: (B, H, W, C)), else 3 (ViT (B, N, C), Swin attention (B·nW, Wh·Ww, C))."""
-    return 4 if _SWIN_MLP_LINEAR.search(name) else 3
+def first_tensor(args: tuple, kwargs: Mapping[str, Any] | None = None) -> Tensor | None:
+    """A module call's main input: its first positional tensor, else the first tensor keyword (`hidden_states`)."""
+    for value in (*args, *(kwargs or {}).values()):
+        if isinstance(value, Tensor):
+            return value
+    return None
 
 
 def grid_view(x: Tensor, grid: tuple[int, int] | None) -> Tensor:
@@ -54,27 +87,8 @@ def grid_view(x: Tensor, grid: tuple[int, int] | None) -> Tensor:
     return x.reshape(x.shape[0], h, w, x.shape[2])
 
 
-def block_grid(block_input: Tensor) -> tuple[int, int] | None:
-    """(H, W) of a channels-last block input (B, H, W, C); None for tokens (B, N, C)."""
-    return (int(block_input.shape[1]), int(block_input.shape[2])) if block_input.dim() == 4 else None
-
-
-@contextmanager
-def compression_views(model: nn.Module, names: Sequence[str]) -> Iterator[Callable[[str, Tensor], Tensor]]:
-    """While active, `view(name, x)` is what the converted layer `name` would compress for its input x:
-    (B, H, W, C) for the MLP linears of a block fed a channels-last map (Swin), else x itself.
-    For hooks on the plain (not yet converted) linears of calibration passes; removes its hooks on exit."""
-    grids: dict[str, tuple[int, int] | None] = {}
-    blocks = sorted({b for b in (block_of(n) for n in names) if b is not None})
-
-    def hook(name: str) -> Callable[[nn.Module, tuple], None]:
-        def fn(module: nn.Module, args: tuple) -> None:
-            grids[name] = block_grid(args[0])
-        return fn
-
-    handles = [model.get_submodule(b).register_forward_pre_hook(hook(b)) for b in blocks]
-    try:
-        yield lambda name, x: grid_view(x, grids.get(block_of(name) or "", None))
-    finally:
-        for h in handles:
-            h.remove()
+def block_grid(block_input: Tensor | None) -> tuple[int, int] | None:
+    """(H, W) of a channels-last block input (B, H, W, C); None for tokens (B, N, C) or anything else."""
+    if block_input is None or block_input.dim() != 4:
+        return None
+    return int(block_input.shape[1]), int(block_input.shape[2])

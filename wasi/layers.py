@@ -1,28 +1,35 @@
 """Subspace linear layers: ASI (dense weight, Tucker-compressed saved input), WSI (low-rank weight
 L R, dense saved input) and WASI (both).
 
-Inputs are (…, I) with any number of leading modes: ViT tokens (B, N, I), channels-last Swin maps
-(B, H, W, C), or (T, I). A Swin MLP's (B, H·W, C) input is compressed as (B, H, W, C) once its block's
+Inputs are (…, I) with any number of leading modes, compressed as they come: tokens (B, N, I), channels-last
+maps (B, H, W, C), or (T, I). A Swin MLP's (B, H·W, C) input is compressed as (B, H, W, C) once its block's
 pre-hook (`track_token_grid`) has set the layer's `token_grid` = (H, W). At inference (eval mode, or no
 grad needed) the layers run plain `F.linear` ops, so tracers such as fvcore see ordinary linears.
 """
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from wasi.blocks import block_grid, grid_view
+from wasi.adapters import adapter_named
+from wasi.blocks import block_grid, first_tensor, grid_view
+from wasi.config import WEIGHT_UPDATES
 from wasi.functional import FactoredGradSink, SubspaceLinearFn, compute_dtype
+from wasi.guard import register_factors
 from wasi.recompute import active_record
 from wasi.subspace import explained_variance_rank, svd, tucker
 
-__all__ = ["WEIGHT_UPDATES", "ASILinear", "WASILinear", "WSILinear", "low_rank_factors", "track_token_grid"]
+__all__ = ["WEIGHT_UPDATES", "ASILinear", "WASILinear", "WSILinear", "low_rank_factors", "track_token_grid",
+           "untrack_token_grid"]
 
-WEIGHT_UPDATES = ("factored", "reference", "svd")
+_logger = logging.getLogger(__name__)
+_batch_warned: set[tuple[int, int]] = set()
 
 
 def low_rank_factors(weight: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
@@ -57,10 +64,14 @@ class _SubspaceLinear(nn.Module, ABC):
     Subclasses set `weight` or `L`/`R`, and `bias`, and say how the weight enters SubspaceLinearFn.
     `act_ranks` None means the input is saved dense; otherwise it is Tucker-compressed with those
     per-mode ranks (clipped at run time as `wasi.subspace.tucker_ranks` says). `token_grid` (H, W), set by
-    the enclosing Swin block's pre-hook, makes a (B, H·W, C) input compress as (B, H, W, C).
+    the enclosing Swin block's pre-hook when `grid_from_block` is true, makes a (B, H·W, C) input compress as
+    (B, H, W, C). `base`: the layer type it replaced ("Linear", "Conv1D"; wasi.adapters), which `wasi.merge`
+    restores. `batch_rank_cap`: the size of mode 0 of the calibration input when its activation rank kept all of
+    it (ranks from epsilon_act or a budget); a larger training input then logs a warning once (`note_batch`).
     """
 
     bias: Tensor | None
+    is_subspace_layer = True
 
     def __init__(self, in_features: int, out_features: int, act_ranks: Sequence[int] | None, seed: int):
         super().__init__()
@@ -68,6 +79,9 @@ class _SubspaceLinear(nn.Module, ABC):
         self.act_ranks = None if act_ranks is None else _check_ranks(act_ranks)
         self.seed = seed
         self.token_grid: tuple[int, int] | None = None
+        self.grid_from_block = False
+        self.base = "Linear"
+        self.batch_rank_cap: int | None = None
         self._factors: list[Tensor] | None = None  # previous step's Tucker factors (warm start), not in state_dict
         self._act_bytes: tuple[int, int] | None = None  # (saved, dense) activation bytes of the last training forward
 
@@ -76,6 +90,7 @@ class _SubspaceLinear(nn.Module, ABC):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if not (self.training and needs_grad):
             return self._inference(x)
+        self.note_batch(x)
         x = x.to(compute_dtype(x))
         core, factors = self._compress(x)
         weight, L, R = self._fn_weights()
@@ -96,7 +111,7 @@ class _SubspaceLinear(nn.Module, ABC):
             layout = "(B, H, W, C): a Swin MLP input" if self.token_grid is not None else f"{xt.dim()}-mode"
             raise ValueError(f"act_ranks={self.act_ranks} has {len(self.act_ranks)} entries but this layer compresses "
                              f"its input of shape {tuple(xt.shape)} as {layout}; give one rank per mode "
-                             f"({xt.dim()} ranks), e.g. method.ranks={[8] * xt.dim()}, or use epsilon_act")
+                             f"({xt.dim()} ranks), e.g. ranks={[8] * xt.dim()}, or use epsilon_act")
         with torch.no_grad():
             generator = torch.Generator(x.device).manual_seed(self.seed)
             core, factors = tucker(xt.detach(), self.act_ranks, self._factors, generator)
@@ -105,6 +120,19 @@ class _SubspaceLinear(nn.Module, ABC):
         if record is not None:
             record[0].put(self, (core, factors))
         return core, factors
+
+    def note_batch(self, x: Tensor) -> None:
+        """Warn once per (calibration, training) size pair when a training input x: (n_0, …) has a larger mode 0
+        than the calibration input whose activation rank kept all n_0 of its directions: the rank, an absolute
+        number, then keeps a smaller share of this input than epsilon_act asked for."""
+        cap = self.batch_rank_cap
+        if cap is None or x.dim() < 2 or x.shape[0] <= cap or (cap, x.shape[0]) in _batch_warned:
+            return
+        _batch_warned.add((cap, x.shape[0]))
+        _logger.warning("a training input with mode 0 of size %d is larger than the calibration batch's (%d), whose "
+                        "activation rank kept all %d directions: that rank stays %d, below what epsilon_act would "
+                        "keep of this input; calibrate on a batch as large as the training batch", x.shape[0], cap,
+                        cap, cap)
 
     def warm_start_state(self) -> list[Tensor]:
         """The Tucker factors [U_m: (n_m, r_m)] the next training forward warm-starts from ([] before the
@@ -231,6 +259,19 @@ class WSILinear(_SubspaceLinear):
         self.bias = None if bias is None else nn.Parameter(bias)
         self.factored_grad = None
         self.factored_grad_reduced = False  # averaged over data-parallel ranks yet (wasi.distributed)
+        self.factored_grad_stale = False  # an optimizer step used it: the next backward starts a new one
+        self._register_factors()
+
+    def _register_factors(self) -> None:
+        """Only wasi.SubspaceSGD may step this layer (wasi.guard)."""
+        if self.weight_update == "factored":
+            register_factors(self.L, self.R)
+        else:
+            register_factors(self.weight)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # deep copies and unpickled layers are guarded too
+        super().__setstate__(state)
+        self._register_factors()
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, epsilon: float, weight_update: str = "factored") -> WSILinear:
@@ -242,10 +283,35 @@ class WSILinear(_SubspaceLinear):
     def rank(self) -> int:
         return self.L.shape[1]
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Also loads a dense layer's state (a `weight` (O, I), as nn.Linear or the `base` type stores it, and no
+        L, R): factored, its rank-K truncated SVD gives L, R; otherwise it is the dense weight and L, R its rank-K
+        factors. So a plain checkpoint loads into an injected model with strict=True, and is not ignored."""
+        key = prefix + "weight"
+        if key in state_dict and prefix + "L" not in state_dict and prefix + "R" not in state_dict:
+            dense = adapter_named(self.base).stored_weight(state_dict[key])
+            if dense.shape != (self.out_features, self.in_features):
+                raise ValueError(f"{key} has shape {tuple(dense.shape)}, but this layer maps {self.in_features} to "
+                                 f"{self.out_features} features")
+            u, s, vh = svd(dense)
+            k = self.rank
+            state_dict[prefix + "L"], state_dict[prefix + "R"] = u[:, :k], s[:k, None] * vh[:k]
+            if self.weight_update == "factored":
+                del state_dict[key]
+        if self.weight_update == "svd":  # K may have changed since this layer was built: take the saved one
+            for name in ("L", "R"):
+                saved = state_dict.get(prefix + name)
+                if isinstance(saved, Tensor) and saved.shape != getattr(self, name).shape:
+                    self.register_buffer(name, torch.empty_like(saved, device=self.L.device))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def accumulate_factored_grad(self, g: Tensor, p: Tensor) -> None:
-        """Add ∇W += g pᵀ. g: (O, r), p: (I, r); successive backwards concatenate along r."""
+        """Add ∇W += g pᵀ. g: (O, r), p: (I, r); successive backwards concatenate along r, until an optimizer step
+        uses the sum (`factored_grad_stale`) or `zero_grad` clears it (so a loop that clears only `.grad`s, as
+        transformers.Trainer's `model.zero_grad()`, does not add old gradients)."""
         self.factored_grad_reduced = False
-        if self.factored_grad is None:
+        if self.factored_grad is None or self.factored_grad_stale:
+            self.factored_grad_stale = False
             self.factored_grad = (g, p)
         else:
             g0, p0 = self.factored_grad
@@ -287,16 +353,28 @@ class WASILinear(WSILinear):
                    _full_weight(linear, weight_update))
 
 
-def _set_token_grid(block: nn.Module, args: tuple) -> None:
-    """Forward pre-hook: the subspace layers under block.mlp learn (H, W) of a (B, H, W, C) block input, else None."""
-    grid = block_grid(args[0])
-    for m in block.get_submodule("mlp").modules():
-        if isinstance(m, _SubspaceLinear):
+def _set_token_grid(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook: the subspace layers in `block` with `grid_from_block` learn (H, W) of a (B, H, W, C) block
+    input, else None."""
+    grid = block_grid(first_tensor(args, kwargs))
+    for m in block.modules():
+        if isinstance(m, _SubspaceLinear) and m.grid_from_block:
             m.token_grid = grid
 
 
 def track_token_grid(block: nn.Module) -> None:
-    """Register on a transformer block the pre-hook that keeps `token_grid` of the subspace layers under `block.mlp`
-    current (a Swin block's (B, H, W, C) input gives (H, W)). The hook is a module-level function that finds the
-    layers from its block argument, so deep copies and pickles of the model carry a working hook."""
-    block.register_forward_pre_hook(_set_token_grid)
+    """Register on a transformer block the pre-hook that keeps `token_grid` of its subspace layers with
+    `grid_from_block` current (a Swin block's (B, H, W, C) input gives (H, W)). The hook is a module-level function
+    that finds the layers from its block argument, so deep copies and pickles of the model carry a working hook.
+    Idempotent."""
+    if any(h is _set_token_grid for h in block._forward_pre_hooks.values()):
+        return
+    block.register_forward_pre_hook(_set_token_grid, with_kwargs=True)
+
+
+def untrack_token_grid(block: nn.Module) -> None:
+    """Remove the pre-hook of `track_token_grid` from `block`."""
+    for key, hook in list(block._forward_pre_hooks.items()):
+        if hook is _set_token_grid:
+            del block._forward_pre_hooks[key]
+            block._forward_pre_hooks_with_kwargs.pop(key, None)

@@ -1,166 +1,386 @@
-"""Low-rank MLP recompute: a timm `Mlp` with WSI/WASI fc1 and fc2 that saves nothing of the hidden width.
+"""MLP forms and their fused low-rank recompute: MLPs whose WSI/WASI linears save nothing of the hidden width.
 
-fc1 computes u = x R₁ᵀ: (…, K₁) on its way to h = u L₁ᵀ + b₁: (…, H). Backward needs act'(h) and, for WSI,
-fc2's dense input act(h); both are recomputed from u, so the MLP saves (…, K₁) instead of (…, H)
-(docs/method.md, Whole-step recompute). Extra cost: one (…, K₁)×(K₁, H) product and the activation per step.
+An MLP form says where an MLP's linears sit inside the module that holds them and how they combine:
+  PlainMlp   y = fc2(act(fc1 x))                          timm Mlp, Hugging Face ViTMLP/Dinov2MLP, GPT-2 (Conv1D)
+  GluMlp     h = fc1 x (…, 2H), y = fc2(act(h₁) ⊙ h₂)     timm GluMlp (EVA-02; `gate_last` swaps the halves)
+  GatedMlp   y = down(act(gate x) ⊙ up x)                 timm SwiGLU, Hugging Face Llama family, Dinov2 SwiGLU
+  UnfusedMlp found by its linears alone, not fused        Hugging Face BERT (intermediate.dense, output.dense),
+                                                          PVT v2 (a depthwise convolution between fc1 and fc2)
+`MLP_FORMS` is the one table of them; `wasi.targets` finds MLPs with it, `inject` fuses them with it.
+
+Fused (recompute="mlp"): each input projection computes u = x Rᵀ: (…, K) on its way to h = u Lᵀ + b: (…, H).
+Backward needs act'(h) (and, for WSI, the output projection's dense input a); both are recomputed from the u's,
+so the MLP saves (…, K) per input projection instead of (…, H) (docs/method.md, Whole-step recompute). Extra cost:
+one (…, K)×(K, H) product per input projection and the activation, per step. Fusing sets the MLP module's own
+`forward` (the module, its type, its submodules and state_dict keys are unchanged; `unfuse` removes it).
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wasi.adapters import is_linear_like
 from wasi.functional import LinearParams, bias_grad, compute_dtype, input_grad, linear_forward, weight_grad
 from wasi.layers import WSILinear
 
-__all__ = ["RecomputeMlp"]
+__all__ = ["MLP_FORMS", "GatedMlp", "GluMlp", "MlpForm", "PlainMlp", "UnfusedMlp", "form_of", "fuse", "fused_form",
+           "is_fused", "unfuse"]
+
+Act = Callable[[Tensor], Tensor]
 
 
-class RecomputeMlp(nn.Module):
-    """timm `Mlp` (fc1 -> act -> drop1 -> norm -> fc2 -> drop2) whose fc1, fc2 are WSILinear/WASILinear (any
-    weight update), with dropout p = 0 and no hidden norm. Same submodules, so the same state_dict keys
-    (`fc1.L`, `fc1.R`, `fc1.bias`, `fc2.…`) and the same layers for the optimizer, clipping and memory reports.
+@dataclass(frozen=True)
+class MlpForm(ABC):
+    """Where an MLP's linears sit (paths relative to the module holding them) and how they combine.
 
-    Training forward, x: (…, I) (in the autocast dtype under autocast, as SubspaceLinearFn):
-        u = x R₁ᵀ (…, K₁),  h = u L₁ᵀ + b₁ (…, H),  a = act(h),  y = (a R₂ᵀ) L₂ᵀ + b₂ (…, O).
-    Saved for backward: fc1's input as that layer saves it (Tucker S, U_m of x for WASI; x for WSI), u, and
-    for WASI fc2's Tucker S, U_m of a; nothing of size (…, H). Backward: dA = (dy L₂) R₂; h = u L₁ᵀ + b₁ is
-    recomputed (and a = act(h) for WSI's fc2); dh = act'(h) ⊙ dA; fc2's ∇W from its Tucker factors (WASI) or from the
-    recomputed a (WSI); dx = (dh L₁) R₁; fc1's ∇W from its saved input; biases Σ dy, Σ dh. The gradients
-    are those of the plain Mlp with the same layers. Eval mode or no grad: the plain path.
+    inputs: the input projection(s), in the order `combine` takes them; output: the output projection;
+    act: the attribute holding the activation; inner: modules between the activation and the output projection
+    (identity or p=0 dropout for the fused path); outer: modules after the output projection (applied outside
+    the fused function, dropout included); label: the families it describes, for messages.
     """
 
-    fc1: WSILinear
-    fc2: WSILinear
+    inputs: tuple[str, ...]
+    output: str
+    act: str
+    inner: tuple[str, ...] = ()
+    outer: tuple[str, ...] = ()
+    label: str = ""
+    fusable: ClassVar[bool] = True
 
-    def __init__(self, fc1: WSILinear, act: nn.Module, fc2: WSILinear):
-        super().__init__()
-        self.fc1, self.act = fc1, act
-        self.drop1, self.norm = nn.Identity(), nn.Identity()
-        self.fc2, self.drop2 = fc2, nn.Identity()
+    @property
+    def linears(self) -> tuple[str, ...]:
+        return (*self.inputs, self.output)
+
+    def matches(self, module: nn.Module) -> bool:
+        """`module` has every linear of this form (linear layers), its activation and its inner/outer modules."""
+        subs = dict(module.named_modules())
+        return (all(p in subs and is_linear_like(subs[p]) for p in self.linears)
+                and all(n in subs for n in (*self.inner, *self.outer)) and hasattr(module, self.act))
+
+    @abstractmethod
+    def formula(self) -> str:
+        """What the form computes, e.g. "fc2(act(fc1(x)))"."""
+
+    @abstractmethod
+    def combine(self, module: nn.Module, hs: list[Tensor], inplace: bool = False) -> Tensor:
+        """The hidden activation a: (…, H) from the input projections' outputs hs (inplace: may write over them)."""
+
+    @abstractmethod
+    def combine_backward(self, module: nn.Module, da: Tensor, hs: list[Tensor]) -> list[Tensor]:
+        """d loss / d hs from da = d loss / d a: (…, H), for the recomputed hs; may write over da."""
+
+    def reference(self, module: nn.Module, x: Tensor) -> Tensor:
+        """What the form computes with `module`'s own submodules: x: (…, I) -> (…, O)."""
+        a = self.combine(module, [module.get_submodule(p)(x) for p in self.inputs])
+        for name in self.inner:
+            a = module.get_submodule(name)(a)
+        y = module.get_submodule(self.output)(a)
+        for name in self.outer:
+            y = module.get_submodule(name)(y)
+        return y
+
+    def problem(self, module: nn.Module) -> str | None:
+        """Why the fused path cannot take `module` (whatever its linears are), or None."""
+        for name in self.inner:
+            inner = module.get_submodule(name)
+            if isinstance(inner, nn.Dropout) and inner.p > 0:
+                return f"the fused path does not replay dropout between the layers ({name}: {inner})"
+            if not isinstance(inner, (nn.Identity, nn.Dropout)):
+                return f"the fused path does not recompute a hidden norm between the layers ({name}: {inner})"
+        return None
+
+
+@dataclass(frozen=True)
+class PlainMlp(MlpForm):
+    """y = output(act(input x))."""
+
+    def formula(self) -> str:
+        return f"{self.output}({self.act}({self.inputs[0]}(x)))"
+
+    def combine(self, module: nn.Module, hs: list[Tensor], inplace: bool = False) -> Tensor:
+        return _activation(getattr(module, self.act), hs[0], inplace)
+
+    def combine_backward(self, module: nn.Module, da: Tensor, hs: list[Tensor]) -> list[Tensor]:
+        return [_activation_backward(getattr(module, self.act), da, hs[0])]
+
+
+@dataclass(frozen=True)
+class GatedMlp(MlpForm):
+    """y = output(act(gate x) ⊙ up x), inputs = (gate, up)."""
+
+    def formula(self) -> str:
+        gate, up = self.inputs
+        return f"{self.output}({self.act}({gate}(x)) * {up}(x))"
+
+    def combine(self, module: nn.Module, hs: list[Tensor], inplace: bool = False) -> Tensor:
+        g, v = hs
+        s = _activation(getattr(module, self.act), g, inplace)
+        return s.mul_(v) if inplace else s * v
+
+    def combine_backward(self, module: nn.Module, da: Tensor, hs: list[Tensor]) -> list[Tensor]:
+        g, v = hs
+        return list(_gate_backward(getattr(module, self.act), da, g, v))
+
+
+@dataclass(frozen=True)
+class GluMlp(MlpForm):
+    """One input projection of width 2H whose halves h₁, h₂ gate each other: a = act(h₁) ⊙ h₂, or h₁ ⊙ act(h₂)
+    when the module's `gate_last` is true (timm GluMlp), chunked along the last dimension."""
+
+    def matches(self, module: nn.Module) -> bool:
+        return super().matches(module) and hasattr(module, "chunk_dim")
+
+    def formula(self) -> str:
+        return f"{self.output}(act(h1) * h2), (h1, h2) = {self.inputs[0]}(x).chunk(2)"
+
+    def _halves(self, module: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+        """(gate half, other half) of h: (…, 2H)."""
+        first, second = h.chunk(2, dim=-1)
+        return (second, first) if getattr(module, "gate_last", False) else (first, second)
+
+    def combine(self, module: nn.Module, hs: list[Tensor], inplace: bool = False) -> Tensor:
+        g, v = self._halves(module, hs[0])
+        return _activation(getattr(module, self.act), g) * v  # g is a view of h: never written over
+
+    def combine_backward(self, module: nn.Module, da: Tensor, hs: list[Tensor]) -> list[Tensor]:
+        g, v = self._halves(module, hs[0])
+        dg, dv = _gate_backward(getattr(module, self.act), da, g, v)
+        return [torch.cat([dv, dg] if getattr(module, "gate_last", False) else [dg, dv], dim=-1)]
+
+    def problem(self, module: nn.Module) -> str | None:
+        if getattr(module, "chunk_dim", -1) != -1:
+            return f"it chunks the hidden features along dim {module.chunk_dim}, not the last one"
+        return super().problem(module)
+
+
+@dataclass(frozen=True)
+class UnfusedMlp(MlpForm):
+    """An MLP the fused path does not take, found by its linears alone so that the "mlp" target preset converts
+    them: `why` says what lies between them (a depthwise convolution, two modules, …)."""
+
+    why: str = ""
+    fusable: ClassVar[bool] = False
+
+    def matches(self, module: nn.Module) -> bool:
+        subs = dict(module.named_modules())
+        return all(p in subs and is_linear_like(subs[p]) for p in self.linears)
+
+    def formula(self) -> str:
+        return f"{self.inputs[0]} -> … -> {self.output}"
+
+    def combine(self, module: nn.Module, hs: list[Tensor], inplace: bool = False) -> Tensor:
+        raise ValueError(f"{type(self).__name__} has no fused path")
+
+    def combine_backward(self, module: nn.Module, da: Tensor, hs: list[Tensor]) -> list[Tensor]:
+        raise ValueError(f"{type(self).__name__} has no fused path")
+
+    def problem(self, module: nn.Module) -> str | None:
+        return self.why
+
+
+#: Every MLP form the library knows, most specific first (one MLP module takes the first form it matches).
+MLP_FORMS: tuple[MlpForm, ...] = (
+    GluMlp(("fc1",), "fc2", "act", inner=("drop1", "norm"), outer=("drop2",), label="timm GluMlp (EVA-02)"),
+    PlainMlp(("fc1",), "fc2", "act", inner=("drop1", "norm"), outer=("drop2",), label="timm Mlp"),
+    GatedMlp(("fc1_g", "fc1_x"), "fc2", "act", inner=("drop1", "norm"), outer=("drop2",), label="timm SwiGLU"),
+    PlainMlp(("fc1",), "fc2", "activation_fn", label="Hugging Face ViT/Dinov2/CLIP MLP"),
+    PlainMlp(("c_fc",), "c_proj", "act", outer=("dropout",), label="Hugging Face GPT-2 MLP"),
+    GatedMlp(("gate_proj", "up_proj"), "down_proj", "act_fn", label="Hugging Face Llama-family MLP"),
+    UnfusedMlp(("intermediate.dense",), "output.dense", "", label="Hugging Face BERT MLP",
+               why="its linears lie in two modules, with the second one's dropout, residual and norm after them"),
+    UnfusedMlp(("fc1",), "fc2", "", label="an MLP with other layers between fc1 and fc2 (PVT v2)",
+               why="it has other layers between fc1 and fc2 (as PVT v2's depthwise convolution)"),
+)
+
+
+def form_of(module: nn.Module) -> MlpForm | None:
+    """The first form of MLP_FORMS that `module` matches, else None."""
+    return next((f for f in MLP_FORMS if f.matches(module)), None)
+
+
+# --- fusing ---------------------------------------------------------------------------------------------------------
+
+def fuse(module: nn.Module, form: MlpForm) -> None:
+    """Make `module`, an MLP of `form` whose linears are WSI/WASI layers, run the fused recompute in training.
+    ValueError naming the fix when it cannot (dropout or a norm between its layers, unconverted linears)."""
+    problem = form.problem(module)
+    unconverted = [p for p in form.linears if not isinstance(module.get_submodule(p), WSILinear)]
+    if problem is None and unconverted:
+        problem = f"it recomputes from the low-rank x Rᵀ, which {unconverted} (not WSI/WASI layers) do not have"
+    if problem is not None:
+        raise ValueError(f"recompute='mlp' cannot fuse {type(module).__name__}: {problem}; set recompute='none' "
+                         "or 'block'")
+    module.forward = functools.partial(_fused_forward, form, module)
+
+
+def fused_form(module: nn.Module) -> MlpForm | None:
+    """The form `module` is fused with (`fuse`), else None."""
+    forward = module.__dict__.get("forward")
+    if isinstance(forward, functools.partial) and forward.func is _fused_forward:
+        return forward.args[0]
+    return None
+
+
+def is_fused(module: nn.Module) -> bool:
+    return fused_form(module) is not None
+
+
+def unfuse(module: nn.Module) -> None:
+    """Undo `fuse`: the module runs its own forward again."""
+    if is_fused(module):
+        del module.__dict__["forward"]
+
+
+def _fused_forward(form: MlpForm, module: nn.Module, x: Tensor) -> Tensor:
+    """x: (…, I) -> (…, O). Eval mode or no grad: the module's own forward."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
+    if not (module.training and needs_grad):
+        return type(module).forward(module, x)
+    layers: list[WSILinear] = [module.get_submodule(p) for p in form.linears]  # type: ignore[misc]
+    for layer in layers:
+        layer.note_batch(x)
+    params = [t for layer in layers for t in (*layer._fn_weights(), layer.bias)]
+    y = _FusedMlpFn.apply(x.to(compute_dtype(x)), _Plan(form, module, layers), *params)
+    for name in form.outer:
+        y = module.get_submodule(name)(y)
+    return y
+
+
+@dataclass
+class _Plan:
+    """What one fused call needs besides the tensors: the form, the MLP module, its layers (inputs, then output)."""
+
+    form: MlpForm
+    module: nn.Module
+    layers: list[WSILinear]
+
+
+class _FusedMlpFn(torch.autograd.Function):
+    """The fused MLP. Inputs: x, the plan, then (weight, L, R, bias) of each input projection and of the output.
+
+    Saved for backward: each input projection's input as that layer saves it (Tucker S, U_m of x for WASI; x for
+    WSI), its u = x Rᵀ (…, K), and for WASI the output projection's Tucker S, U_m of a; nothing of size (…, H).
+    Backward: da = (dy L_o) R_o; h = u Lᵀ + b recomputed per input projection (and a for WSI's output weight
+    gradient); dh from the form's `combine_backward`; the input projections' ∇W from their saved inputs,
+    dx = Σ (dh L) R; biases Σ dy, Σ dh. The gradients are those of the plain MLP with the same layers.
+    """
 
     @staticmethod
-    def check(mlp: nn.Module) -> None:
-        """ValueError naming the fix unless `mlp` is a timm Mlp without dropout or hidden norm (fc1, fc2 unchecked)."""
-        children = dict(mlp.named_children())
-        if set(children) != {"fc1", "act", "drop1", "norm", "fc2", "drop2"}:
-            raise ValueError(f"recompute='mlp' needs a timm Mlp (fc1, act, drop1, norm, fc2, drop2), got "
-                             f"{type(mlp).__name__} with {sorted(children)}; set recompute='none' or 'block'")
-        for name in ("drop1", "drop2"):
-            drop = children[name]
-            if not (isinstance(drop, nn.Identity) or (isinstance(drop, nn.Dropout) and drop.p == 0)):
-                raise ValueError(f"recompute='mlp' does not replay dropout inside the MLP ({name}: {drop}); set the "
-                                 "model's MLP dropout to 0, or recompute='none' or 'block'")
-        if not isinstance(children["norm"], nn.Identity):  # a configuration error, hence ValueError
-            raise ValueError(  # noqa: TRY004
-                f"recompute='mlp' does not recompute a hidden norm inside the MLP ({children['norm']}); "
-                "set recompute='none' or 'block'")
-
-    @classmethod
-    def from_mlp(cls, mlp: nn.Module) -> RecomputeMlp:
-        """From a timm Mlp whose fc1, fc2 were converted to WSI/WASI layers; ValueError naming the fix otherwise."""
-        cls.check(mlp)
-        fc1, act, fc2 = mlp.get_submodule("fc1"), mlp.get_submodule("act"), mlp.get_submodule("fc2")
-        if not (isinstance(fc1, WSILinear) and isinstance(fc2, WSILinear)):  # a configuration error
-            raise ValueError(  # noqa: TRY004
-                f"recompute='mlp' recomputes fc1's output from its low-rank x Rᵀ, so fc1 and fc2 must be WSI/WASI "
-                f"layers, got {type(fc1).__name__}, {type(fc2).__name__}; set recompute='none' or 'block'")
-        new = cls(fc1, act, fc2)
-        new.train(mlp.training)
-        return new
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (…, I) -> (…, O)."""
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if not (self.training and needs_grad):
-            return self.fc2(self.act(self.fc1(x)))
-        x = x.to(compute_dtype(x))
-        core, factors = self.fc1._compress(x)
-        w1, L1, R1 = self.fc1._fn_weights()
-        w2, L2, R2 = self.fc2._fn_weights()
-        return _RecomputeMlpFn.apply(x, w1, L1, R1, self.fc1.bias, w2, L2, R2, self.fc2.bias, self, core, *factors)
-
-
-class _RecomputeMlpFn(torch.autograd.Function):
-    """The fused MLP of RecomputeMlp. Inputs 0-8: x, then (weight, L, R, bias) of fc1 and of fc2."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, w1: Tensor | None, L1: Tensor, R1: Tensor, b1: Tensor | None,
-                w2: Tensor | None, L2: Tensor, R2: Tensor, b2: Tensor | None, mlp: RecomputeMlp,
-                core1: Tensor | None, *factors1: Tensor) -> Tensor:
-        p1 = LinearParams(w1, L1, R1, b1, mlp.fc1._sink())
-        p2 = LinearParams(w2, L2, R2, b2, mlp.fc2._sink())
-        h, u = linear_forward(x, p1)
+    def forward(ctx: Any, x: Tensor, plan: _Plan, *params: Tensor | None) -> Tensor:
+        ps = [LinearParams(params[4 * j], params[4 * j + 1], params[4 * j + 2], params[4 * j + 3], layer._sink())
+              for j, layer in enumerate(plan.layers)]
+        *inputs, output = plan.layers
+        saved: list[Tensor] = []
+        layout: list[tuple[bool, int]] = []
+        hs = []
+        for layer, p in zip(inputs, ps):
+            core, factors = layer._compress(x)
+            h, u = linear_forward(x, p)
+            assert u is not None  # WSI/WASI layers are low rank
+            kept = [x] if core is None else [core, *factors]
+            saved += [*kept, u]
+            layout.append((core is not None, len(kept)))
+            hs.append(h)
         with torch.autocast(x.device.type, enabled=False):
-            a = _activation_(mlp.act, h)
-        del h
-        core2, factors2 = mlp.fc2._compress(a)
-        y, _ = linear_forward(a, p2)
-        first = [x] if core1 is None else [core1, *factors1]
-        second = [] if core2 is None else [core2, *factors2]
-        ctx.save_for_backward(*first, u, *second)
-        ctx.layout = (core1 is not None, len(first), core2 is not None)
-        ctx.mlp, ctx.params = mlp, (p1, p2)
+            a = plan.form.combine(plan.module, hs, inplace=True)
+        del hs
+        core_o, factors_o = output._compress(a)
+        y, _ = linear_forward(a, ps[-1])
+        if core_o is not None:
+            saved += [core_o, *factors_o]
+        ctx.save_for_backward(*saved)
+        ctx.layout, ctx.tucker_out, ctx.plan, ctx.ps = layout, core_o is not None, plan, ps
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
-        tucker1, n1, tucker2 = ctx.layout
-        p1, p2 = ctx.params
-        saved = ctx.saved_tensors
-        first, u, second = saved[:n1], saved[n1], saved[n1 + 1:]
+        plan, ps = ctx.plan, ctx.ps
+        n = len(ps) - 1
         need = ctx.needs_input_grad
-        factored1 = p1.sink is not None and (need[2] or need[3])
-        factored2 = p2.sink is not None and (need[6] or need[7])
-        need_dh = need[0] or need[1] or need[4] or factored1
-        need_w2 = need[5] or factored2
-        grads: list[Tensor | None] = [None] * (11 + (n1 - 1 if tucker1 else 0))
+        grads: list[Tensor | None] = [None] * len(need)
+
+        def wants(j: int) -> tuple[bool, bool, bool]:  # (dense weight grad, factored grad, bias grad) of layer j
+            dense, factored = need[2 + 4 * j], ps[j].sink is not None and (need[3 + 4 * j] or need[4 + 4 * j])
+            return dense, factored, need[5 + 4 * j]
+
+        saved, firsts, pos = ctx.saved_tensors, [], 0
+        for _, size in ctx.layout:
+            firsts.append((saved[pos: pos + size], saved[pos + size]))
+            pos += size + 1
+        out_factors = saved[pos:]
+        dense_o, factored_o, bias_o = wants(n)
+        need_dh = need[0] or any(any(wants(j)) for j in range(n))
         with torch.autocast(dy.device.type, enabled=False):
-            if need[8]:
-                assert p2.bias is not None
-                grads[8] = bias_grad(dy, p2.bias)
-            h = None
-            if need_dh or (need_w2 and not tucker2):  # recompute h = u L₁ᵀ + b₁ (and a = act(h) for WSI's fc2)
-                assert p1.L is not None
-                h = F.linear(u, p1.L.to(u.dtype), None if p1.bias is None else p1.bias.to(u.dtype))
-            if tucker2:
-                grads[5] = weight_grad(dy, p2, need[5], factored2, core=second[0], factors=second[1:])
-            elif need_w2:
-                a = ctx.mlp.act.forward(h)  # .forward, not __call__: the module's hooks ran in the forward pass
-                grads[5] = weight_grad(dy, p2, need[5], factored2, x=a)
+            if bias_o:
+                grads[5 + 4 * n] = bias_grad(dy, _bias(ps[n]))
+            hs: list[Tensor] = []
+            if need_dh or ((dense_o or factored_o) and not ctx.tucker_out):
+                for (_, u), p in zip(firsts, ps):
+                    assert p.L is not None
+                    hs.append(F.linear(u, p.L.to(u.dtype), None if p.bias is None else p.bias.to(u.dtype)))
+            if ctx.tucker_out:
+                grads[2 + 4 * n] = weight_grad(dy, ps[n], dense_o, factored_o, core=out_factors[0],
+                                               factors=out_factors[1:])
+            elif dense_o or factored_o:
+                a = plan.form.combine(plan.module, hs)  # WSI: the output projection's dense input, recomputed
+                grads[2 + 4 * n] = weight_grad(dy, ps[n], dense_o, factored_o, x=a)
                 del a
             if need_dh:
-                assert h is not None
-                dh = _activation_backward(ctx.mlp.act, input_grad(dy, p2), h)
-                del h
-                if need[0]:
-                    grads[0] = input_grad(dh, p1)
-                if need[4]:
-                    assert p1.bias is not None
-                    grads[4] = bias_grad(dh, p1.bias)
-                if tucker1:
-                    grads[1] = weight_grad(dh, p1, need[1], factored1, core=first[0], factors=first[1:])
-                else:
-                    grads[1] = weight_grad(dh, p1, need[1], factored1, x=first[0])
+                dhs = plan.form.combine_backward(plan.module, input_grad(dy, ps[n]), hs)
+                del hs
+                for j, ((tucker, _), (kept, _), dh, p) in enumerate(zip(ctx.layout, firsts, dhs, ps)):
+                    if need[0]:
+                        dx = input_grad(dh, p)
+                        grads[0] = dx if grads[0] is None else grads[0].add_(dx)
+                    dense, factored, bias = wants(j)
+                    if bias:
+                        grads[5 + 4 * j] = bias_grad(dh, _bias(p))
+                    if tucker:
+                        grads[2 + 4 * j] = weight_grad(dh, p, dense, factored, core=kept[0], factors=kept[1:])
+                    else:
+                        grads[2 + 4 * j] = weight_grad(dh, p, dense, factored, x=kept[0])
         return tuple(grads)
 
 
-def _activation_(act: nn.Module, h: Tensor) -> Tensor:
-    """act(h) for h: (…, H), a temporary of the caller's: GELU writes over h (one (…, H) tensor at a time)."""
-    if type(act) is nn.GELU:
+def _bias(p: LinearParams) -> Tensor:
+    assert p.bias is not None
+    return p.bias
+
+
+# --- activations ----------------------------------------------------------------------------------------------------
+
+def _activation(act: Act, h: Tensor, inplace: bool = False) -> Tensor:
+    """act(h) for h: (…, H). inplace: GELU and SiLU write over h, a temporary of the caller's (one (…, H) at a time)."""
+    if inplace and type(act) is nn.GELU:
         return torch.ops.aten.gelu.out(h, approximate=act.approximate, out=h)
-    return act(h)
+    if inplace and type(act) is nn.SiLU:
+        return F.silu(h, inplace=True)
+    return act.forward(h) if isinstance(act, nn.Module) else act(h)  # .forward: the module's hooks ran in forward
 
 
-def _activation_backward(act: nn.Module, da: Tensor, h: Tensor) -> Tensor:
-    """dh = act'(h) ⊙ da for an elementwise activation; h, da, dh: (…, H). GELU by its backward kernel, which
-    needs h alone (so act(h) is never held) and writes dh over da (a temporary of the caller's), so the
-    backward peak holds two (…, H) tensors, not four; any other activation through autograd."""
+def _activation_backward(act: Act, da: Tensor, h: Tensor) -> Tensor:
+    """dh = act'(h) ⊙ da for an elementwise activation; h, da, dh: (…, H). GELU and SiLU by their backward kernels,
+    which need h alone (so act(h) is never held) and write dh over da (a temporary of the caller's); any other
+    activation through autograd."""
     if type(act) is nn.GELU:
         return torch.ops.aten.gelu_backward.grad_input(da, h, approximate=act.approximate, grad_input=da)
+    if type(act) is nn.SiLU:
+        return torch.ops.aten.silu_backward.grad_input(da, h, grad_input=da)
     with torch.enable_grad():
         h = h.detach().requires_grad_()
-        (dh,) = torch.autograd.grad(act.forward(h), h, da)
+        (dh,) = torch.autograd.grad(_activation(act, h), h, da)
     return dh
+
+
+def _gate_backward(act: Act, da: Tensor, g: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(dg, dv) of a = act(g) ⊙ v for da: (…, H); writes over da."""
+    dv = da * _activation(act, g)
+    return _activation_backward(act, da.mul_(v), g), dv
+

@@ -78,14 +78,28 @@ class SubspaceSGD(torch.optim.Optimizer):
     step W' = (1-ηλ) W − η ∇W (dense momentum buffer included), then "reference": Q = W'ᵀ L,
     L' = orth(W' Q), R' = L'ᵀ W', W ← L' R'; "svd": L' = U_K, R' = Σ_K V_Kᵀ from a fresh truncated
     SVD W' = U Σ Vᵀ with K recomputed from the layer's ε (it may change between steps), W kept as W'.
-    `zero_grad` also clears the layers' factored_grad. Under torch.distributed (DDP averaging the
-    ordinary `.grad`s), `step` first averages the factored grads over ranks exactly (wasi.distributed:
-    an all_gather along r), so every rank takes the identical subspace step.
+    `zero_grad` also clears the layers' factored_grad, and a step marks each one it used as stale, so the next
+    backward starts a new one even when a loop clears only `.grad`s (transformers.Trainer calls
+    `model.zero_grad()`). Under torch.distributed (DDP averaging the ordinary `.grad`s), `step` first averages
+    the factored grads over ranks exactly (wasi.distributed: an all_gather along r), so every rank takes the
+    identical subspace step.
+
+    max_grad_norm: when set, `step` first clips every gradient of `model`, factored ones included, to this global
+    norm (`clip_grad_norm_`): for loops that clip with torch's `clip_grad_norm_`, which cannot see factored
+    gradients (with transformers.Trainer: `TrainingArguments(max_grad_norm=0)` and this instead).
+    Any other torch optimizer given the factors is refused at its first step (wasi.guard).
     """
 
-    def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0, momentum: float = 0.0):
+    steps_factored_layers = True  # wasi.guard lets this optimizer step WSI/WASI layers
+
+    def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0, momentum: float = 0.0,
+                 max_grad_norm: float | None = None):
         if lr < 0 or weight_decay < 0 or momentum < 0:
             raise ValueError(f"lr, weight_decay, momentum must be >= 0, got {lr}, {weight_decay}, {momentum}")
+        if max_grad_norm is not None and max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        self.max_grad_norm = max_grad_norm
+        self._model = model
         layers = [layer for _, layer in factored_layers(model)]
         self._factored = [l for l in layers if l.weight_update == "factored" and l.L.requires_grad]
         self._reference = [l for l in layers if l.weight_update != "factored"]  # dense-weight modes
@@ -101,6 +115,8 @@ class SubspaceSGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.max_grad_norm is not None:
+            clip_grad_norm_(self._model, self.max_grad_norm)
         reduce_factored_grads(self._factored)
         for group in self.param_groups:
             if group["layer"] is None:
@@ -148,6 +164,7 @@ class SubspaceSGD(torch.optim.Optimizer):
             state["momentum_buffer"] = ltgp + ltl @ (wd * R if c is None else wd * R + mu * c)
         R.copy_(ltl @ a - lr * ltgp)
         L.copy_(new_l)
+        layer.factored_grad_stale = True
 
 
 def _resync(layer: WSILinear) -> None:

@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wasi.blocks import compression_views
+from wasi.adapters import adapter_for
+from wasi.config import EPS_SET
 from wasi.functional import tucker_weight_grad
+from wasi.probe import Inputs, compression_views, logits_of, run_model
 from wasi.subspace import truncated_hosvd
 
 __all__ = ["InfeasibleBudgetError", "RankTable", "build_rank_table", "ranks_for", "solve_budget"]
@@ -124,23 +126,25 @@ def _validate(t: RankTable) -> None:
         raise bad(f"input_shapes must hold one list of positive ints per layer ({n_l})")
 
 
-def build_rank_table(model: nn.Module, target_names: Sequence[str], x: torch.Tensor, y: torch.Tensor,
-                     eps_set: Sequence[float] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+def build_rank_table(model: nn.Module, target_names: Sequence[str], x: Inputs, y: torch.Tensor,
+                     eps_set: Sequence[float] = EPS_SET,
                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy) -> RankTable:
     """One forward + backward of the dense model on the calibration batch (x, y), then the table.
 
-    target_names: qualified names of nn.Linear modules, each called once per forward. Each layer's input is
-    taken as the converted layer would compress it: Swin MLP inputs (B, H·W, C) as (B, H, W, C) (wasi.blocks),
-    so their ranks have 4 entries. The pass runs in eval mode (no dropout, no BatchNorm statistics update);
-    the model's modes and `requires_grad` flags are restored, no hooks are left behind, and gradients are taken
-    with `torch.autograd.grad`, so no parameter `.grad` is written.
+    x: the model's input, a tensor or a mapping of keyword inputs (Hugging Face); the loss is
+    loss_fn(logits, y) (wasi.probe.logits_of). target_names: qualified names of base linear layers (nn.Linear,
+    Conv1D), each called once per forward. Each layer's input is taken as the converted layer would compress it:
+    Swin MLP inputs (B, H·W, C) as (B, H, W, C) (wasi.probe.compression_views), so their ranks have 4 entries.
+    The pass runs in eval mode (no dropout, no BatchNorm statistics update); the model's modes and `requires_grad`
+    flags are restored, no hooks are left behind, and gradients are taken with `torch.autograd.grad`, so no
+    parameter `.grad` is written.
     Perplexity uses the compressed contraction (docs/method.md, Compressed gradients) in float32;
     ∇W_exact = dy_(unfold)ᵀ x_(unfold). Memory uses the activation's element size.
     """
     modules = dict(model.named_modules())
-    missing = [n for n in target_names if not isinstance(modules.get(n), nn.Linear)]
+    missing = [n for n in target_names if n not in modules or adapter_for(modules[n]) is None]
     if missing:
-        raise ValueError(f"targets {missing} are not nn.Linear modules of the model; "
+        raise ValueError(f"targets {missing} are not linear layers (nn.Linear, Conv1D) of the model; "
                          "pass names from find_targets(model)")
     targets = [modules[n] for n in target_names]
     xs: dict[str, torch.Tensor] = {}
@@ -164,7 +168,7 @@ def build_rank_table(model: nn.Module, target_names: Sequence[str], x: torch.Ten
             for w, _ in flags:
                 w.requires_grad_(True)
             with torch.enable_grad():
-                loss = loss_fn(model(x), y)
+                loss = loss_fn(logits_of(run_model(model, x)), y)
                 not_called = [n for n in target_names if n not in xs]
                 if not_called:
                     raise ValueError(f"targets {not_called} were not called in the forward pass; "
@@ -197,7 +201,15 @@ def build_rank_table(model: nn.Module, target_names: Sequence[str], x: torch.Ten
         shapes.append(list(a.shape))
         _logger.debug("rank table %s: ranks %s, bytes %s, perplexity %s", name, r_row, m_row, p_row)
     return RankTable(eps_set=list(eps_set), layers=list(target_names), ranks=ranks, memory_bytes=memory,
-                     perplexity=perplexity, calibration_shape=list(x.shape), input_shapes=shapes)
+                     perplexity=perplexity, calibration_shape=list(_first_tensor_shape(x)),
+                     input_shapes=shapes)
+
+
+def _first_tensor_shape(x: Inputs) -> torch.Size:
+    """Shape of the model input (a mapping's first tensor, e.g. `input_ids`)."""
+    if isinstance(x, torch.Tensor):
+        return x.shape
+    return next(v for v in x.values() if isinstance(v, torch.Tensor)).shape
 
 
 def solve_budget(table: RankTable, budget_bytes: int, granularity_bytes: int | None = None) -> dict[str, float]:

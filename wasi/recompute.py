@@ -1,7 +1,8 @@
 """Block recompute: every transformer block saves only its input and recomputes the rest in backward.
 
-`checkpoint_blocks(model)` runs each block of a timm ViT / Swin under PyTorch's non-reentrant
-`torch.utils.checkpoint.checkpoint` (docs/method.md, Whole-step recompute). It works for any method (dense,
+`checkpoint_blocks(model)` runs each transformer block (wasi.blocks.find_blocks: timm, Hugging Face, any prefix)
+under PyTorch's non-reentrant `torch.utils.checkpoint.checkpoint` (docs/method.md, Whole-step recompute), with its
+positional and keyword arguments (attention masks, position embeddings). It works for any method (dense,
 PEFT LoRA, SVD-LLM factors, ASI/WSI/WASI). The recomputation of a block holding subspace layers must
 not take a second subspace-iteration step: through `checkpoint`'s `context_fn`, a `TuckerRecord` per call
 records each layer's Tucker factors in the forward and replays them in the recomputation, so the factors,
@@ -10,10 +11,15 @@ the warm-start state, the RNG and the gradient are those of the first forward.
 What a block run saves until backward: the block input (B, N, D) (ViT) or (B, H, W, C) (Swin) for each block,
 plus the recorded Tucker core and factors of its ASI/WASI layers (what those layers save anyway); nothing
 else of the block (no attention q, k, v, output or log-sum-exp, no LayerNorm or GELU input).
+
+A Hugging Face decoder layer writes the KV cache it is given; its recomputation would write it a second time.
+Training needs no cache, so a checkpointed training call gets none (`use_cache=False`, as transformers' own
+gradient checkpointing does), logged once; a cache that already holds states (generation) is refused.
 """
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,9 +31,11 @@ from torch.utils.checkpoint import checkpoint
 
 from wasi.blocks import find_blocks
 
-__all__ = ["TuckerRecord", "active_record", "checkpoint_blocks", "is_checkpointed"]
+__all__ = ["TuckerRecord", "active_record", "checkpoint_blocks", "is_checkpointed", "uncheckpoint_blocks"]
 
 _local = threading.local()
+_logger = logging.getLogger(__name__)
+_cache_logged: list[bool] = []
 
 Compressed = tuple[Tensor | None, list[Tensor]]
 
@@ -92,7 +100,35 @@ def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     if not (block.training and torch.is_grad_enabled()) or torch.jit.is_tracing() or torch.jit.is_scripting():
         return forward(block, *args, **kwargs)
     record = TuckerRecord()
+    args, kwargs = _without_cache(args, kwargs)
     return checkpoint(forward, block, *args, use_reentrant=False, context_fn=record.contexts, **kwargs)
+
+
+def _is_cache(value: Any) -> bool:
+    """A Hugging Face KV cache (transformers.Cache, duck-typed so that the library needs no transformers)."""
+    return value is not None and callable(getattr(value, "get_seq_length", None)) and hasattr(value, "update")
+
+
+def _without_cache(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """args, kwargs with any KV cache (positional or keyword) replaced by None and use_cache=False (module doc);
+    ValueError for a cache that holds states already."""
+    caches = [v for v in (*args, *kwargs.values()) if _is_cache(v)]
+    if not caches and not kwargs.get("use_cache"):
+        return args, kwargs
+    for cache in caches:
+        if cache.get_seq_length() > 0:
+            raise ValueError(f"block recompute cannot replay a block that reads a KV cache holding "
+                             f"{cache.get_seq_length()} positions; train without a cache (use_cache=False) or use "
+                             "recompute='none'")
+    if not _cache_logged:
+        _cache_logged.append(True)
+        _logger.warning("block recompute: checkpointed blocks run without a KV cache (use_cache=False); training "
+                        "needs none")
+    args = tuple(None if _is_cache(v) else v for v in args)
+    kwargs = {k: None if _is_cache(v) else v for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return args, kwargs
 
 
 def is_checkpointed(block: nn.Module) -> bool:
@@ -102,8 +138,9 @@ def is_checkpointed(block: nn.Module) -> bool:
 
 
 def checkpoint_blocks(model: nn.Module) -> list[str]:
-    """Make every transformer block of `model` (timm ViT `blocks.<i>`, Swin `layers.<s>.blocks.<i>`) save only
-    its input in training and recompute the rest in backward; returns the block names.
+    """Make every transformer block of `model` (wasi.blocks.find_blocks: timm `blocks.<i>`, Swin
+    `layers.<s>.blocks.<i>`, Hugging Face `encoder.layer.<i>`, `h.<i>`, `model.layers.<i>`, …) save only its
+    input in training and recompute the rest in backward; returns the block names.
 
     In place and idempotent. Module names, state_dict keys and parameters are unchanged (the block's own
     `forward` is wrapped); in eval mode, without grad, or under TorchScript tracing the blocks run as before.
@@ -112,10 +149,18 @@ def checkpoint_blocks(model: nn.Module) -> list[str]:
     """
     names = find_blocks(model)
     if not names:
-        raise ValueError(f"no transformer blocks found in {type(model).__name__}: expected timm ViT 'blocks.<i>' or "
-                         "Swin 'layers.<s>.blocks.<i>' modules")
+        raise ValueError(f"no transformer blocks found in {type(model).__name__} (a stack of same-type modules "
+                         "holding linear layers, wasi.blocks.find_blocks); use recompute='none' or 'mlp'")
     for name in names:
         block = model.get_submodule(name)
         if not is_checkpointed(block):
             block.forward = functools.partial(_checkpointed_forward, block)
+    return names
+
+
+def uncheckpoint_blocks(model: nn.Module) -> list[str]:
+    """Undo `checkpoint_blocks`: every checkpointed module runs its own forward again; returns their names."""
+    names = [n for n, m in model.named_modules() if is_checkpointed(m)]
+    for name in names:
+        del model.get_submodule(name).__dict__["forward"]
     return names

@@ -90,10 +90,12 @@ class Subspace(Vanilla):
         ranks: list[int] | None = None,
         budget_mib: float | None = None,
         budget_bytes: int | None = None,
-        eps_set: list[float] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+        eps_set: list[float] = wasi.EPS_SET,
         targets: str = "mlp",
+        target_modules: list[str] | str | None = None,
         last_n: int | None = None,
         train_rest: bool = False,
+        modules_to_save: list[str] | None = None,
         weight_update: str = "factored",
         recompute: str | None = None,
         rank_table: str | None = None,
@@ -110,13 +112,16 @@ class Subspace(Vanilla):
             budget_bytes=budget_bytes,
             eps_set=tuple(eps_set),
             targets=targets,
+            target_modules=target_modules if isinstance(target_modules, str) or target_modules is None
+            else list(target_modules),
             last_n=last_n,
             train_rest=train_rest,
+            modules_to_save=None if modules_to_save is None else list(modules_to_save),
             weight_update=weight_update,
             recompute=recompute,
             seed=seed,
         )
-        self.recompute = self.config.recompute
+        self.recompute = self.config.recompute_mode
         self.rank_table_path = Path(rank_table) if rank_table else None
         self.budget_mib = budget_bytes / 2**20 if budget_mib is None and budget_bytes else budget_mib  # for messages
 
@@ -165,7 +170,7 @@ class Lora(Vanilla):
 
     def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
         names = wasi.find_targets(model, self.targets)
-        tuned = names if self.last_n is None else names[-self.last_n:]
+        tuned = wasi.tuned_targets(model, names, self.last_n)
         self.add_adapters(model, tuned)
         wasi.set_trainable(model, names, self.train_rest, self.last_n)
         self.checkpoint(model)
@@ -231,7 +236,7 @@ class SvdLlm(Vanilla):
 
     def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
         targets = wasi.find_targets(model, self.targets)
-        names = targets if self.last_n is None else targets[-self.last_n:]
+        names = wasi.tuned_targets(model, targets, self.last_n)
         whitening = self._whitening(model, names, loader, device)
         ranks = {}
         for name in names:
@@ -383,9 +388,8 @@ class Galore(Vanilla):
                 "galore/scale": self.scale, "galore/targets": self.projected_names(model)}
 
     def projected_names(self, model: nn.Module) -> list[str]:
-        """The target linears (the last `last_n` of them) whose weights get GaLore's projected optimizer state."""
-        names = wasi.find_targets(model, self.targets)
-        return names if self.last_n is None else names[-self.last_n:]
+        """The target linears (of the last `last_n` blocks) whose weights get GaLore's projected optimizer state."""
+        return wasi.tuned_targets(model, wasi.find_targets(model, self.targets), self.last_n)
 
     def build_optimizer(self, model: nn.Module, optimizer: functools.partial) -> torch.optim.Optimizer:
         from galore_torch import GaLoreAdamW

@@ -16,11 +16,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from wasi.config import EPS_SET
 from wasi.subspace import explained_variance_rank
 
 __all__ = ["EPSILONS", "RANKS_768", "pretrained_ranks", "pretrained_spectrum", "pretrained_like_"]
 
-EPSILONS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+EPSILONS = EPS_SET
 RANKS_768 = (61, 92, 135, 178, 246, 350)
 _MARGIN = 1e-5  # cumulative energy at K_j is ε_j + margin, so float rounding cannot push the rank to K_j + 1
 

@@ -10,17 +10,20 @@ experiments.bench) and tests/conftest.py import it. The YAML files extend the sc
 combinations at the start of a run, before anything is built or written: it converts the composed
 config to these dataclasses, whose `__post_init__` raise `ConfigError` (key, value, fix).
 
-Values live in the YAML files, where users read them. The exception is WASI's options: their defaults
-are `wasi.WASIConfig`'s, which `SubspaceMethod` extends with the suite's keys.
+Values live in the YAML files, where users read them. The exception is WASI's options: `SubspaceMethod` is
+derived from `wasi.WASIConfig`'s fields (`library_fields`), so their defaults are the library's, a field added there
+is a `method.<field>` setting here, and the library's own checks (`wasi.WASIConfigError`) read as the suite's.
 """
 from __future__ import annotations
 
 import difflib
 import math
 import re
+import types
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from dataclasses import MISSING as NO_DEFAULT
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, ClassVar, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -207,7 +210,7 @@ class VanillaMethod(Checked):
     _target_: str = MISSING
     name: str = MISSING
     targets: str = setting(TARGETS_RULE, "method.targets=mlp")
-    last_n: int | None = setting(at_least(1), "method.last_n=4, or null for every target layer")
+    last_n: int | None = setting(at_least(1), "method.last_n=4, or null for every block")
     train_rest: bool = MISSING
     recompute: str = setting(one_of("none", "block"), "method.recompute=none, or block (recompute=mlp needs "
                              "the low-rank layers of method=wsi or method=wasi)")
@@ -269,38 +272,73 @@ class GaloreMethod(VanillaMethod):
     proj_type: str = setting(one_of("std", "reverse_std", "right", "left", "full"), "method.proj_type=std")
 
 
-@dataclass
-class SubspaceMethod(Checked, wasi.WASIConfig):
-    """conf/method/wasi.yaml (asi.yaml and wsi.yaml extend it): wasi.WASIConfig, whose fields and
-    defaults are the library's, plus the suite's keys. The activation budget is `budget_mib` (MiB);
-    the library's `budget_bytes` is derived from it and is not a setting."""
+def library_fields(config: type, key: str) -> list[tuple[str, Any, Any]]:
+    """`config`'s dataclass fields as `make_dataclass` takes them, in types OmegaConf accepts: a `Literal` of
+    choices becomes `str` checked by `one_of` (`Optional[str]` when None is allowed), a union of several types
+    (`list[str] | str | None`) becomes `Any` (the library checks it), anything else stays; defaults are config's."""
+    hints = get_type_hints(config)
+    out = []
+    for f in fields(config):
+        annotation, rule = _omegaconf_type(hints[f.name])
+        default = f.default if f.default is not NO_DEFAULT else f.default_factory()  # type: ignore[misc]
+        meta = {"rule": rule, "fix": f"{key}.{f.name}={as_override(default)}"} if rule is not None else {}
+        out.append((f.name, annotation, field(default=default, metadata=meta)))
+    return out
 
-    key: ClassVar[str] = "method"
-    _target_: str = MISSING
-    name: str = MISSING
-    budget_mib: float | None = setting(POSITIVE, "method.budget_mib=64, or null")
-    rank_table: str | None = MISSING
 
-    def __post_init__(self) -> None:
-        Checked.__post_init__(self)
-        if self.budget_bytes is not None:
-            raise invalid("method.budget_bytes", self.budget_bytes, "the budget is set in MiB",
-                          f"method.budget_mib={self.budget_bytes / 2**20:g} and method.budget_bytes=null")
-        chosen = {k: v for k, v in (("epsilon_act", self.epsilon_act), ("ranks", self.ranks),
-                                    ("budget_mib", self.budget_mib)) if v is not None}
-        if not self.activation and chosen:
-            k, v = next(iter(chosen.items()))
-            raise invalid(f"method.{k}", v, f"method={self.name} keeps saved activations dense, so activation "
-                          "ranks do not apply", f"drop method.{k} (null), or use method=asi or method=wasi")
-        if len(chosen) > 1:
-            (k1, v1), (k2, v2) = list(chosen.items())[:2]
-            raise invalid(f"method.{k1}", v1, f"method.{k2}={as_override(v2)} also chooses the activation ranks",
-                          "keep one of method.epsilon_act, method.ranks, method.budget_mib and set the others to null")
-        self.budget_bytes = None if self.budget_mib is None else mib_to_bytes(self.budget_mib)
-        try:
-            wasi.WASIConfig.__post_init__(self)
-        except ValueError as err:  # the library's own checks (ranges of epsilon, eps_set, ...)
-            raise ConfigError(f"method={self.name}: {err}") from err
+def _omegaconf_type(annotation: Any) -> tuple[Any, Rule | None]:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return str, one_of(*args)
+    if origin in (Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        if len(kinds) == 1:
+            inner, rule = _omegaconf_type(kinds[0])
+            return Optional[inner], rule  # noqa: UP045  (OmegaConf reads typing's Optional)
+        return Any, None
+    return annotation, None
+
+
+def library_error(err: wasi.WASIConfigError) -> ConfigError:
+    """A WASIConfig check's error (field, value, reason, fix) in the suite's terms: `method.<field>=...`."""
+    fix = err.fix if isinstance(err.fix, str) else " and ".join(
+        f"method.{k}={as_override(v)}" for k, v in err.fix.items())
+    return invalid(f"method.{err.field}", err.value, err.reason, fix)
+
+
+def _subspace_post_init(self: Any) -> None:
+    Checked.__post_init__(self)
+    if self.budget_bytes is not None:
+        raise invalid("method.budget_bytes", self.budget_bytes, "the budget is set in MiB",
+                      f"method.budget_mib={self.budget_bytes / 2**20:g} and method.budget_bytes=null")
+    chosen = {k: v for k, v in (("epsilon_act", self.epsilon_act), ("ranks", self.ranks),
+                                ("budget_mib", self.budget_mib)) if v is not None}
+    if not self.activation and chosen:
+        k, v = next(iter(chosen.items()))
+        raise invalid(f"method.{k}", v, f"method={self.name} keeps saved activations dense, so activation "
+                      "ranks do not apply", f"drop method.{k} (null), or use method=asi or method=wasi")
+    if len(chosen) > 1:
+        (k1, v1), (k2, v2) = list(chosen.items())[:2]
+        raise invalid(f"method.{k1}", v1, f"method.{k2}={as_override(v2)} also chooses the activation ranks",
+                      "keep one of method.epsilon_act, method.ranks, method.budget_mib and set the others to null")
+    self.budget_bytes = None if self.budget_mib is None else mib_to_bytes(self.budget_mib)
+    try:
+        wasi.WASIConfig(**{f.name: getattr(self, f.name) for f in fields(wasi.WASIConfig)})
+    except wasi.WASIConfigError as err:  # the library's own checks (ranges of epsilon, eps_set, ...)
+        raise library_error(err) from err
+
+
+#: conf/method/wasi.yaml (asi.yaml and wsi.yaml extend it): every wasi.WASIConfig field (`library_fields`) between
+#: the suite's keys. The activation budget is `budget_mib` (MiB); the library's `budget_bytes` is derived from it
+#: and is not a setting.
+SubspaceMethod = make_dataclass(
+    "SubspaceMethod",
+    [("_target_", str, field(default=MISSING)), ("name", str, field(default=MISSING)),
+     *library_fields(wasi.WASIConfig, "method"),
+     ("budget_mib", Optional[float], setting(POSITIVE, "method.budget_mib=64, or null")),  # noqa: UP045
+     ("rank_table", Optional[str], field(default=MISSING))],  # noqa: UP045
+    bases=(Checked,), namespace={"key": "method", "__post_init__": _subspace_post_init,
+                                 "__module__": __name__, "__doc__": "wasi.WASIConfig's fields and the suite's keys."})
 
 
 def mib_to_bytes(mib: float) -> int:
