@@ -12,8 +12,6 @@ import wasi
 from tests.tiny_models import MODELS, batches, gradients, injected, saved_tensors, train
 from wasi import RecomputeMlp, WASIConfig, WASILinear, WSILinear, inject
 
-torch.set_num_threads(1)
-
 VARIANTS = {  # WASIConfig kwargs per method variant
     "wasi": {},
     "wsi": {"activation": False},

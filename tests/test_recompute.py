@@ -15,8 +15,6 @@ from tests.tiny_models import MODELS, batches, gradients, injected, swin, train,
 from wasi import checkpoint_blocks
 from wasi.recompute import is_checkpointed
 
-torch.set_num_threads(1)
-
 
 @pytest.mark.parametrize("model_name", ["vit", "swin"])
 @pytest.mark.parametrize("config", [{}, {"recompute_none_is": "mlp"}, {"activation": False}, {"train_rest": True},
@@ -124,8 +122,10 @@ def _has_mallinfo2() -> bool:
 @pytest.mark.parametrize("activation", [True, False])
 def test_block_run_saves_and_holds_far_less(activation):
     """Bytes packed by autograd's saved-tensor hooks, and heap bytes held from the end of the forward until backward.
-    A block run holds each block's input (B, N, D) plus the recorded Tucker factors; "mlp" sits in between."""
+    A block run holds each block's input (B, N, D) plus the recorded Tucker factors; "mlp" sits in between.
+    The heap part needs glibc's mallinfo2: without it the test reports a skip after the saved-bytes part."""
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 5, (16,))
+    heap = _has_mallinfo2()
     saved, live = {}, {}
     for mode in ("none", "mlp", "block"):
         model = injected("vit", recompute=mode, activation=activation, train_rest=True)
@@ -134,16 +134,17 @@ def test_block_run_saves_and_holds_far_less(activation):
         for _, layer in wasi.factored_layers(model):
             layer.factored_grad = None
         saved[mode] = _saved_bytes(lambda m=model: F.cross_entropy(m(x), y))
-        if _has_mallinfo2():
+        if heap:
             before = _heap_bytes()
             loss = F.cross_entropy(model(x), y)
             live[mode] = _heap_bytes() - before
             loss.backward()
     assert saved["block"] < saved["none"] / 4 and saved["mlp"] < saved["none"]  # block: the stem, norm and head
-    if live:
-        block_inputs = 2 * 16 * 65 * 48 * 4  # what checkpoint keeps for the 2 blocks
-        assert block_inputs <= live["block"] < live["none"] / 4
-        assert live["mlp"] < live["none"]
+    if not heap:
+        pytest.skip("saved bytes checked; the heap bytes need glibc's mallinfo2, which this C library lacks")
+    block_inputs = 2 * 16 * 65 * 48 * 4  # what checkpoint keeps for the 2 blocks
+    assert block_inputs <= live["block"] < live["none"] / 4
+    assert live["mlp"] < live["none"]
 
 
 def test_eval_and_no_grad_run_the_plain_forward():

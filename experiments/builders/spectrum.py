@@ -12,15 +12,18 @@ min(O, I) / 768. See docs/method.md, "Pretrained-like spectrum".
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import fields
 
 import torch
 from torch import nn
 
+from wasi import WASIConfig
 from wasi.subspace import explained_variance_rank
 
 __all__ = ["EPSILONS", "RANKS_768", "pretrained_ranks", "pretrained_spectrum", "pretrained_like_"]
 
-EPSILONS = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: The paper's ε set, defined once: wasi.WASIConfig's default eps_set (the values the budget DP chooses from).
+EPSILONS: tuple[float, ...] = next(f.default for f in fields(WASIConfig) if f.name == "eps_set")
 RANKS_768 = (61, 92, 135, 178, 246, 350)
 _MARGIN = 1e-5  # cumulative energy at K_j is ε_j + margin, so float rounding cannot push the rank to K_j + 1
 

@@ -4,23 +4,28 @@ Importing this module stores the schemas in Hydra's ConfigStore (`register`), wh
 needs: train.py (through experiments.training.errors), experiments.builders.methods (so experiments.builders.variant and
 experiments.bench) and tests/conftest.py import it. The YAML files extend the schemas:
 `conf/config.yaml` starts from `config_schema` (top-level keys, `trainer`, `paths`, `model`,
-`hardware`, `logger`), each `conf/method/*.yaml` and `conf/optimizer/*.yaml` from its own
-(`/<choice>_<group>_schema@_here_`). So Hydra checks types and key names while composing
-(`trainer.epochs=2.5`, `trainer.epoch=3` are refused), and `validate(cfg)` checks ranges and
-combinations at the start of a run, before anything is built or written: it converts the composed
-config to these dataclasses, whose `__post_init__` raise `ConfigError` (key, value, fix).
+`hardware`, `logger`), each `conf/<group>/*.yaml` of the dataset, method, optimizer and scheduler groups
+from its own (`/<choice>_<group>_schema@_here_`, or `/dataset_schema@_here_`). So Hydra checks types and
+key names while composing (`trainer.epochs=2.5`, `trainer.epoch=3` are refused), and `validate(cfg)` checks
+ranges and combinations at the start of a run, before anything is built or written: it converts the
+composed config to these dataclasses, whose `__post_init__` raise `ConfigError` (key, value, fix).
 
-Values live in the YAML files, where users read them. The exception is WASI's options: their defaults
-are `wasi.WASIConfig`'s, which `SubspaceMethod` extends with the suite's keys.
+Where each thing lives, once:
+- values (defaults) in the YAML files, where users read them, with two exceptions: WASI's options, whose
+  defaults are `wasi.WASIConfig`'s (`SubspaceMethod` extends it with the suite's keys), and the contract
+  every dataset config shares (`Dataset`: its `_target_` and the defaults of `val_fraction` and `hflip`);
+- types and allowed values (ranges) here, on the fields (`setting`), and WASI's in `wasi.WASIConfig`;
+  an option with a fixed set of values is a `Literal` type (experiments/configuration/choices.py), whose
+  arguments are also its runtime rule (`one_of_literal`; OmegaConf takes such a field as `str`). A `fix`
+  text is an example of a valid value, not the default.
 """
 from __future__ import annotations
 
 import difflib
-import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -33,6 +38,9 @@ from omegaconf.errors import (
 )
 
 import wasi
+from experiments.configuration.choices import Device, Finetune, LoggerMode, Precision, Recompute, Shuffle
+from experiments.configuration.overrides import as_override
+from experiments.measurement.units import mib_to_bytes
 from wasi.config import TARGETS
 
 
@@ -43,17 +51,6 @@ class ConfigError(ValueError):
 def invalid(key: str, value: Any, reason: str, fix: str) -> ConfigError:
     """ConfigError reading `<key>=<value>: <reason>. Fix: <fix>`."""
     return ConfigError(f"{key}={as_override(value)}: {reason}. Fix: {fix}")
-
-
-def as_override(value: Any) -> str:
-    """A value as one writes it on the command line: null, true, 0.5, [8,8,8], text."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(as_override(v) for v in value) + "]"
-    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +79,11 @@ SEED = Rule("an int in [0, 2**32 - 1]", lambda v: 0 <= v < 2**32)
 
 def one_of(*choices: str) -> Rule:
     return Rule("one of " + ", ".join(choices), lambda v: v in choices)
+
+
+def one_of_literal(options: Any) -> Rule:
+    """The rule of a Literal type: one of its arguments."""
+    return one_of(*get_args(options))
 
 
 def setting(rule: Rule, fix: str, default: Any = MISSING) -> Any:
@@ -122,8 +124,11 @@ class Trainer(Checked):
     eval_batches: int | None = setting(at_least(1), "trainer.eval_batches=10, or null for the whole split")
     eval_interval: int = setting(at_least(1), "trainer.eval_interval=1 (every epoch)")
     grad_clip: float | None = setting(POSITIVE, "trainer.grad_clip=2.0, or null to disable clipping")
-    min_lr_ratio: float = setting(CLOSED_UNIT, "trainer.min_lr_ratio=0.1")
+    label_smoothing: float = setting(FRACTION, "trainer.label_smoothing=0.0")
     num_workers: int = setting(at_least(0), "trainer.num_workers=0 (load in the main process)")
+    shuffle: str = setting(one_of_literal(Shuffle), "trainer.shuffle=per_epoch")
+    drop_last: bool = MISSING
+    eval_batch_size: int | None = setting(at_least(1), "trainer.eval_batch_size=256, or null (trainer.batch_size)")
     measure: bool = MISSING
     timing_repeats: int = setting(at_least(1), "trainer.timing_repeats=5")
     checkpoint_every: int | None = setting(at_least(1), "trainer.checkpoint_every=100, or null (every epoch)")
@@ -155,9 +160,9 @@ class Hardware(Checked):
 
     key: ClassVar[str] = "hardware"
     name: str = MISSING
-    device: str = setting(one_of("cpu", "cuda"), "hardware=cpu or hardware=cuda")
+    device: str = setting(one_of_literal(Device), "hardware=cpu or hardware=cuda")
     threads: int | None = setting(at_least(1), "hardware.threads=4, or null (PyTorch's default)")
-    precision: str = setting(one_of("fp32", "bf16"), "hardware.precision=fp32")
+    precision: str = setting(one_of_literal(Precision), "hardware.precision=fp32")
 
 
 @dataclass
@@ -165,7 +170,7 @@ class Logger(Checked):
     """conf/logger/wandb.yaml."""
 
     key: ClassVar[str] = "logger"
-    mode: str = setting(one_of("offline", "online", "disabled"), "logger.mode=offline")
+    mode: str = setting(one_of_literal(LoggerMode), "logger.mode=offline")
     project: str = MISSING
     entity: str | None = MISSING
     tags: list[str] = field(default_factory=list)
@@ -194,6 +199,43 @@ class AdamW(Checked):
     weight_decay: float = setting(NON_NEGATIVE, "optimizer.weight_decay=0.05")
 
 
+@dataclass
+class CosineSchedule(Checked):
+    """conf/scheduler/cosine.yaml: experiments.training.schedules.cosine."""
+
+    key: ClassVar[str] = "scheduler"
+    _target_: str = MISSING
+    _partial_: bool = True
+    epochs: int = setting(at_least(1), "scheduler.epochs=${trainer.epochs}")
+    min_lr_ratio: float = setting(CLOSED_UNIT, "scheduler.min_lr_ratio=0.1")
+
+
+@dataclass
+class WarmupCosineSchedule(CosineSchedule):
+    """conf/scheduler/warmup_cosine.yaml: experiments.training.schedules.warmup_cosine."""
+
+    warmup_epochs: float = setting(NON_NEGATIVE, "scheduler.warmup_epochs=1")
+
+
+@dataclass
+class Dataset(Checked):
+    """conf/dataset/*.yaml (`/dataset_schema@_here_`): the contract every dataset config shares. The loop
+    calls `hydra.utils.instantiate(cfg.dataset)(image_size=S, seed=s)`, i.e. experiments.data.datasets.
+    build_datasets with `source` (itself a partial: the raw splits' loader) and these keys. The defaults
+    here (the target, `val_fraction`, `hflip`) hold unless a dataset's file sets its own."""
+
+    key: ClassVar[str] = "dataset"
+    _target_: str = "experiments.data.datasets.build_datasets"
+    _partial_: bool = True
+    name: str = MISSING
+    num_classes: int = setting(at_least(1), "dataset.num_classes=10")
+    mean: list[float] = MISSING
+    std: list[float] = MISSING
+    val_fraction: float = setting(FRACTION, "dataset.val_fraction=0.2", default=0.2)
+    hflip: bool = False  # random horizontal flips of training images
+    source: Any = field(default_factory=lambda: {"_partial_": True})
+
+
 # ---------------------------------------------------------------------------------------------
 # Methods (conf/method/*.yaml -> experiments.builders.methods)
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +251,7 @@ class VanillaMethod(Checked):
     targets: str = setting(TARGETS_RULE, "method.targets=mlp")
     last_n: int | None = setting(at_least(1), "method.last_n=4, or null for every target layer")
     train_rest: bool = MISSING
-    recompute: str = setting(one_of("none", "block"), "method.recompute=none, or block (recompute=mlp needs "
+    recompute: str = setting(one_of_literal(Recompute), "method.recompute=none, or block (recompute=mlp needs "
                              "the low-rank layers of method=wsi or method=wasi)")
 
 
@@ -225,10 +267,19 @@ class SvdLlmMethod(VanillaMethod):
     ratio: float | None = setting(UNIT, "method.ratio=0.5, or null (the rank WASI's epsilon gives)")
     epsilon: float = setting(UNIT, "method.epsilon=0.8")
     calib_samples: int = setting(at_least(1), "method.calib_samples=256")
-    finetune: str = setting(one_of("lora", "factors"), "method.finetune=lora")
+    finetune: str = setting(one_of_literal(Finetune), "method.finetune=lora")
     r: int = setting(at_least(1), "method.r=8")
     alpha: float = setting(POSITIVE, "method.alpha=16")
     cache: str | None = MISSING
+
+
+@dataclass
+class PretrainMethod(Checked):
+    """conf/method/pretrain.yaml: experiments.builders.methods.Pretrain (experiment=pretrain)."""
+
+    key: ClassVar[str] = "method"
+    _target_: str = MISSING
+    name: str = MISSING
 
 
 @dataclass
@@ -265,34 +316,24 @@ class SubspaceMethod(Checked, wasi.WASIConfig):
             raise ConfigError(f"method={self.name}: {err}") from err
 
 
-def mib_to_bytes(mib: float) -> int:
-    return int(mib * 2**20)
-
-
-def bytes_to_mib_ceil(n: int) -> float:
-    """The smallest MiB value with 3 decimals whose `mib_to_bytes` is at least n."""
-    mib = math.ceil(n / 2**20 * 1000) / 1000
-    return mib if mib_to_bytes(mib) >= n else mib + 0.001
-
-
 # ---------------------------------------------------------------------------------------------
 # The whole config
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
 class Config(Checked):
-    """conf/config.yaml. `dataset` has no schema (each dataset has its own `source` keys); `method` and
-    `optimizer` take the schema their YAML file names."""
+    """conf/config.yaml. `method`, `optimizer` and `scheduler` take the schema their YAML file names."""
 
     seed: int = setting(SEED, "seed=233")
     resume: Any = MISSING
     trainer: Trainer = MISSING
     paths: Paths = MISSING
     model: Model = MISSING
-    dataset: Any = MISSING
+    dataset: Dataset = MISSING
     method: Any = MISSING
     hardware: Hardware = MISSING
     optimizer: Any = MISSING
+    scheduler: Any = MISSING
     logger: Logger = MISSING
 
     def __post_init__(self) -> None:
@@ -306,9 +347,11 @@ class Config(Checked):
                           "the subspace SGD step (docs/method.md, Factored update)", "optimizer=sgd")
 
 
-SCHEMAS = {"config_schema": Config, "vanilla_method_schema": VanillaMethod, "lora_method_schema": LoraMethod,
-           "svd_llm_method_schema": SvdLlmMethod, "wasi_method_schema": SubspaceMethod,
-           "sgd_optimizer_schema": SGD, "adamw_optimizer_schema": AdamW}
+SCHEMAS = {"config_schema": Config, "dataset_schema": Dataset, "vanilla_method_schema": VanillaMethod,
+           "lora_method_schema": LoraMethod, "svd_llm_method_schema": SvdLlmMethod,
+           "pretrain_method_schema": PretrainMethod, "wasi_method_schema": SubspaceMethod,
+           "sgd_optimizer_schema": SGD, "adamw_optimizer_schema": AdamW,
+           "cosine_scheduler_schema": CosineSchedule, "warmup_cosine_scheduler_schema": WarmupCosineSchedule}
 
 
 def register() -> None:
