@@ -22,7 +22,7 @@ run: setup  ## the main job: vanilla and WASI fine-tuning of the shipped pretrai
 test: setup lint  ## lint, then the default (fast) test suite
 	$(PY) -m pytest -q -m "not slow"
 
-lint: setup  ## ruff on everything, mypy on the library
+lint: setup  ## ruff on everything, mypy on the library and the training loop's modules (pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 

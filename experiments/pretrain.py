@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(backbone(cfg, run_dir), str(out), metadata={"format": "pt", "overrides": json.dumps(args.overrides)})
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    times = {"wall_s": time.perf_counter() - wall0, "cpu_s": usage.ru_utime + usage.ru_stime,
+    times: dict[str, Any] = {"wall_s": time.perf_counter() - wall0, "cpu_s": usage.ru_utime + usage.ru_stime,
              "sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
     env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_WAIT_POLICY",) if k in os.environ)
     args_text = shlex.join(argv if argv is not None else sys.argv[1:])

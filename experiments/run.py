@@ -10,6 +10,7 @@ run folder is written every epoch, every `trainer.checkpoint_every` steps and on
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import hydra
@@ -57,23 +58,24 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
     data = hydra.utils.instantiate(cfg.dataset)(image_size=cfg.model.image_size, seed=cfg.seed)
     loaders = build_loaders(data, tc, ctx, cfg.seed, device)
     variant = build_variant(cfg, data.num_classes, loaders.calibration, device)
-    model, optimizer, method = variant.model, variant.optimizer, variant.method
+    model, optimizer = variant.model, variant.optimizer
     scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer, steps_per_epoch=len(loaders.train))
     amp = autocast(cfg.hardware, device)
     p = ckpt.restore(model, optimizer, scheduler)  # where training stands: a fresh start, or last.ckpt's
     logger = WandbLogger(cfg, ckpt.run_dir, ckpt.config, run_id=p.wandb_run_id, step=p.step, enabled=ctx.is_main)
     p.wandb_run_id = logger.run_id
     ddp_model = distributed.wrap(model, ctx)
+    step = functools.partial(train_step, ddp_model, optimizer, grad_clip=tc.grad_clip, amp=amp, scheduler=scheduler,
+                             clip=variant.method.clip_grad_norm_, label_smoothing=tc.label_smoothing)
 
     for epoch in range(p.epoch, loaders.epochs):
         ddp_model.train()
         for x, y in loaders.train_epoch(epoch, skip=p.batch):
-            loss = stop.agree(train_step(ddp_model, optimizer, x, y, tc.grad_clip, amp, clip=method.clip_grad_norm_,
-                                         label_smoothing=tc.label_smoothing))  # the mean over ranks
+            lr = optimizer.param_groups[0]["lr"]  # this step's: the scheduler moves it after the step
+            loss = stop.agree(step(x, y))  # the mean over ranks
             ckpt.guard(loss, p.step)  # NonFiniteLossError
             p.advance(loss)
-            logger.log({"train/loss": loss, "train/lr": optimizer.param_groups[0]["lr"], "epoch": epoch}, p.step)
-            scheduler.step()
+            logger.log({"train/loss": loss, "train/lr": lr, "epoch": epoch}, p.step)
             if stop.stopping or ckpt.due(p.step):
                 ckpt.save(p)
             stop.raise_if_stopping(p.step, ckpt.how_to_resume)  # TrainingInterrupted
@@ -115,5 +117,5 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: co
         correct += (pred == y).sum().item()
         total += y.numel()
     model.train()
-    correct, total = distributed.all_sum([correct, total], ctx, device)
-    return correct / max(total, 1)
+    right, seen = distributed.all_sum([correct, total], ctx, device)
+    return right / max(seen, 1)

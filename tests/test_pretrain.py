@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from experiments import pretrain
@@ -136,6 +137,27 @@ def test_shipped_checkpoint_loads_from_another_directory(tmp_path, monkeypatch):
     assert model.get_classifier().out_features == 10
     with torch.no_grad():
         assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+#: The card's setting names of the recipe that made the shipped file (before the recipe was a preset), as keys
+#: of the composed config. A card regenerated today names the keys themselves.
+CARD_KEYS = {"num_classes": "dataset.num_classes", "train_size": "dataset.source.train_size",
+             "val_size": "dataset.source.test_size", "data_seed": "dataset.source.seed", "seed": "seed",
+             "epochs": "trainer.epochs", "batch_size": "trainer.batch_size", "lr": "optimizer.lr",
+             "weight_decay": "optimizer.weight_decay", "warmup_epochs": "scheduler.warmup_epochs",
+             "min_lr_ratio": "scheduler.min_lr_ratio", "label_smoothing": "trainer.label_smoothing",
+             "grad_clip": "trainer.grad_clip", "threads": "hardware.threads",
+             **{k: f"dataset.source.{k}" for k in ("fill_rate", "jitter", "min_scale", "trim", "supersample",
+                                                    "walkers", "steps")}}
+
+
+def test_the_preset_is_the_recipe_the_shipped_card_records():
+    card = SHIPPED.with_suffix(".md").read_text()
+    recorded = dict(re.findall(r"^\| `([\w.]+)` \| ([^|]+?) \|$", card, flags=re.M))
+    assert len(recorded) >= len(CARD_KEYS)
+    cfg = compose("experiment=pretrain")
+    for name, value in recorded.items():
+        assert str(OmegaConf.select(cfg, CARD_KEYS.get(name, name))) == value, name
 
 
 def test_shipped_card_matches_the_file_and_includes_its_notes():

@@ -53,13 +53,14 @@ def build_variant(cfg: DictConfig, num_classes: int, calibration: Iterable[Batch
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                grad_clip: float | None, amp: contextlib.AbstractContextManager,
-               clock: Callable[[], None] = lambda: None, *,
+               clock: Callable[[], None] = lambda: None, *, scheduler: Any = None,
                clip: Callable[[nn.Module, float], Any] = wasi.clip_grad_norm_,
                label_smoothing: float = 0.0) -> torch.Tensor:
     """One optimizer step on a batch x: (B, 3, H, W), y: (B,); returns the loss (detached).
 
     Cross-entropy (with `label_smoothing`), then gradients clipped to a global norm of `grad_clip` by
-    `clip(model, grad_clip)` (the method's `clip_grad_norm_`; None: no clipping), then the optimizer step.
+    `clip(model, grad_clip)` (the method's `clip_grad_norm_`; None: no clipping), then the optimizer step
+    and, given one, the LR scheduler's step (a `scheduler` group's: stepped after every optimizer step).
     `clock` is called after the forward (model + loss), after the backward and after the optimizer
     step (clipping included): the benchmark times the three phases with it.
     """
@@ -72,5 +73,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tens
     if grad_clip:
         clip(model, grad_clip)
     optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
     clock()
     return loss.detach()

@@ -132,7 +132,7 @@ class Checkpointing:
 
     def due(self, step: int) -> bool:
         """Whether `trainer.checkpoint_every` asks for a checkpoint after this step."""
-        return bool(self.every) and step % self.every == 0
+        return self.every is not None and step % self.every == 0
 
     def guard(self, loss: float, step: int) -> None:
         """NonFiniteLossError if the loss is NaN/inf, naming the files written so far and the fixes left."""

@@ -133,16 +133,20 @@ def epoch_batches(loader: DataLoader, epoch: int, skip: int = 0) -> Iterator:
     run sees them. Without workers the sampler skips the indices (nothing is loaded; the main process's
     random streams are restored from the checkpoint); with workers the skipped batches are loaded and
     dropped, so each worker's random stream (e.g. random flips) continues exactly too."""
+    sampler = loader.sampler
+    assert isinstance(sampler, EpochSampler) and loader.batch_size is not None
     if loader.num_workers == 0:
-        loader.sampler.set_epoch(epoch, skip * loader.batch_size)
+        sampler.set_epoch(epoch, skip * loader.batch_size)
         return iter(loader)
-    loader.sampler.set_epoch(epoch)
+    sampler.set_epoch(epoch)
     return itertools.islice(loader, skip, None)
 
 
 def shard(dataset: Dataset, ctx: Context) -> Dataset:
     """Items ctx.rank, ctx.rank + N, … of an evaluation split (no padding, no duplicates)."""
-    return dataset if not ctx.distributed else Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
+    if not ctx.distributed:
+        return dataset
+    return Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))  # type: ignore[arg-type]
 
 
 def all_sum(values: list[float], ctx: Context, device: torch.device) -> list[float]:
