@@ -56,11 +56,14 @@ def test_optuna_preset_composes_to_a_valid_search_space():
         assert isinstance(dists[key], UniformDistribution) and 0 < dists[key].low < dists[key].high <= 1
 
 
+def sweep(tmp_path: Path, *overrides: str) -> list[dict]:
+    train("-m", *overrides, *TINY, f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}")
+    return sweep_results(tmp_path)
+
+
 @pytest.mark.slow
 def test_joblib_launcher_runs_two_jobs(tmp_path: Path):
-    train("-m", "hydra/launcher=joblib_local", "method=vanilla,wasi", *TINY, f"hydra.sweep.dir={tmp_path}",
-          f"paths.cache_dir={tmp_path / 'cache'}")
-    results = sweep_results(tmp_path)
+    results = sweep(tmp_path, "hydra/launcher=joblib_local", "method=vanilla,wasi")
     assert len(results) == 2
     assert sorted(r["method"] for r in results) == ["vanilla", "wasi"]
     assert all(r["train/steps"] == 2 for r in results)
@@ -68,9 +71,7 @@ def test_joblib_launcher_runs_two_jobs(tmp_path: Path):
 
 @pytest.mark.slow
 def test_optuna_sweep_maximises_returned_accuracy(tmp_path: Path):
-    train("-m", "search=optuna", "hydra.sweeper.n_trials=3", *TINY, f"hydra.sweep.dir={tmp_path}",
-          f"paths.cache_dir={tmp_path / 'cache'}")
-    trials = sweep_results(tmp_path)
+    trials = sweep(tmp_path, "search=optuna", "hydra.sweeper.n_trials=3")
     assert len(trials) == 3
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(t["val/acc"] for t in trials)

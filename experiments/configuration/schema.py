@@ -177,35 +177,38 @@ class Logger(Checked):
 
 
 @dataclass
-class SGD(Checked):
+class Partial(Checked):
+    """A node that `hydra.utils.instantiate` makes a partial of `_target_`, which the loop calls later
+    (an optimizer with the parameters, a scheduler with the optimizer)."""
+
+    _target_: str = MISSING
+    _partial_: bool = True
+
+
+@dataclass
+class SGD(Partial):
     """conf/optimizer/sgd.yaml: torch.optim.SGD (and wasi.SubspaceSGD for WSI/WASI layers)."""
 
     key: ClassVar[str] = "optimizer"
-    _target_: str = MISSING
-    _partial_: bool = True
     lr: float = setting(POSITIVE, "optimizer.lr=0.05")
     momentum: float = setting(FRACTION, "optimizer.momentum=0.9, or 0 for none")
     weight_decay: float = setting(NON_NEGATIVE, "optimizer.weight_decay=1e-4")
 
 
 @dataclass
-class AdamW(Checked):
+class AdamW(Partial):
     """conf/optimizer/adamw.yaml."""
 
     key: ClassVar[str] = "optimizer"
-    _target_: str = MISSING
-    _partial_: bool = True
     lr: float = setting(POSITIVE, "optimizer.lr=1e-3")
     weight_decay: float = setting(NON_NEGATIVE, "optimizer.weight_decay=0.05")
 
 
 @dataclass
-class CosineSchedule(Checked):
+class CosineSchedule(Partial):
     """conf/scheduler/cosine.yaml: experiments.training.schedules.cosine."""
 
     key: ClassVar[str] = "scheduler"
-    _target_: str = MISSING
-    _partial_: bool = True
     epochs: int = setting(at_least(1), "scheduler.epochs=${trainer.epochs}")
     min_lr_ratio: float = setting(CLOSED_UNIT, "scheduler.min_lr_ratio=0.1")
 
