@@ -46,7 +46,7 @@ from experiments.run import run
 log = logging.getLogger("experiments.pretrain")
 
 DEFAULT_OUT = REPO_ROOT / "checkpoints" / "vit_tiny_fractal.safetensors"
-#: The settings the card lists: (config key prefix, what it is).
+#: The settings the card lists: config keys, or prefixes of them.
 CARD_SETTINGS = ("seed", "dataset.num_classes", "dataset.source.", "trainer.", "optimizer.", "scheduler.",
                  "hardware.threads")
 

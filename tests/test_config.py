@@ -40,6 +40,8 @@ def test_every_choice_composes(make_cfg, group, choice):
         scheduler.step()
     elif group != "logger":
         assert cfg[group].name == choice.split("/")[-1]  # method=paper/wasi is wasi, run as the authors did
+    if group == "dataset":
+        assert cfg.dataset.source.get("download", False) is False  # never download unless asked
 
 
 def test_required_groups_and_paper_defaults(make_cfg):
