@@ -16,13 +16,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 setup: $(VENV)/.installed
 
 run: setup  ## the main job: vanilla and WASI fine-tuning of the shipped pretrained model on digits, offline
-	$(PY) train.py -m +experiment=demo hydra.sweep.dir=$(RUN_DIR) $(RUN_ARGS)
+	$(PY) train.py -m experiment=demo hydra.sweep.dir=$(RUN_DIR) $(RUN_ARGS)
 	$(PY) -m experiments.report $(RUN_DIR)
 
 test: setup lint  ## lint, then the default (fast) test suite
 	$(PY) -m pytest -q -m "not slow"
 
-lint: setup  ## ruff on everything, mypy on the library
+lint: setup  ## ruff on everything, mypy on the library and the training loop's modules (pyproject.toml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
@@ -30,10 +30,10 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 sweep: setup  ## every method fine-tuning the shipped pretrained model on digits
-	$(PY) train.py -m +experiment=demo method=vanilla,lora,svd_llm,wsi,asi,wasi $(RUN_ARGS)
+	$(PY) train.py -m experiment=demo method=vanilla,lora,svd_llm,wsi,asi,wasi $(RUN_ARGS)
 
-pi-latency: setup  ## training/inference latency, vanilla vs WASI at each epsilon (Raspberry Pi 5 profile)
-	$(PY) -m device.latency $(LATENCY_ARGS)
+pi-latency: setup  ## training/inference latency, vanilla vs WASI at each epsilon (the benchmark's Raspberry Pi 5 preset)
+	$(PY) -m experiments.bench --preset pi $(LATENCY_ARGS)
 
 report: setup  ## Markdown table + PNG plots of a sweep's results.json files (SWEEP=multirun/<date>/<time>)
 	$(PY) -m experiments.report $(or $(SWEEP),$(lastword $(sort $(wildcard multirun/*/*)))) $(REPORT_ARGS)

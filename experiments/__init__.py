@@ -3,12 +3,14 @@
 Entry points sit at this level (`python -m experiments.<name>`): run (the training loop, what train.py
 calls), bench, report, export, pretrain. The rest is in packages named by role:
 
-    training/       the loop's infrastructure: checkpoints, signals, processes, hardware, logging, errors
-    builders/       model, method and variant construction; the pretrained-like spectrum
-    data/           datasets: the loaders, generated shapes and fractals
-    measurement/    cost metrics (FLOPs, memory, time)
+    training/       the loop's infrastructure: checkpoints, stop signals, LR schedules, processes, hardware,
+                    logging, errors
+    builders/       model, method and variant construction; factor linears; the pretrained-like spectrum
+    data/           datasets (their loaders, generated shapes and fractals) and the batches the loop reads
+    measurement/    cost metrics (FLOPs, memory, time), a run's results, the environment, memory units
     deployment/     the exported-model format and its loader
-    configuration/  the config schema: types, allowed values, one-line errors
+    configuration/  the config schema (types, allowed values, one-line errors), the Literal options,
+                    settings as command-line overrides
 """
 from pathlib import Path
 

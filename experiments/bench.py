@@ -3,7 +3,7 @@
     python -m experiments.bench --model vit_b32 --batch 128 --methods vanilla wasi --eps 0.4 0.8 \\
         --recompute none mlp block --spectrum pretrained --data shapes --measure cost
     python -m experiments.bench --model vit_b32 --batch 32 --threads 2 --measure time ...
-    make pi-latency     # python -m device.latency: this tool with the Raspberry Pi 5 profile
+    python -m experiments.bench --preset pi ...     # make pi-latency: the Raspberry Pi 5 profile (PRESETS)
 
 Every variant (method × ε × recompute) is composed from conf/ and built by
 `experiments.builders.variant.build_variant`, exactly as a training run builds it, on the same weights
@@ -27,8 +27,6 @@ import argparse
 import gc
 import json
 import logging
-import os
-import platform
 import shlex
 import sys
 import time
@@ -36,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import matplotlib
 import pandas as pd
@@ -49,8 +47,10 @@ from omegaconf import DictConfig, OmegaConf
 import experiments.configuration.schema  # noqa: F401  (registers the config schemas that conf/ extends)
 from experiments import CONF_DIR
 from experiments.builders.variant import Variant, build_variant, train_step
+from experiments.configuration.choices import Spectrum
 from experiments.measurement import metrics
 from experiments.measurement.energy import EnergyMeter, NoEnergySensor, open_meter
+from experiments.measurement.environment import environment
 from experiments.training.hardware import autocast, seed_everything, setup_hardware
 from wasi import EPS_SET
 
@@ -65,6 +65,9 @@ REGIONS = ("wasi.tucker", "wasi.compressed_grad", "wasi.factored_update")  # rec
 COST = ("memory/activation_bytes", "memory/peak_bytes", "memory/weight_bytes", "flops/train_step",
         "flops/inference_per_image")
 Batch = tuple[torch.Tensor, torch.Tensor]
+#: Named sets of defaults (`--preset NAME`); flags after them override them. "pi": the Raspberry Pi 5 profile
+#: of `make pi-latency` (device/README.md): conf/hardware/cpu_pi.yaml (4 threads, fp32), timing.
+PRESETS = {"pi": ["--hardware", "cpu_pi", "--measure", "time", "--out-root", "results/pi_latency"]}
 
 
 @dataclass
@@ -341,23 +344,13 @@ def plot_latency(stats: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """What the numbers depend on besides the code."""
-    import timm
-
-    info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith(("model name", "Model"))),
-               platform.processor())
-    env = {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
-           "machine": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(),
-           "torch_threads": torch.get_num_threads(), "device": str(device)}
-    if device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(device)
-    return env
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+    """The flags, after those of `--preset NAME` (PRESETS) when given: later flags override the preset's."""
+    preset = argparse.ArgumentParser(add_help=False)
+    preset.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    chosen, rest = preset.parse_known_args(argv)
+    argv = [*PRESETS.get(chosen.preset or "", []), *rest]
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], parents=[preset],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="vit_b32", help="conf/model choice")
     p.add_argument("--methods", nargs="+", default=["vanilla", "wasi"], help="conf/method choices")
@@ -367,7 +360,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="method.recompute modes to compare (default: each method's own)")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--data", default="shapes", help="conf/dataset choice for the batch, or 'noise' (Gaussian)")
-    p.add_argument("--spectrum", choices=["random", "pretrained"], default="random",
+    p.add_argument("--spectrum", choices=get_args(Spectrum), default="random",
                    help="target weights as initialised, or with the pretrained-like spectrum "
                    "(experiments.builders.spectrum)")
     p.add_argument("--checkpoint", default=None, help="local weights file (model.checkpoint)")

@@ -22,7 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from experiments.builders.methods import Lora, factor_linear
+from experiments.builders.factors import factor_linear
+from experiments.builders.methods import Lora
 from experiments.builders.models import read_state_dict
 from experiments.deployment.exported import (
     CONFIG_FILE,

@@ -75,7 +75,7 @@ SUMMARY: tuple[str, ...] = ("test/acc", "params/trainable", "memory/activation_b
 
 
 #: Top-level key groups left out of the table (run settings and provenance, not results).
-HIDDEN_GROUPS: frozenset[str] = frozenset({"config", "versions", "method"})
+HIDDEN_GROUPS: frozenset[str] = frozenset({"config", "versions", "machine", "method"})
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,9 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
-from device import latency
 from experiments import bench
 from experiments.builders.models import build_model
-from tests.cli import ROOT
+from tests.helpers import ROOT
 
 SMALL = ["--model", "vit_tiny_cpu", "--batch", "4", "--set", "model.kwargs.depth=2", "hardware.threads=1"]
 
@@ -34,17 +33,25 @@ def table(out: Path) -> pd.DataFrame:
     return pd.read_csv(out / "variants.csv").set_index("label")
 
 
-def test_rows_ranks_and_ratios(table: pd.DataFrame) -> None:
+def test_rows_and_ranks(table: pd.DataFrame) -> None:
     assert list(table.index) == ["vanilla", "wasi ε=0.6"]
-    vanilla, wasi = table.loc["vanilla"], table.loc["wasi ε=0.6"]
+    wasi = table.loc["wasi ε=0.6"]
     assert wasi.method == "wasi" and wasi.epsilon == 0.6
     assert len(json.loads(wasi.K)) == 4 and wasi.K_mean == sum(json.loads(wasi.K)) / 4  # 2 blocks x (fc1, fc2)
     assert [len(r) for r in json.loads(wasi.act_ranks)] == [3] * 4  # (B, N, I) modes
-    for key in bench.COST:
-        assert wasi[f"{key} ×"] == pytest.approx(vanilla[key] / wasi[key], rel=1e-12)
-        assert vanilla[f"{key} ×"] == 1.0
-    assert wasi["layers ×"] == pytest.approx(wasi["memory/compressed_layers_vanilla_bytes"]
-                                             / wasi["memory/compressed_layers_bytes"])
+    assert set(table.columns) >= {f"{key} ×" for key in bench.COST} | {"layers ×"}
+
+
+def test_ratios_are_the_reference_over_the_row() -> None:
+    """On numbers worked by hand: `×` is the reference row's value over each row's; `layers ×` the dense over the
+    compressed bytes of the converted layers; no reference row, no `<metric> ×` columns."""
+    rows = pd.DataFrame({"label": ["vanilla", "wasi"], "flops/train_step": [12.0, 3.0], "memory/peak_bytes": [10, 4],
+                         "memory/compressed_layers_bytes": [None, 5.0],
+                         "memory/compressed_layers_vanilla_bytes": [None, 40.0]})
+    table = bench.add_ratios(rows.copy(), "vanilla").set_index("label")
+    assert table["flops/train_step ×"].tolist() == [1.0, 4.0] and table["memory/peak_bytes ×"].tolist() == [1.0, 2.5]
+    assert table.loc["wasi", "layers ×"] == 8.0
+    assert "flops/train_step ×" not in bench.add_ratios(rows.copy(), "absent")
 
 
 def test_converted_layers_dense_bytes_match_a_hand_count(table: pd.DataFrame) -> None:
@@ -81,8 +88,7 @@ def test_profile_counts_one_call_per_layer_and_step(out: Path) -> None:
         assert prof.loc[("wasi ε=0.6", region), "calls"] == 4
         assert prof.loc[("vanilla", region), "calls"] == 0 and prof.loc[("vanilla", region), "seconds"] == 0
     wasi = prof.loc["wasi ε=0.6"]
-    assert (wasi.share == wasi.seconds / wasi.loc["step", "seconds"]).all()
-    assert 0 < wasi.loc[list(bench.REGIONS), "share"].sum() < 1
+    assert 0 < wasi.loc[list(bench.REGIONS), "share"].sum() < 1  # inside the step, and not all of it
 
 
 def test_summary_and_plot(out: Path) -> None:
@@ -144,10 +150,11 @@ def test_weights_line_names_a_model_configs_own_checkpoint(tmp_path: Path) -> No
     assert not (tmp_path / "c").exists()
 
 
-def test_pi_profile_defaults_can_be_overridden() -> None:
-    args = bench.parse_args([*latency.DEFAULTS, "--hardware", "cpu", "--batch", "8"])
+def test_pi_preset_sets_defaults_that_later_flags_override() -> None:
+    args = bench.parse_args(["--preset", "pi", "--hardware", "cpu", "--batch", "8"])
     assert (args.hardware, args.measure, args.batch, str(args.out_root)) == ("cpu", ["time"], 8, "results/pi_latency")
-    assert bench.parse_args(latency.DEFAULTS).hardware == "cpu_pi"
+    assert bench.parse_args(["--preset", "pi"]).hardware == "cpu_pi"
+    assert bench.parse_args([]).hardware == "cpu" and bench.parse_args([]).measure == ["cost"]
 
 
 def test_the_tool_composes_configs_on_its_own() -> None:

@@ -1,7 +1,8 @@
 """Checkpoint and resume: a run interrupted (crash, SIGTERM) and resumed ends exactly where an
-uninterrupted run ends, in the same W&B run; damaged or foreign checkpoints are refused with the
-reason and the fix (those of another config or process count before anything is loaded); a NaN
-stops the run, leaves the last checkpoint intact and says which files exist and which fixes apply."""
+uninterrupted run ends, in the same W&B run and with the same metrics.jsonl; damaged or foreign checkpoints
+are refused with the reason and the fix (those of another config or process count before anything is
+loaded); a NaN stops the run, leaves the last checkpoint intact and says which files exist and which fixes
+apply."""
 import math
 import os
 import shutil
@@ -13,19 +14,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 from torch import nn
 
 import experiments.run as run_module
 import wasi
 from experiments.training import checkpoint
-from experiments.training.checkpoint import CheckpointError, NonFiniteWeightsError, Progress
-from experiments.training.signals import TrainingInterrupted
+from experiments.training.checkpoint import (
+    CheckpointError,
+    Checkpointing,
+    NonFiniteLossError,
+    NonFiniteWeightsError,
+    Progress,
+)
+from experiments.training.signals import StopRequest, TrainingInterrupted
+from tests.helpers import ROOT, compose
 from tests.wandb_log import offline_runs
 
-ROOT = Path(__file__).resolve().parents[1]
 # WASI with momentum, dropout and random flips, so optimizer state, Tucker warm start and every RNG matter.
 # 128 train images / 16 = 8 steps per epoch, 16 in all; checkpoints every 3 steps land mid-epoch.
 TINY = ["model=vit_tiny_cpu", "model.kwargs.depth=2", "+model.kwargs.drop_rate=0.1", "dataset.source.train_size=160",
@@ -35,23 +40,18 @@ TINY = ["model=vit_tiny_cpu", "model.kwargs.depth=2", "+model.kwargs.drop_rate=0
 
 
 def make_cfg(run_dir: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[*TINY, "trainer.checkpoint_every=3", *overrides])
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(run_dir)
-        cfg.paths.cache_dir = str(run_dir.parent / "cache")
-    return cfg
+    return compose(*TINY, "trainer.checkpoint_every=3", *overrides, run_dir=run_dir)
 
 
 def stop_at(monkeypatch, step: int, action):
     """Make the loop's train_step call `action(x)` on its `step`-th call (1-based)."""
     calls, original = [0], run_module.train_step
 
-    def wrapped(model, optimizer, x, y, *args):
+    def wrapped(model, optimizer, x, y, *args, **kwargs):
         calls[0] += 1
         if calls[0] == step:
             x = action(x)
-        return original(model, optimizer, x, y, *args)
+        return original(model, optimizer, x, y, *args, **kwargs)
 
     monkeypatch.setattr(run_module, "train_step", wrapped)
 
@@ -71,33 +71,43 @@ def uninterrupted(tmp_path_factory):
 
 
 def assert_same_run(a_dir: Path, a: dict, b_dir: Path, b: dict) -> None:
-    """Same metrics, bit-identical best weights and final checkpoint (weights and optimizer state)."""
+    """Same metrics (results.json and metrics.jsonl), bit-identical best weights and final checkpoint (weights
+    and optimizer state)."""
     assert {k: v for k, v in a.items() if not k.startswith("config/")} == \
            {k: v for k, v in b.items() if not k.startswith("config/")}
+    assert (a_dir / "metrics.jsonl").read_text() == (b_dir / "metrics.jsonl").read_text()
     best_a, best_b = load_file(str(a_dir / "best.safetensors")), load_file(str(b_dir / "best.safetensors"))
     assert best_a.keys() == best_b.keys() and all(torch.equal(best_a[k], best_b[k]) for k in best_a)
     last_a, last_b = checkpoint.read(a_dir / "last.ckpt"), checkpoint.read(b_dir / "last.ckpt")
-    assert last_a["progress"] == last_b["progress"]
+    position = [{k: v for k, v in last["progress"].items() if k != "wandb_run_id"} for last in (last_a, last_b)]
+    assert position[0] == position[1] and last_a["scheduler"] == last_b["scheduler"]
     assert all(torch.equal(last_a["model"][k], last_b["model"][k]) for k in last_a["model"])
     state_a, state_b = last_a["optimizer"]["state"], last_b["optimizer"]["state"]
     assert state_a.keys() == state_b.keys() and state_a
     assert all(torch.equal(state_a[i]["momentum_buffer"], state_b[i]["momentum_buffer"]) for i in state_a)
 
 
-def test_resume_after_a_crash_matches_the_uninterrupted_run(uninterrupted, tmp_path, monkeypatch):
+def test_resume_after_a_crash_matches_the_uninterrupted_run_and_continues_its_wandb_run(uninterrupted, tmp_path,
+                                                                                        monkeypatch):
+    """The first process dies during step 11 (its last checkpoint: step 9, epoch 2 batch 1); the resumed one ends
+    as the uninterrupted run and logs under the same W&B run id from step 10 on, so `wandb sync` puts steps 1-16
+    into one run."""
     run_dir = tmp_path / "run"
-    stop_at(monkeypatch, 11, crash)  # dies during step 11: the last checkpoint is from step 9 (epoch 2, batch 1)
+    stop_at(monkeypatch, 11, crash)
     with pytest.raises(Crash):
-        run_module.run(make_cfg(run_dir))
+        run_module.run(make_cfg(run_dir, "logger.mode=offline"))
     saved = checkpoint.read(run_dir / "last.ckpt")
     assert saved["progress"] == {**saved["progress"], "epoch": 1, "batch": 1, "step": 9}
     assert saved["warm_start"][0] and all(len(f) == 3 for f in saved["warm_start"][0].values())
     monkeypatch.undo()
     shutil.copytree(run_dir, tmp_path / "step9")
 
-    resumed = run_module.run(make_cfg(run_dir, "resume=true"))
+    resumed = run_module.run(make_cfg(run_dir, "logger.mode=offline", "resume=true"))
     assert resumed["train/steps"] == 16
     assert_same_run(*uninterrupted, run_dir, resumed)
+    first, second = sorted(offline_runs(run_dir).values(), key=lambda r: r[1][0])
+    assert first[0] == second[0] == saved["progress"]["wandb_run_id"]
+    assert first[1] == list(range(1, 11)) and second[1] == list(range(10, 17))  # steps 10 (its val/acc) on
 
     # The Tucker warm-start factors are what makes it exact: drop them and the run drifts. (Resumed into
     # another folder, which gets the interrupted run's best.safetensors.)
@@ -110,18 +120,6 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run(uninterrupted, tmp_p
     final = checkpoint.read(run_dir / "last.ckpt")["model"]
     cold_final = checkpoint.read(cold_dir / "last.ckpt")["model"]
     assert not all(torch.equal(final[k], cold_final[k]) for k in final)
-
-
-def test_resume_with_loader_workers_matches_the_uninterrupted_run(tmp_path, monkeypatch):
-    """With workers the random flips come from the workers' own streams; resuming mid-epoch must continue them."""
-    workers = ("trainer.num_workers=2",)
-    reference = run_module.run(make_cfg(tmp_path / "reference", *workers))
-    stop_at(monkeypatch, 12, crash)  # last checkpoint: step 9, mid-epoch 2
-    with pytest.raises(Crash):
-        run_module.run(make_cfg(tmp_path / "run", *workers))
-    monkeypatch.undo()
-    resumed = run_module.run(make_cfg(tmp_path / "run", *workers, "resume=true"))
-    assert_same_run(tmp_path / "reference", reference, tmp_path / "run", resumed)
 
 
 def test_sigterm_checkpoints_at_a_step_boundary_then_resume_is_exact(uninterrupted, tmp_path):
@@ -145,25 +143,24 @@ def test_sigterm_checkpoints_at_a_step_boundary_then_resume_is_exact(uninterrupt
     assert_same_run(*uninterrupted, run_dir, resumed)
 
 
-def test_sigterm_in_process_raises_training_interrupted(tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
-
-    def sigterm(x):
-        os.kill(os.getpid(), signal.SIGTERM)  # arrives during this step; honoured after it
-        return x
-
-    stop_at(monkeypatch, 5, sigterm)
+def test_a_stop_request_is_agreed_then_raises_its_interrupt_and_restores_the_handlers():
     previous = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(TrainingInterrupted) as info:
-        run_module.run(make_cfg(run_dir, "trainer.checkpoint_every=null"))
-    assert info.value.code == 143 and signal.getsignal(signal.SIGTERM) is previous
-    assert checkpoint.read(run_dir / "last.ckpt")["progress"]["step"] == 5
+    with StopRequest() as stop:
+        assert stop.agree(torch.tensor(1.5)) == 1.5 and not stop.stopping
+        stop.raise_if_stopping(3, "unused")  # nothing asked: no interrupt
+        os.kill(os.getpid(), signal.SIGTERM)  # handled: the process goes on
+        assert stop.requested and not stop.stopping  # until the next step boundary agrees on it
+        stop.agree(torch.tensor(1.0))
+        with pytest.raises(TrainingInterrupted) as info:
+            stop.raise_if_stopping(4, "checkpoint here")
+        assert info.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) is previous
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     stop_at(monkeypatch, 5, lambda x: torch.full_like(x, math.nan))  # NaN images: NaN loss, grads, weights
-    with pytest.raises(run_module.NonFiniteLossError) as info:
+    with pytest.raises(NonFiniteLossError) as info:
         run_module.run(make_cfg(run_dir, "trainer.checkpoint_every=1"))
     saved = checkpoint.read(run_dir / "last.ckpt")
     assert saved["progress"]["step"] == 4
@@ -175,39 +172,22 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypa
     assert not (run_dir / "best.safetensors").exists()
 
 
-def test_nan_before_any_checkpoint_says_so_and_suggests_clipping_when_it_is_off(tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
-    stop_at(monkeypatch, 1, lambda x: torch.full_like(x, math.nan))
-    with pytest.raises(run_module.NonFiniteLossError) as info:
-        run_module.run(make_cfg(run_dir, "trainer.grad_clip=null", "optimizer.lr=0.1"))
+def test_nan_before_any_checkpoint_says_so_and_suggests_clipping_when_it_is_off(tmp_path):
+    ckpt = Checkpointing(make_cfg(tmp_path / "run", "trainer.grad_clip=null", "optimizer.lr=0.1"))
+    ckpt.guard(2.5, 0)
+    with pytest.raises(NonFiniteLossError) as info:
+        ckpt.guard(math.nan, 0)
     assert str(info.value) == ("loss is nan at step 0. No checkpoint was written yet. Fix: lower optimizer.lr "
                                "(now 0.1), or set trainer.grad_clip=2.0 (clipping is off).")
-    assert not (run_dir / "last.ckpt").exists() and not (run_dir / "best.safetensors").exists()
-
 
 
 def test_nan_advice_names_only_what_applies(tmp_path):
-    cfg = OmegaConf.create({"optimizer": {"lr": 0.001}, "trainer": {"grad_clip": None},
-                            "hardware": {"precision": "bf16"}})
+    cfg = make_cfg(tmp_path / "run", "optimizer.lr=0.001", "trainer.grad_clip=null", "hardware.precision=bf16")
     best, last = tmp_path / "best.safetensors", tmp_path / "last.ckpt"
     best.write_bytes(b"x")
-    assert run_module.divergence_help(cfg, best, last) == (
+    assert checkpoint.divergence_help(cfg, best, last) == (
         f"{best} holds the best-validation weights so far. Fix: lower optimizer.lr (now 0.001), or set "
         "trainer.grad_clip=2.0 (clipping is off), or use hardware.precision=fp32 (now bf16).")
-
-def test_a_resumed_run_continues_its_offline_wandb_run(tmp_path, monkeypatch):
-    """The first process dies during step 11 (its last checkpoint: step 9); the resumed one logs under the
-    same W&B run id from step 10 on, so `wandb sync` puts steps 1-16 into one run."""
-    run_dir = tmp_path / "run"
-    stop_at(monkeypatch, 11, crash)
-    with pytest.raises(Crash):
-        run_module.run(make_cfg(run_dir, "logger.mode=offline"))
-    run_id = checkpoint.read(run_dir / "last.ckpt")["progress"]["wandb_run_id"]
-    monkeypatch.undo()
-    run_module.run(make_cfg(run_dir, "logger.mode=offline", "resume=true"))
-    first, second = sorted(offline_runs(run_dir).values(), key=lambda r: r[1][0])
-    assert first[0] == second[0] == run_id
-    assert first[1] == list(range(1, 11)) and second[1] == list(range(10, 17))  # steps 10 (its val/acc) on
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +265,7 @@ def replace(ckpt: dict, entry: str, key: str, value) -> dict:
     (lambda p: torch.save({**checkpoint.read(p), "format": "another-program"}, p), "not a wasi-train-checkpoint"),
     (lambda p: torch.save({k: v for k, v in checkpoint.read(p).items() if k != "optimizer"}, p), "lacks"),
     (lambda p: torch.save({**checkpoint.read(p), "warm_start": {"0": []}}, p), r"lacks \['warm_start'\]"),
+    (lambda p: torch.save({**checkpoint.read(p), "version": 1}, p), "version 1 file, written by an earlier train.py"),
 ])
 def test_damaged_checkpoint_is_refused_and_nothing_is_loaded(saved, damage, message):
     path = saved[0]

@@ -1,7 +1,7 @@
 """Every config group choice composes and instantiates the right classes; every setting is checked
 (type, range, combination) with one line that names it, its value and a fix."""
 from dataclasses import fields
-from pathlib import Path
+from typing import get_args
 
 import hydra
 import pytest
@@ -9,12 +9,16 @@ import torch
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from experiments.builders.variant import build_variant
+from experiments.configuration import choices as literals
+from experiments.configuration import schema
 from experiments.configuration.schema import ConfigError, validate
 from experiments.training import errors
-from wasi import WASIConfig
+from tests.helpers import CONF, QUICK
+from tests.tiny_models import batches
+from wasi import EPS_SET, WASIConfig
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = ["model", "dataset", "method", "hardware", "optimizer", "logger"]
+GROUPS = ["model", "dataset", "method", "hardware", "optimizer", "scheduler", "logger"]
 
 
 def choices(group: str) -> list[str]:
@@ -30,8 +34,15 @@ def test_every_choice_composes(make_cfg, group, choice):
     validate(cfg)  # and every value is allowed
     if group == "optimizer":
         assert issubclass(hydra.utils.instantiate(cfg.optimizer).func, torch.optim.Optimizer)
+    elif group == "scheduler":
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer, steps_per_epoch=3)
+        optimizer.step()
+        scheduler.step()
     elif group != "logger":
         assert cfg[group].name == choice.split("/")[-1]  # method=paper/wasi is wasi, run as the authors did
+    if group == "dataset":
+        assert cfg.dataset.source.get("download", False) is False  # never download unless asked
 
 
 def test_required_groups_and_paper_defaults(make_cfg):
@@ -41,7 +52,7 @@ def test_required_groups_and_paper_defaults(make_cfg):
     assert set(choices("model")) >= {"vit_b32", "swin_t", "vit_tiny_cpu"}
     assert set(choices("hardware")) >= {"cuda", "cpu_pi"}
     t = cfg.trainer
-    assert (t.epochs, t.batch_size, t.grad_clip, t.min_lr_ratio, cfg.seed) == (50, 128, 2.0, 0.1, 233)
+    assert (t.epochs, t.batch_size, t.grad_clip, cfg.scheduler.min_lr_ratio, cfg.seed) == (50, 128, 2.0, 0.1, 233)
     opt = hydra.utils.instantiate(cfg.optimizer)
     assert opt.func is torch.optim.SGD and opt.keywords == {"lr": 0.05, "momentum": 0.0, "weight_decay": 1e-4}
     assert make_cfg("model=vit_b32").model.timm_name == "vit_base_patch32_224"
@@ -65,7 +76,13 @@ def test_methods_instantiate(make_cfg, method):
     (["trainer.batch_size=0"], "trainer.batch_size=0: must be an int >= 1. Fix: trainer.batch_size=128"),
     (["trainer.max_steps=0"], "trainer.max_steps=0: must be an int >= 1. Fix: trainer.max_steps=100, or null"),
     (["trainer.grad_clip=-1"], "trainer.grad_clip=-1.0: must be a number > 0. Fix: trainer.grad_clip=2.0, or null"),
-    (["trainer.min_lr_ratio=2"], "trainer.min_lr_ratio=2.0: must be in [0, 1]"),
+    (["scheduler.min_lr_ratio=2"], "scheduler.min_lr_ratio=2.0: must be in [0, 1]"),
+    (["scheduler=warmup_cosine", "scheduler.warmup_epochs=-1"], "scheduler.warmup_epochs=-1.0: must be a number >= 0"),
+    (["trainer.label_smoothing=1"], "trainer.label_smoothing=1.0: must be in [0, 1)"),
+    (["trainer.shuffle=random"], "trainer.shuffle=random: must be one of per_epoch, continued"),
+    (["trainer.eval_batch_size=0"], "trainer.eval_batch_size=0: must be an int >= 1"),
+    (["dataset.val_fraction=1"], "dataset.val_fraction=1.0: must be in [0, 1)"),
+    (["dataset.num_classes=0"], "dataset.num_classes=0: must be an int >= 1"),
     (["trainer.checkpoint_every=0"], "trainer.checkpoint_every=0: must be an int >= 1"),
     (["optimizer.lr=-1"], "optimizer.lr=-1.0: must be a number > 0. Fix: optimizer.lr=0.05"),
     (["optimizer.momentum=1"], "optimizer.momentum=1.0: must be in [0, 1)"),
@@ -118,24 +135,48 @@ def test_validate_names_the_setting_its_value_and_a_fix(make_cfg, overrides, mes
     ("trainer.epoch=3", "trainer.epoch is not a setting. Fix: did you mean trainer.epochs?"),
     ("model.kwargs.dept=3", "model.kwargs.dept is not a setting. Fix: did you mean model.kwargs.depth? "
      "(a new key needs a leading +)"),
+    ("method=nope", "method=nope: there is no conf/method/nope.yaml. Fix: method=<one of asi, galore, lora,"),
+    ("experiment=nope", "experiment=nope: there is no conf/experiment/nope.yaml. Fix: experiment=<one of baselines,"),
 ])
 def test_composing_a_wrong_type_or_key_is_one_line(make_cfg, override, line):
     overrides = ["method=wasi", override] if override.startswith("method.") else [override]
     with pytest.raises(HydraException) as err:
         make_cfg(*overrides)
-    assert errors.one_line(err.value) == line and errors.status(err.value) == errors.SETTING
+    assert errors.one_line(err.value).startswith(line) and errors.status(err.value) == errors.SETTING
 
 
 def test_wasi_defaults_are_the_librarys(make_cfg):
-    """The epsilon set and the other WASI defaults come from wasi.WASIConfig, written nowhere in conf/."""
+    """The epsilon set and the other WASI defaults come from wasi.WASIConfig, written nowhere in conf/, and the
+    method object passes them on without declaring them again."""
     for name in ("wasi", "asi", "wsi"):
         written = set(OmegaConf.load(CONF / "method" / f"{name}.yaml"))
         assert not {"eps_set", "epsilon", "epsilon_act", "targets", "last_n", "weight_update"} & written
-    method = make_cfg("method=wasi").method
+    cfg = make_cfg("method=wasi")
     library = {f.name: f.default for f in fields(WASIConfig)}
-    assert tuple(method.eps_set) == library["eps_set"] == (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    for key in ("epsilon", "epsilon_act", "targets", "last_n", "weight_update"):
-        assert method[key] == library[key], key
+    assert tuple(cfg.method.eps_set) == library["eps_set"] == EPS_SET
+    built = hydra.utils.instantiate(cfg.method).config
+    for key in ("epsilon", "eps_set", "targets", "last_n", "weight_update", "train_rest"):
+        assert cfg.method[key] == library[key] == getattr(built, key), key
+
+
+@pytest.mark.parametrize("literal, field", [
+    (literals.Device, schema.Hardware.__dataclass_fields__["device"]),
+    (literals.Precision, schema.Hardware.__dataclass_fields__["precision"]),
+    (literals.LoggerMode, schema.Logger.__dataclass_fields__["mode"]),
+    (literals.Shuffle, schema.Trainer.__dataclass_fields__["shuffle"]),
+    (literals.Recompute, schema.VanillaMethod.__dataclass_fields__["recompute"]),
+    (literals.Finetune, schema.SvdLlmMethod.__dataclass_fields__["finetune"]),
+])
+def test_an_option_allows_exactly_its_literal_values(literal, field):
+    rule = field.metadata["rule"]
+    assert all(rule.holds(v) for v in get_args(literal)) and not rule.holds("other")
+    assert rule.text == "one of " + ", ".join(get_args(literal))
+
+
+def test_fixed_ranks_reach_every_converted_layer(make_cfg):
+    variant = build_variant(make_cfg(*QUICK, "method=wasi", "method.ranks=[4,4,4]"), 10, batches(32, n=1, batch=8),
+                            torch.device("cpu"))
+    assert [layer["act_ranks"] for layer in variant.summary["layers"]] == [[4, 4, 4]] * 4
 
 
 @pytest.mark.parametrize("overrides, activation", [

@@ -6,21 +6,18 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
-import timm
 import torch
 import torch.multiprocessing as mp
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 
 import experiments.run as run_module
 import wasi
 import wasi.distributed
 from experiments.builders.variant import train_step
 from experiments.training import checkpoint, distributed
+from tests.helpers import ROOT, compose
+from tests.tiny_models import vit
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS, GLOBAL_BATCH = 3, 8
 # (name, WASIConfig kwargs, whether one process on the global batch computes the same gradient):
 # WSI saves inputs dense and WASI with full Tucker ranks is lossless, so both average exactly;
@@ -42,9 +39,7 @@ def free_port() -> int:
 def tiny_vit_steps(kwargs: dict, ctx: distributed.Context, steps: int = STEPS) -> dict:
     """`steps` steps of SubspaceSGD (momentum, weight decay, clipping) on a 1-block ViT; this rank trains on
     its share [rank::N] of each fixed global batch. Returns the weights and optimizer state."""
-    torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, depth=1, embed_dim=32,
-                              num_heads=2, num_classes=5)
+    model = vit(0, image_size=16, width=32, depth=1)
     calibration = (torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)), None)
     wasi.inject(model, wasi.WASIConfig(weight=True, epsilon=0.9, targets="mlp+attn", **kwargs), calibration)
     optimizer = wasi.SubspaceSGD(model, lr=0.5, momentum=0.9, weight_decay=1e-3)
@@ -95,7 +90,6 @@ def worker(rank: int, port: int, out: str) -> None:
 def test_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    torch.set_num_threads(1)
     for name, kwargs, exact in CASES:
         a, b = ranks[0][name], ranks[1][name]
         assert a.keys() == b.keys() and any(k.endswith(".L") for k in a)
@@ -130,7 +124,7 @@ def test_torchrun_two_processes_match_one_process_run(tmp_path):
                            f"paths.cache_dir={tmp_path}/cache"], cwd=ROOT, env=env, capture_output=True, text=True,
                           check=False, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    one = run_module.run(compose_cfg(tmp_path / "one", [*overrides, "trainer.batch_size=16"]))
+    one = run_module.run(compose(*overrides, "trainer.batch_size=16", run_dir=tmp_path / "one"))
     two_results = json.loads((two / "results.json").read_text())
     assert two_results["train/steps"] == one["train/steps"] == 8
     assert two_results["val/acc"] == one["val/acc"]
@@ -139,12 +133,3 @@ def test_torchrun_two_processes_match_one_process_run(tmp_path):
     assert w2["world_size"] == 2 and w1["world_size"] == 1
     for k in w1["model"]:
         torch.testing.assert_close(w2["model"][k], w1["model"][k], rtol=1e-4, atol=1e-5, msg=k)
-
-
-def compose_cfg(run_dir: Path, overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.run_dir = str(run_dir)
-        cfg.paths.cache_dir = str(run_dir.parent / "cache")
-    return cfg

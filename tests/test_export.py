@@ -24,10 +24,10 @@ from experiments.builders.models import build_model
 from experiments.deployment.exported import ExportFormatError, load_exported
 from experiments.export import RunExportError, export_run
 from experiments.export import main as export_main
-from tests.conftest import METHODS
+from tests.helpers import METHODS, ROOT
 from wasi import WSILinear
 
-ROOT = Path(__file__).resolve().parents[1]
+
 @pytest.fixture(scope="module")
 def wasi_run(method_sweep: Path) -> Path:
     """The WASI job of the session's six-method sweep: a real run of train.py, as a user would produce it."""
@@ -140,7 +140,6 @@ def fake_run(cfg: DictConfig, run_dir: Path) -> tuple[nn.Module, torch.Tensor]:
     (["method=galore", "optimizer=adamw"], 0),
 ])
 def test_every_method_exports_its_deployed_model(make_cfg, tmp_path: Path, overrides: list[str], n_low_rank: int):
-    torch.set_num_threads(1)
     cfg = make_cfg("model.kwargs.depth=2", *overrides)
     run_dir = Path(cfg.paths.run_dir)
     model, x = fake_run(cfg, run_dir)

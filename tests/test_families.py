@@ -16,8 +16,6 @@ from wasi.adapters import adapter_for
 from wasi.mlp import is_fused
 from wasi.probe import logits_of, run_model
 
-torch.set_num_threads(1)
-
 #: Families the fast tier checks for every method and recompute mode (each kind of layout once); the slow tier: all.
 CORE = ["vit", "swin", "maxvit", "eva02", "hf_vit", "hf_bert", "hf_gpt2", "hf_llama"]
 METHODS = {"wasi": {}, "wsi": {"activation": False}, "asi": {"weight": False}}

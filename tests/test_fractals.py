@@ -1,14 +1,12 @@
 """experiments/data/fractals.py: FractalDB-style classes and images, deterministic, balanced, not degenerate."""
-from pathlib import Path
-
 import numpy as np
 import pytest
+import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from experiments.data import fractals as F
+from tests.helpers import compose
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "fractals.yaml"
 SMALL = F.RenderSettings(walkers=16, steps=48)  # fewer points: fast, still well drawn at 32x32
 
 
@@ -96,8 +94,8 @@ def test_instances_of_a_class_vary(classes):
 
 
 def test_loader_through_the_dataset_config():
-    cfg = OmegaConf.load(CONF)
-    cfg.merge_with({"num_classes": 10, "source": {"train_size": 200, "test_size": 50, "walkers": 16, "steps": 32}})
+    cfg = compose("dataset=fractals", "dataset.num_classes=10", "dataset.source.train_size=200",
+                  "dataset.source.test_size=50", "dataset.source.walkers=16", "dataset.source.steps=32").dataset
     splits = instantiate(cfg)(image_size=32, seed=0)
     assert splits.num_classes == 10
     assert (len(splits.train), len(splits.val), len(splits.test)) == (190, 10, 50)
@@ -108,3 +106,12 @@ def test_loader_through_the_dataset_config():
     test_labels = [y for _, y in splits.test]
     assert np.bincount(test_labels).tolist() == [5] * 10  # balanced
     assert np.bincount(train_labels, minlength=10).min() >= 17
+
+
+def test_the_test_split_may_be_the_validation_split():
+    """experiment=pretrain selects its weights on the held-out images: the training split is used whole."""
+    cfg = compose("experiment=pretrain", "dataset.num_classes=4", "dataset.source.train_size=40",
+                  "dataset.source.test_size=12", "dataset.source.walkers=16", "dataset.source.steps=32").dataset
+    splits = instantiate(cfg)(image_size=32, seed=0)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (40, 12, 12)
+    assert all(torch.equal(splits.val[i][0], splits.test[i][0]) for i in range(12))

@@ -26,8 +26,6 @@ from wasi import (
 )
 from wasi.ranks import ranks_for
 
-torch.set_num_threads(1)
-
 VIT_MLP = ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
 HEAD = 192 * 10 + 10
 

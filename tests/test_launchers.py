@@ -6,11 +6,10 @@ from pathlib import Path
 import hydra
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from tests.cli import ROOT, sweep_results, train
+from tests.helpers import compose, sweep_results, train
 
 TINY = ["dataset=digits", "model=vit_tiny_cpu", "model.kwargs.depth=2", "trainer.epochs=1", "trainer.max_steps=2",
         "trainer.batch_size=32", "trainer.eval_batches=1", "trainer.measure=false", "logger.mode=disabled",
@@ -18,8 +17,7 @@ TINY = ["dataset=digits", "model=vit_tiny_cpu", "model.kwargs.depth=2", "trainer
 
 
 def compose_hydra(*overrides: str):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=list(overrides), return_hydra_config=True)
+    return compose(*overrides, hydra=True)
 
 
 def test_slurm_launcher_composes():
@@ -27,7 +25,7 @@ def test_slurm_launcher_composes():
     cls = hydra.utils.get_class(launcher._target_)
     assert cls.__name__ == "SlurmLauncher" and cls.__module__.startswith("hydra_plugins.hydra_submitit_launcher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.array_parallelism) == ("gpu", 1, 16)
-    assert launcher.timeout_min > 0 and launcher.cpus_per_task > 0 and launcher.mem_gb > 0
+    assert launcher.submitit_folder.endswith("/.submitit/%j")  # per job, inside the sweep folder
 
 
 def test_joblib_launcher_composes():
@@ -40,10 +38,10 @@ def test_optuna_preset_composes_to_a_valid_search_space():
     from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
     from optuna.distributions import LogUniformDistribution, UniformDistribution
 
-    cfg = compose_hydra("+experiment=optuna_wasi")
+    cfg = compose_hydra("search=optuna")
     sweeper = cfg.hydra.sweeper
     assert hydra.utils.get_class(sweeper._target_).__name__ == "OptunaSweeper"
-    assert sweeper.direction == "maximize" and sweeper.n_trials > 0
+    assert sweeper.direction == "maximize"  # train.py returns val/acc
     assert cfg.method.name == "wasi" and cfg.optimizer._target_ == "torch.optim.SGD"
     assert type(hydra.utils.instantiate(sweeper.sampler)).__name__ == "TPESampler"
     params = OmegaConf.to_container(sweeper.params)
@@ -58,21 +56,22 @@ def test_optuna_preset_composes_to_a_valid_search_space():
         assert isinstance(dists[key], UniformDistribution) and 0 < dists[key].low < dists[key].high <= 1
 
 
+def sweep(tmp_path: Path, *overrides: str) -> list[dict]:
+    train("-m", *overrides, *TINY, f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}")
+    return sweep_results(tmp_path)
+
+
 @pytest.mark.slow
 def test_joblib_launcher_runs_two_jobs(tmp_path: Path):
-    train("-m", "hydra/launcher=joblib_local", "method=vanilla,wasi", *TINY, f"hydra.sweep.dir={tmp_path}",
-          f"paths.cache_dir={tmp_path / 'cache'}")
-    results = sweep_results(tmp_path)
+    results = sweep(tmp_path, "hydra/launcher=joblib_local", "method=vanilla,wasi")
     assert len(results) == 2
     assert sorted(r["method"] for r in results) == ["vanilla", "wasi"]
-    assert all(r["train/steps"] == 2 and 0 <= r["test/acc"] <= 1 for r in results)
+    assert all(r["train/steps"] == 2 for r in results)
 
 
 @pytest.mark.slow
 def test_optuna_sweep_maximises_returned_accuracy(tmp_path: Path):
-    train("-m", "+experiment=optuna_wasi", "hydra.sweeper.n_trials=3", *TINY, f"hydra.sweep.dir={tmp_path}",
-          f"paths.cache_dir={tmp_path / 'cache'}")
-    trials = sweep_results(tmp_path)
+    trials = sweep(tmp_path, "search=optuna", "hydra.sweeper.n_trials=3")
     assert len(trials) == 3
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert best["best_value"] == max(t["val/acc"] for t in trials)

@@ -6,8 +6,6 @@ from torch import nn
 from tests.tiny_models import saved_tensors
 from wasi import ASILinear, WASILinear, WSILinear, tucker_reconstruct
 
-torch.set_num_threads(1)
-
 SHAPES = {3: (2, 5, 8), 4: (2, 3, 4, 8)}  # (B, N, I) and (B, H, W, C); I = 8
 OUT = 6
 

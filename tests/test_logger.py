@@ -1,5 +1,6 @@
 """W&B faults: an online init that fails (no login, no network) falls back to an offline run; an
 offline or disabled logger never hides its own errors; a resumed training continues its W&B run."""
+import json
 import logging
 
 import pytest
@@ -82,3 +83,20 @@ def test_a_resumed_training_continues_its_wandb_run(init_calls, tmp_path, mode):
 
 def test_a_disabled_logger_keeps_the_run_id_for_a_later_resume(init_calls, tmp_path):
     assert WandbLogger(cfg("disabled"), tmp_path, {}, run_id="abc123").run_id == "abc123" and init_calls == []
+
+
+def test_metrics_jsonl_reads_as_one_uninterrupted_run(init_calls, tmp_path):
+    """Every log call is a line; a resumed run (from its checkpoint's step) keeps the lines up to that step and
+    logs the rest again; a fresh run starts the file anew; other processes of a job write nothing."""
+    first = WandbLogger(cfg("disabled"), tmp_path, {})
+    for step in (1, 2, 3):
+        first.log({"train/loss": 1.0 / step}, step)
+    first.log({"val/acc": 0.5}, 3)
+    resumed = WandbLogger(cfg("disabled"), tmp_path, {}, step=2)
+    resumed.log({"train/loss": 0.25}, 3)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines == [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5}, {"step": 3, "train/loss": 0.25}]
+    WandbLogger(cfg("offline"), tmp_path, {}, enabled=False).log({"a": 1}, 9)
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3 and init_calls == []
+    WandbLogger(cfg("disabled"), tmp_path, {})
+    assert (tmp_path / "metrics.jsonl").read_text() == ""

@@ -1,27 +1,28 @@
-"""Baselines as methods: PEFT LoRA and SVD-LLM init, on a tiny timm ViT."""
+"""Methods as config-instantiated objects: vanilla, PEFT LoRA, SVD-LLM init, the subspace methods' pass-through to
+wasi.WASIConfig, and pretraining's parameter groups, on a tiny timm ViT (width 48, MLP hidden 192, 5 classes)."""
+import functools
 import logging
+import math
 
 import pytest
-import timm
 import torch
 from torch import nn
 
 import wasi
-from experiments.builders.methods import Lora, Subspace, SvdLlm, Vanilla
+from experiments.builders.methods import Lora, Pretrain, Subspace, SvdLlm, Vanilla
+from tests import tiny_models
 from wasi import svd_llm
 
 DEVICE = torch.device("cpu")
+WIDTH, HIDDEN = 48, 192
 
 
 def tiny_vit(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32,
-                             patch_size=8, depth=2)
+    return tiny_models.vit(seed)
 
 
 def batches(n: int = 3, b: int = 8):
-    g = torch.Generator().manual_seed(1)
-    return [(torch.randn(b, 3, 32, 32, generator=g), torch.randint(0, 10, (b,), generator=g)) for _ in range(n)]
+    return tiny_models.batches(32, n=n, batch=b)
 
 
 def trainable(model: nn.Module) -> dict[str, int]:
@@ -67,8 +68,8 @@ def test_lora_trains_only_adapters_and_head_with_hand_counted_params():
     Lora(r=8, alpha=16).apply(model, batches(), DEVICE)
     params = trainable(model)
     assert all("lora_" in n or n.startswith("head.") for n in params)
-    # per block: fc1 (192 -> 768) and fc2 (768 -> 192), each adapter r (I + O); head 192*10 + 10
-    assert sum(params.values()) == 2 * 2 * 8 * (192 + 768) + 192 * 10 + 10
+    # per block: fc1 (48 -> 192) and fc2 (192 -> 48), each adapter r (I + O); head 48*5 + 5
+    assert sum(params.values()) == 2 * 2 * 8 * (WIDTH + HIDDEN) + WIDTH * tiny_models.CLASSES + tiny_models.CLASSES
 
 
 def test_lora_merged_model_equals_adapted_model():
@@ -139,14 +140,47 @@ def test_svd_llm_factors_do_not_depend_on_the_calibration_size():
 def test_svd_llm_ratio_gives_formula_rank():
     model = tiny_vit()
     out = SvdLlm(ratio=0.25, calib_samples=8, finetune="factors").apply(model, batches(), DEVICE)
-    assert set(out["svd_llm/rank"].values()) == {192 * 768 * 25 // (100 * (192 + 768))}
+    assert set(out["svd_llm/rank"].values()) == {WIDTH * HIDDEN * 25 // (100 * (WIDTH + HIDDEN))}
 
 
 def test_svd_llm_rejects_bad_options():
-    with pytest.raises(ValueError, match="finetune"):
-        SvdLlm(finetune="full")
-    with pytest.raises(ValueError, match="ratio"):
-        SvdLlm(ratio=1.5)
+    with pytest.raises(ValueError, match="method.finetune=full: must be one of lora, factors"):
+        SvdLlm(finetune="full")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rho must be in"):  # the library's check, when the rank is computed
+        SvdLlm(ratio=1.5, calib_samples=8).apply(tiny_vit(), batches(), DEVICE)
+
+
+def test_subspace_options_are_wasi_configs_fields():
+    """Every option reaches wasi.WASIConfig as given (its defaults otherwise); budget_mib becomes its bytes."""
+    method = Subspace(name="wsi", weight=True, activation=False, epsilon=0.6, targets="mlp+attn", last_n=2,
+                      weight_update="reference", seed=7)
+    assert method.config == wasi.WASIConfig(weight=True, activation=False, epsilon=0.6, targets="mlp+attn", last_n=2,
+                                            weight_update="reference", seed=7)
+    assert (method.targets, method.last_n, method.train_rest, method.recompute) == ("mlp+attn", 2, False, "mlp")
+    assert Subspace(name="wasi", budget_mib=1.5).config.budget_bytes == 1.5 * 2**20
+    with pytest.raises(wasi.WASIConfigError, match=r"epsilon=2.0: must be in \(0, 1\]"):
+        Subspace(name="wasi", epsilon=2.0)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'epsilonn'"):
+        Subspace(name="wasi", epsilonn=0.5)
+
+
+def test_pretraining_decays_only_matrices_and_clips_as_torch_does():
+    model = tiny_vit()
+    optimizer = Pretrain().build_optimizer(model, functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.05))
+    decayed, plain = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 and names[id(p)] != "pos_embed" for p in decayed["params"])
+    assert {names[id(p)] for p in plain["params"]} >= {"pos_embed", "blocks.0.norm1.weight", "head.bias"}
+    assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    x, y = batches(1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    def norm() -> float:  # in float64, over every gradient
+        return math.sqrt(sum(float(p.grad.double().square().sum()) for p in model.parameters()))
+
+    before = norm()
+    assert float(Pretrain.clip_grad_norm_(model, 1e-3)) == pytest.approx(before, rel=1e-5) and before > 1e-3
+    assert norm() == pytest.approx(1e-3, rel=1e-4)
 
 
 def test_budget_rank_table_is_built_once_and_reused(tmp_path, monkeypatch):

@@ -13,8 +13,6 @@ from tests.tiny_models import MODELS, batches, gradients, injected, saved_tensor
 from wasi import WASIConfig, WASIConfigError, WASILinear, WSILinear, inject
 from wasi.mlp import MLP_FORMS, fuse, is_fused, unfuse
 
-torch.set_num_threads(1)
-
 VARIANTS = {  # WASIConfig kwargs per method variant
     "wasi": {},
     "wsi": {"activation": False},

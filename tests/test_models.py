@@ -37,19 +37,14 @@ def test_checkpoint_loads_backbone_and_replaces_head(tmp_path, suffix):
     assert model.get_classifier().out_features == 5
 
 
-def test_checkpoint_of_other_model_is_rejected(tmp_path):
-    other = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=8, depth=3)
+@pytest.mark.parametrize("other, message", [
+    (dict(patch_size=8, depth=3), "unexpected.*blocks.2"),  # another model: a block too many
+    (dict(patch_size=4, depth=2), "other shapes"),  # the same blocks, other patches
+])
+def test_checkpoint_of_another_architecture_is_rejected(tmp_path, other, message):
     path = tmp_path / "other.safetensors"
-    save_file(other.state_dict(), str(path))
-    with pytest.raises(CheckpointMismatchError, match="unexpected.*blocks.2"):
-        build_model(cfg(checkpoint=str(path)), num_classes=10)
-
-
-def test_checkpoint_with_wrong_shapes_is_rejected(tmp_path):
-    other = timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, patch_size=4, depth=2)
-    path = tmp_path / "other.safetensors"
-    save_file(other.state_dict(), str(path))
-    with pytest.raises(CheckpointMismatchError, match="other shapes"):
+    save_file(timm.create_model("vit_tiny_patch16_224", num_classes=10, img_size=32, **other).state_dict(), str(path))
+    with pytest.raises(CheckpointMismatchError, match=message):
         build_model(cfg(checkpoint=str(path)), num_classes=10)
 
 

@@ -9,8 +9,6 @@ from torch import nn
 from wasi import SubspaceSGD, WASILinear, WSILinear, clip_grad_norm_, orth
 from wasi.optim import factored_sq_norm
 
-torch.set_num_threads(1)
-
 I, H, C = 12, 16, 3  # features, hidden, classes
 
 

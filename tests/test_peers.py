@@ -19,8 +19,7 @@ from experiments import bench
 from experiments.builders.methods import Galore, Lora, LoraFa, Velora
 from experiments.configuration.schema import ConfigError, validate
 from experiments.measurement import metrics
-from tests.cli import sweep_results, train
-from tests.conftest import QUICK, SHAPES
+from tests.helpers import QUICK, SHAPES, sweep_results, train
 
 DEVICE = torch.device("cpu")
 ADAMW = functools.partial(torch.optim.AdamW, lr=1e-2, weight_decay=0.0)

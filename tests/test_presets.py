@@ -1,58 +1,90 @@
-"""Paper sweep presets: each composes at paper scale and its small offline variant runs."""
+"""Presets: each paper sweep composes at paper scale with either model and as its small offline variant
+(`debug=small`), which runs; the offline presets (make run's, the fine-tuning benchmark) validate."""
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from experiments.builders.variant import build_variant
 from experiments.configuration.schema import validate
-from tests.cli import ROOT, sweep_results, train
+from tests.helpers import CONF, compose, sweep_results, train
+from wasi import EPS_SET
 
-PRESETS = ["vit_b32_eps", "swin_t_eps", "vit_b32_baselines", "swin_t_baselines", "last_n", "budget"]
+PRESETS = ["eps", "baselines", "last_n", "budget"]  # the paper's sweeps
 
 
-def composed(experiment: str, *overrides: str):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=[f"+experiment={experiment}", *overrides], return_hydra_config=True)
+def composed(*overrides: str):
+    return compose(*overrides, hydra=True)
+
+
+def test_every_paper_sweep_is_a_preset():
+    assert set(PRESETS) <= {p.stem for p in (CONF / "experiment").glob("*.yaml")}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_preset_composes_at_paper_scale_and_small(preset):
-    cfg = composed(preset)
-    assert cfg.model.name in ("vit_b32", "swin_t") and cfg.hardware.name == "cuda"
+def test_preset_composes_at_paper_scale_for_either_model_and_small(preset):
+    cfg = composed(f"experiment={preset}")
+    assert cfg.model.name == "vit_b32" and cfg.hardware.name == "cuda"
     assert cfg.trainer.epochs == 50 and cfg.trainer.batch_size == 128
     assert cfg.hydra.sweeper.params
-    small = composed(f"[{preset},small]")
+    assert composed(f"experiment={preset}", "model=swin_t").model.name == "swin_t"  # the model is a choice
+    small = composed(f"experiment={preset}", "debug=small")
     assert small.model.name == "vit_tiny_cpu" and small.dataset.name == "shapes" and small.hardware.name == "cpu"
     assert small.hydra.sweeper.params == cfg.hydra.sweeper.params  # the same sweep, smaller jobs
 
 
-def run_small(preset: str, tmp_path: Path, *overrides: str) -> list[dict]:
-    train("-m", f"+experiment=[{preset},small]", f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache",
-          *overrides)
-    return sweep_results(tmp_path)
+def test_the_eps_sweep_is_the_papers_epsilon_set():
+    sweep = composed("experiment=eps").hydra.sweeper.params["method.epsilon"]
+    assert tuple(float(e) for e in str(sweep).split(",")) == EPS_SET
 
 
 def test_paper_eps_preset_builds_each_method_as_the_authors_ran_it():
     """Composed and built in process, as a job of the small variant: the rest of the model trains densely, and
     activation ranks come from epsilon 0.4 whatever the weight epsilon."""
-    methods = str(composed("vit_b32_eps").hydra.sweeper.params.method).split(",")
+    methods = str(composed("experiment=eps").hydra.sweeper.params.method).split(",")
     x, y = torch.randn(4, 3, 32, 32), torch.arange(4)
     for choice, act_eps in zip(methods, [None, 0.4, 0.4]):
-        cfg = composed("[vit_b32_eps,small]", f"method={choice}", "method.epsilon=0.5")
+        cfg = composed("experiment=eps", "debug=small", f"method={choice}", "method.epsilon=0.5")
         variant = build_variant(cfg, 10, [(x, y)], torch.device("cpu"))
         assert {layer["act_epsilon"] for layer in variant.summary["layers"]} == {act_eps}, choice
         assert all(layer["weight_rank"] for layer in variant.summary["layers"] if choice != "paper/asi")
         assert all(p.requires_grad for p in variant.model.parameters()), choice
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_train_as_the_authors_scripts(preset):
+    """Every subspace or adapter method of a paper preset trains the rest of the model densely."""
+    cfg = composed(f"experiment={preset}")
+    methods = str(cfg.hydra.sweeper.params.get("method", cfg.hydra.runtime.choices.method)).split(",")
+    assert all(m == "vanilla" or m.startswith("paper/") for m in methods), methods
+
+
+@pytest.mark.parametrize("extra", [[], ["method=wasi", "method.epsilon=0.4"], ["model=vit_tiny_cpu"]])
+def test_offline_presets_compose_and_validate(extra):
+    """make run's preset (vanilla and WASI from the shipped checkpoint on digits) and the fine-tuning benchmark."""
+    demo = composed("experiment=demo", *extra)
+    model = "vit_tiny_cpu" if "model=vit_tiny_cpu" in extra else "vit_tiny_pretrained"
+    assert (demo.model.name, demo.dataset.name) == (model, "digits")
+    assert demo.hydra.sweeper.params.method == "vanilla,wasi" and demo.hardware.name == "cpu"
+    bench = composed("experiment=finetune", "dataset=shapes", *extra)
+    assert bench.method.train_rest and bench.hydra.sweeper.params.seed == "1,2,3"
+    for cfg in (demo, bench):
+        with open_dict(cfg):
+            cfg.pop("hydra")  # the job's own node, resolved by Hydra when it runs
+            cfg.paths.run_dir = "unused"
+        validate(cfg)
+
+
+def run_small(preset: str, tmp_path: Path, *overrides: str) -> list[dict]:
+    train("-m", f"experiment={preset}", "debug=small", f"hydra.sweep.dir={tmp_path}",
+          f"paths.cache_dir={tmp_path}/cache", *overrides)
+    return sweep_results(tmp_path)
+
+
 @pytest.mark.slow
 def test_small_baselines_sweep_runs(tmp_path):
-    results = run_small("vit_b32_baselines", tmp_path)
+    results = run_small("baselines", tmp_path)
     assert [r["method"] for r in results] == ["vanilla", "lora", "svd_llm", "wasi"]
 
 
@@ -65,38 +97,15 @@ def test_small_budget_sweep_runs_and_reuses_one_rank_table(tmp_path):
 
 @pytest.mark.slow
 def test_small_eps_sweep_runs_every_method_at_one_epsilon_as_the_authors_ran_it(tmp_path):
-    results = run_small("vit_b32_eps", tmp_path, "method.epsilon=0.5")
+    results = run_small("eps", tmp_path, "method.epsilon=0.5")
     assert [(r["method"], r["config/method.epsilon"]) for r in results] == [("wsi", 0.5), ("asi", 0.5), ("wasi", 0.5)]
     assert [{layer["act_epsilon"] for layer in r["method/layers"]} for r in results] == [{None}, {0.4}, {0.4}]
     assert all(r["params/trainable"] == r["params/total"] for r in results)
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_presets_train_as_the_authors_scripts(preset):
-    """Every subspace or adapter method of a paper preset trains the rest of the model densely."""
-    cfg = composed(preset)
-    methods = str(cfg.hydra.sweeper.params.get("method", cfg.hydra.runtime.choices.method)).split(",")
-    assert all(m == "vanilla" or m.startswith("paper/") for m in methods), methods
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["vit_b32_eps", "swin_t_eps", "swin_t_baselines", "last_n"])
-def test_small_sweep_runs(tmp_path, preset):
-    results = run_small(preset, tmp_path)
-    assert results and all(0 <= r["test/acc"] <= 1 for r in results)
-
-
-@pytest.mark.parametrize("extra", [[], ["method=wasi", "method.epsilon=0.4"], ["model=vit_tiny_cpu"]])
-def test_offline_presets_compose_and_validate(extra):
-    """make run's preset (vanilla and WASI from the shipped checkpoint on digits) and the fine-tuning benchmark."""
-    demo = composed("demo", *extra)
-    model = "vit_tiny_cpu" if "model=vit_tiny_cpu" in extra else "vit_tiny_pretrained"
-    assert (demo.model.name, demo.dataset.name) == (model, "digits")
-    assert demo.hydra.sweeper.params.method == "vanilla,wasi" and demo.hardware.name == "cpu"
-    bench = composed("finetune", "dataset=shapes", *extra)
-    assert bench.method.train_rest and bench.hydra.sweeper.params.seed == "1,2,3"
-    for cfg in (demo, bench):
-        with open_dict(cfg):
-            cfg.pop("hydra")  # the job's own node, resolved by Hydra when it runs
-            cfg.paths.run_dir = "unused"
-        validate(cfg)
+def test_small_last_n_sweep_runs(tmp_path):
+    results = run_small("last_n", tmp_path)
+    assert [(r["method"], r["config/method.last_n"]) for r in results] == [
+        (m, n) for m in ("vanilla", "wasi") for n in (2, 4, 8, 16, 24)]
+    assert all(r["train/steps"] == 2 for r in results)

@@ -12,8 +12,6 @@ from torch import nn
 from wasi.ranks import InfeasibleBudgetError, RankTable, build_rank_table, ranks_for, solve_budget
 from wasi.subspace import truncated_hosvd
 
-torch.set_num_threads(1)
-
 
 def _random_table(rng: random.Random, n_layers: int, n_eps: int, scale: int = 1) -> RankTable:
     eps = sorted(rng.sample([0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9], n_eps))

@@ -13,8 +13,6 @@ from tests.tiny_models import MODELS, batches, gradients, injected, swin, train,
 from wasi import checkpoint_blocks
 from wasi.recompute import is_checkpointed
 
-torch.set_num_threads(1)
-
 
 @pytest.mark.parametrize("model_name", ["vit", "swin"])
 @pytest.mark.parametrize("config", [{}, {"recompute_none_is": "mlp"}, {"activation": False}, {"train_rest": True},

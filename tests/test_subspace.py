@@ -7,8 +7,6 @@ import wasi.layers
 import wasi.subspace
 from wasi import explained_variance_rank, orth, subspace_iteration, truncated_hosvd, tucker, tucker_reconstruct
 
-torch.set_num_threads(1)
-
 
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)

@@ -5,8 +5,6 @@ import torch
 
 from wasi.svd_llm import GramAccumulator, rank_from_epsilon, rank_from_ratio, svd_llm_factors, whitening
 
-torch.set_num_threads(1)
-
 
 def _anisotropic_inputs(n: int, i: int, seed: int = 0) -> torch.Tensor:
     """(n, i) correlated rows: a random mixing of features with geometrically decaying scales."""

@@ -14,8 +14,6 @@ from tests.families import FAMILIES
 from wasi import WASIConfig, find_blocks, find_head, find_targets, inject
 from wasi.probe import logits_of, run_model
 
-torch.set_num_threads(1)
-
 
 def _family(name: str):
     family = FAMILIES[name]

@@ -9,8 +9,6 @@ import wasi
 from tests.tiny_models import MODELS, batches, injected, swin, train, vit
 from wasi import find_targets, set_trainable
 
-torch.set_num_threads(1)
-
 
 class _FirstUse(TorchFunctionMode):
     """Records parameter names in the order torch functions first receive them."""

@@ -1,4 +1,4 @@
-"""Tiny timm ViT and Swin and a few-step training loop shared by the recompute tests."""
+"""Tiny timm ViT and Swin, batches for them, and a few-step training loop: the models every test builds by hand."""
 from __future__ import annotations
 
 import contextlib
@@ -13,11 +13,11 @@ import wasi
 CLASSES = 5
 
 
-def vit(seed: int = 0) -> nn.Module:
-    """2 blocks, width 48, 2 heads, 32×32 images in 4×4 patches: tokens (B, 65, 48), MLP hidden 192."""
+def vit(seed: int = 0, image_size: int = 32, width: int = 48, depth: int = 2) -> nn.Module:
+    """By default 2 blocks, width 48, 2 heads, 32×32 images in 4×4 patches: tokens (B, 65, 48), MLP hidden 192."""
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, embed_dim=48,
-                             depth=2, num_heads=2, num_classes=CLASSES)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=image_size, patch_size=4,
+                             embed_dim=width, depth=depth, num_heads=2, num_classes=CLASSES)
 
 
 def swin(seed: int = 0) -> nn.Module:

@@ -1,9 +1,14 @@
 """Fine-tuning methods as config-instantiated objects: `conf/method/<name>.yaml` names a class here.
 
-A method does three things to a freshly built model: `apply` (convert layers, freeze parameters,
+A method does four things to a freshly built model: `apply` (convert layers, freeze parameters,
 return a JSON-able summary; it may read calibration batches from the training loader),
-`build_optimizer`, and `inference_model` (what is deployed, e.g. LoRA merged). Adding a method
-is a new class and a YAML file.
+`build_optimizer`, `clip_grad_norm_` (the training step's gradient clipping), and `inference_model`
+(what is deployed, e.g. LoRA merged). Adding a method is three pieces:
+  - a class here (usually extending Vanilla), whose constructor takes the YAML's keys;
+  - its schema in experiments/configuration/schema.py (a dataclass extending VanillaMethod: the type and
+    allowed values of each new key), listed in SCHEMAS as "<name>_method_schema";
+  - conf/method/<name>.yaml, starting from that schema (`defaults: [/<name>_method_schema@_here_, _self_]`)
+    and holding the values, with `_target_` naming the class.
 """
 from __future__ import annotations
 
@@ -13,26 +18,23 @@ import hashlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 from torch import nn
 
 import wasi
-from experiments.configuration.schema import bytes_to_mib_ceil, invalid, mib_to_bytes
+from experiments.builders.factors import factor_linear
+from experiments.configuration.choices import Finetune, Recompute
+from experiments.configuration.schema import invalid
+from experiments.data.loaders import Batch, first_batch
+from experiments.measurement.units import MIB, bytes_to_mib_ceil, mib_to_bytes
 from wasi import svd_llm
 
 if TYPE_CHECKING:
     from peft import LoraConfig
 
 log = logging.getLogger(__name__)
-
-Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def first_batch(loader: Iterable[Batch], device: torch.device) -> Batch:
-    x, y = next(iter(loader))
-    return x.to(device), y.to(device)
 
 
 class Vanilla:
@@ -43,13 +45,13 @@ class Vanilla:
     the low-rank layers of WSI/WASI.
     """
 
-    recomputes = ("none", "block")
+    clip_grad_norm_ = staticmethod(wasi.clip_grad_norm_)  # (model, max_norm): factored gradients included
 
     def __init__(self, name: str = "vanilla", targets: str = "mlp", last_n: int | None = None,
-                 train_rest: bool = True, recompute: str = "none"):
-        if recompute not in self.recomputes:
+                 train_rest: bool = True, recompute: Recompute = "none"):
+        if recompute not in get_args(Recompute):
             raise ValueError(f"method.recompute={recompute} is not available for method={name}: choose one of "
-                             f"{list(self.recomputes)} (recompute=mlp needs the low-rank layers of wsi or wasi)")
+                             f"{list(get_args(Recompute))} (recompute=mlp needs the low-rank layers of wsi or wasi)")
         self.name, self.targets, self.last_n = name, targets, last_n
         self.train_rest, self.recompute = train_rest, recompute
 
@@ -70,60 +72,51 @@ class Vanilla:
         return model
 
 
+class Pretrain(Vanilla):
+    """Dense training of every parameter from scratch (`experiment=pretrain`), with the pretraining recipe's
+    two differences from vanilla: no weight decay on vectors (biases, norms) and the position embedding
+    (`decay_groups`), and gradients clipped by torch.nn.utils.clip_grad_norm_: for a model without factored
+    layers the same norm as wasi.clip_grad_norm_'s, summed in another order, and the shipped checkpoint was
+    trained with it, so it stays reproducible bit for bit."""
+
+    @staticmethod
+    def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+        return nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+
+    def __init__(self, name: str = "pretrain"):
+        super().__init__(name)
+
+    def build_optimizer(self, model: nn.Module, optimizer: functools.partial) -> torch.optim.Optimizer:
+        return optimizer(decay_groups(model, optimizer.keywords.get("weight_decay", 0.0)))
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Parameter groups: weight decay on the matrices, none on vectors and the position embedding."""
+    decays = {n: p.ndim >= 2 and "pos_embed" not in n for n, p in model.named_parameters()}
+    decay = [p for n, p in model.named_parameters() if decays[n]]
+    other = [p for n, p in model.named_parameters() if not decays[n]]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
 class Subspace(Vanilla):
     """ASI, WSI and WASI (docs/method.md), one class configured by `weight`/`activation`: `wasi.inject`
-    with a `wasi.WASIConfig` of these options (train_rest defaults to false, recompute to mlp for WSI/WASI).
+    with the `wasi.WASIConfig` of `options` (its fields, defaults and checks are the library's).
 
     Activation ranks come from at most one of `ranks`, `epsilon_act` or `budget_mib` (docs/method.md, Rank
     selection under a budget; the table is cached as JSON at `rank_table` so a sweep computes it once); with
-    none of them, from `epsilon_act` = `epsilon`. `budget_bytes`: the budget in the library's unit, for
-    callers that have it in bytes (configs set `budget_mib`).
+    none of them, from `epsilon_act` = `epsilon`. `budget_mib` is the config's unit for the library's
+    `budget_bytes` (callers that have bytes pass `budget_bytes` instead).
     """
 
-    def __init__(
-        self,
-        name: str,
-        weight: bool,
-        activation: bool,
-        epsilon: float = 0.8,
-        epsilon_act: float | None = None,
-        ranks: list[int] | None = None,
-        budget_mib: float | None = None,
-        budget_bytes: int | None = None,
-        eps_set: list[float] = wasi.EPS_SET,
-        targets: str = "mlp",
-        target_modules: list[str] | str | None = None,
-        last_n: int | None = None,
-        train_rest: bool = False,
-        modules_to_save: list[str] | None = None,
-        weight_update: str = "factored",
-        recompute: str | None = None,
-        rank_table: str | None = None,
-        seed: int = 0,
-    ):
-        self.name, self.targets, self.last_n, self.train_rest = name, targets, last_n, train_rest
-        budget_bytes = mib_to_bytes(budget_mib) if budget_mib is not None else budget_bytes
-        self.config = wasi.WASIConfig(
-            weight=weight,
-            activation=activation,
-            epsilon=epsilon,
-            epsilon_act=epsilon_act,
-            ranks=list(ranks) if ranks is not None else None,
-            budget_bytes=budget_bytes,
-            eps_set=tuple(eps_set),
-            targets=targets,
-            target_modules=target_modules if isinstance(target_modules, str) or target_modules is None
-            else list(target_modules),
-            last_n=last_n,
-            train_rest=train_rest,
-            modules_to_save=None if modules_to_save is None else list(modules_to_save),
-            weight_update=weight_update,
-            recompute=recompute,
-            seed=seed,
-        )
-        self.recompute = self.config.recompute_mode
+    def __init__(self, name: str, budget_mib: float | None = None, rank_table: str | None = None, **options: Any):
+        if budget_mib is not None:
+            options["budget_bytes"] = mib_to_bytes(budget_mib)
+        self.config = wasi.WASIConfig(**options)
+        self.name, self.targets, self.last_n = name, self.config.targets, self.config.last_n
+        self.train_rest, self.recompute = self.config.train_rest, self.config.recompute_mode
         self.rank_table_path = Path(rank_table) if rank_table else None
-        self.budget_mib = budget_bytes / 2**20 if budget_mib is None and budget_bytes else budget_mib  # for messages
+        budget = self.config.budget_bytes
+        self.budget_mib = budget_mib if budget_mib is not None or budget is None else budget / MIB  # for messages
 
     def apply(self, model: nn.Module, loader: Iterable[Batch], device: torch.device) -> dict:
         table = self._cached_rank_table()
@@ -164,7 +157,8 @@ class Lora(Vanilla):
     `train_rest` everything else, trains densely (`wasi.set_trainable`)."""
 
     def __init__(self, name: str = "lora", r: int = 8, alpha: float = 16, dropout: float = 0.0,
-                 targets: str = "mlp", last_n: int | None = None, train_rest: bool = False, recompute: str = "none"):
+                 targets: str = "mlp", last_n: int | None = None, train_rest: bool = False,
+                 recompute: Recompute = "none"):
         super().__init__(name, targets, last_n, train_rest, recompute)
         self.r, self.alpha, self.dropout = r, alpha, dropout
 
@@ -199,19 +193,6 @@ class Lora(Vanilla):
         return merged
 
 
-def factor_linear(linear: nn.Linear, w_u: torch.Tensor, w_v: torch.Tensor) -> nn.Sequential:
-    """nn.Linear(I, O) -> Sequential(Linear(I, k, no bias) = W_v, Linear(k, O) = W_u, bias)."""
-    k = w_v.shape[0]
-    down = nn.Linear(linear.in_features, k, bias=False)
-    up = nn.Linear(k, linear.out_features, bias=linear.bias is not None)
-    with torch.no_grad():
-        down.weight.copy_(w_v)
-        up.weight.copy_(w_u)
-        if linear.bias is not None:
-            up.bias.copy_(linear.bias)
-    return nn.Sequential(down, up).to(linear.weight.device)
-
-
 class SvdLlm(Vanilla):
     """SVD-LLM truncation-aware whitening init (docs/method.md, Variants and which layers train), then fine-tuning.
 
@@ -222,14 +203,12 @@ class SvdLlm(Vanilla):
     """
 
     def __init__(self, name: str = "svd_llm", ratio: float | None = None, epsilon: float = 0.8,
-                 calib_samples: int = 256, finetune: str = "lora", r: int = 8, alpha: float = 16,
-                 targets: str = "mlp", last_n: int | None = None, train_rest: bool = False, recompute: str = "none",
-                 cache: str | None = None):
+                 calib_samples: int = 256, finetune: Finetune = "lora", r: int = 8, alpha: float = 16,
+                 targets: str = "mlp", last_n: int | None = None, train_rest: bool = False,
+                 recompute: Recompute = "none", cache: str | None = None):
         super().__init__(name, targets, last_n, train_rest, recompute)
-        if finetune not in ("lora", "factors"):
-            raise ValueError(f"method.finetune must be 'lora' or 'factors', got {finetune!r}")
-        if ratio is not None and not 0 < ratio <= 1:
-            raise ValueError(f"method.ratio must be in (0, 1] or null (rank from method.epsilon), got {ratio}")
+        if finetune not in get_args(Finetune):
+            raise ValueError(f"method.finetune={finetune}: must be one of {', '.join(get_args(Finetune))}")
         self.ratio, self.epsilon, self.calib_samples, self.finetune = ratio, epsilon, calib_samples, finetune
         self.lora = Lora(r=r, alpha=alpha)
         self.cache = Path(cache) if cache else None

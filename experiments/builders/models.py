@@ -136,7 +136,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     """
     state = read_state_dict(path)
     own = model.state_dict()
-    head = {k for k in own if k.startswith(_head_prefix(model))}
+    head = {k for k in own if k.startswith(head_prefix(model))}
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape and k not in head]
     missing = [k for k in own if k not in state and k not in head]
     unexpected = [k for k in state if k not in own]
@@ -154,7 +154,7 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     log.info("loaded %d tensors from %s", len(state), path)
 
 
-def _head_prefix(model: nn.Module) -> str:
+def head_prefix(model: nn.Module) -> str:
     """Qualified name of the classifier module, e.g. 'head' or 'head.fc'."""
     classifier = model.get_classifier()
     return next(name for name, module in model.named_modules() if module is classifier)

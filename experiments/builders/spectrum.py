@@ -19,15 +19,14 @@ from torch import nn
 from wasi.config import EPS_SET
 from wasi.subspace import explained_variance_rank
 
-__all__ = ["EPSILONS", "RANKS_768", "pretrained_ranks", "pretrained_spectrum", "pretrained_like_"]
+__all__ = ["RANKS_768", "pretrained_ranks", "pretrained_spectrum", "pretrained_like_"]
 
-EPSILONS = EPS_SET
 RANKS_768 = (61, 92, 135, 178, 246, 350)
 _MARGIN = 1e-5  # cumulative energy at K_j is ε_j + margin, so float rounding cannot push the rank to K_j + 1
 
 
 def pretrained_ranks(width: int) -> list[int]:
-    """K for each of EPSILONS at min(O, I) = width: RANKS_768 scaled by width / 768, rounded, increasing."""
+    """K for each of EPS_SET at min(O, I) = width: RANKS_768 scaled by width / 768, rounded, increasing."""
     ranks = []
     for k in RANKS_768:
         ranks.append(min(width, max(round(k * width / 768), ranks[-1] + 1 if ranks else 1)))
@@ -38,7 +37,7 @@ def pretrained_ranks(width: int) -> list[int]:
 
 def pretrained_spectrum(width: int) -> torch.Tensor:
     """Singular values (width,), float64, non-increasing, unit energy, whose explained variance crosses each
-    ε of EPSILONS exactly at index pretrained_ranks(width).
+    ε of EPS_SET exactly at index pretrained_ranks(width).
 
     The energy ε_j − ε_{j−1} is spread evenly over the directions between consecutive ranks; where
     rounding the scaled ranks makes a later stretch denser than an earlier one, the two are pooled
@@ -46,7 +45,7 @@ def pretrained_spectrum(width: int) -> torch.Tensor:
     """
     ranks = pretrained_ranks(width)
     knots = [0, *ranks, width]
-    cumulative = [0.0, *(e + _MARGIN for e in EPSILONS), 1.0]
+    cumulative = [0.0, *(e + _MARGIN for e in EPS_SET), 1.0]
     stretches = [[b - a, cb - ca] for a, b, ca, cb in zip(knots, knots[1:], cumulative, cumulative[1:])]
     pooled: list[list[float]] = []  # [directions, energy], energy per direction non-increasing
     for n, e in stretches:
@@ -56,7 +55,7 @@ def pretrained_spectrum(width: int) -> torch.Tensor:
             pooled[-1] = [pooled[-1][0] + n2, pooled[-1][1] + e2]
     energy = torch.cat([torch.full((int(n),), e / n, dtype=torch.float64) for n, e in pooled])
     s = energy.sqrt()
-    got = [explained_variance_rank(s, eps) for eps in EPSILONS]
+    got = [explained_variance_rank(s, eps) for eps in EPS_SET]
     if got != ranks:
         raise ValueError(f"no sorted spectrum of width {width} keeps ranks {ranks} (got {got}); use a wider layer")
     return s

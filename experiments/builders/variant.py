@@ -19,8 +19,8 @@ from torch import nn
 import wasi
 from experiments.builders.models import build_model
 from experiments.builders.spectrum import pretrained_like_
-
-Batch = tuple[torch.Tensor, torch.Tensor]
+from experiments.configuration.choices import Spectrum
+from experiments.data.loaders import Batch
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Variant:
 
 
 def build_variant(cfg: DictConfig, num_classes: int, calibration: Iterable[Batch], device: torch.device,
-                  spectrum: str = "random") -> Variant:
+                  spectrum: Spectrum = "random") -> Variant:
     """Build `cfg.model` with a `num_classes` head on `device`, apply `cfg.method` (it may read
     calibration batches x: (B, 3, S, S), y: (B,)) and build its optimizer from `cfg.optimizer`.
 
@@ -45,8 +45,6 @@ def build_variant(cfg: DictConfig, num_classes: int, calibration: Iterable[Batch
     model = build_model(cfg.model, num_classes).to(device)
     if spectrum == "pretrained":
         pretrained_like_(model, wasi.find_targets(model, cfg.method.targets))
-    elif spectrum != "random":
-        raise ValueError(f"spectrum must be 'random' or 'pretrained', got {spectrum!r}")
     method = hydra.utils.instantiate(cfg.method)
     summary = method.apply(model, calibration, device)
     optimizer = method.build_optimizer(model, hydra.utils.instantiate(cfg.optimizer))
@@ -55,20 +53,27 @@ def build_variant(cfg: DictConfig, num_classes: int, calibration: Iterable[Batch
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                grad_clip: float | None, amp: contextlib.AbstractContextManager,
-               clock: Callable[[], None] = lambda: None) -> torch.Tensor:
+               clock: Callable[[], None] = lambda: None, *, scheduler: Any = None,
+               clip: Callable[[nn.Module, float], Any] = wasi.clip_grad_norm_,
+               label_smoothing: float = 0.0) -> torch.Tensor:
     """One optimizer step on a batch x: (B, 3, H, W), y: (B,); returns the loss (detached).
 
+    Cross-entropy (with `label_smoothing`), then gradients clipped to a global norm of `grad_clip` by
+    `clip(model, grad_clip)` (the method's `clip_grad_norm_`; None: no clipping), then the optimizer step
+    and, given one, the LR scheduler's step (a `scheduler` group's: stepped after every optimizer step).
     `clock` is called after the forward (model + loss), after the backward and after the optimizer
     step (clipping included): the benchmark times the three phases with it.
     """
     with amp:
-        loss = F.cross_entropy(model(x), y)
+        loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
     clock()
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clock()
     if grad_clip:
-        wasi.clip_grad_norm_(model, grad_clip)
+        clip(model, grad_clip)
     optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
     clock()
     return loss.detach()

@@ -1,1 +1,2 @@
-"""The config schema (configuration.schema): the type and allowed values of every setting."""
+"""The config's schema (configuration.schema: types, allowed values, one-line errors), its Literal options
+(configuration.choices) and settings as command-line overrides (configuration.overrides)."""

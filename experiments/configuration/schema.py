@@ -4,20 +4,26 @@ Importing this module stores the schemas in Hydra's ConfigStore (`register`), wh
 needs: train.py (through experiments.training.errors), experiments.builders.methods (so experiments.builders.variant and
 experiments.bench) and tests/conftest.py import it. The YAML files extend the schemas:
 `conf/config.yaml` starts from `config_schema` (top-level keys, `trainer`, `paths`, `model`,
-`hardware`, `logger`), each `conf/method/*.yaml` and `conf/optimizer/*.yaml` from its own
-(`/<choice>_<group>_schema@_here_`). So Hydra checks types and key names while composing
-(`trainer.epochs=2.5`, `trainer.epoch=3` are refused), and `validate(cfg)` checks ranges and
-combinations at the start of a run, before anything is built or written: it converts the composed
-config to these dataclasses, whose `__post_init__` raise `ConfigError` (key, value, fix).
+`hardware`, `logger`), each `conf/<group>/*.yaml` of the dataset, method, optimizer and scheduler groups
+from its own (`/<choice>_<group>_schema@_here_`, or `/dataset_schema@_here_`). So Hydra checks types and
+key names while composing (`trainer.epochs=2.5`, `trainer.epoch=3` are refused), and `validate(cfg)` checks
+ranges and combinations at the start of a run, before anything is built or written: it converts the
+composed config to these dataclasses, whose `__post_init__` raise `ConfigError` (key, value, fix).
 
-Values live in the YAML files, where users read them. The exception is WASI's options: `SubspaceMethod` is
-derived from `wasi.WASIConfig`'s fields (`library_fields`), so their defaults are the library's, a field added there
-is a `method.<field>` setting here, and the library's own checks (`wasi.WASIConfigError`) read as the suite's.
+Where each thing lives, once:
+- values (defaults) in the YAML files, where users read them, with two exceptions: WASI's options, whose
+  defaults are `wasi.WASIConfig`'s (`SubspaceMethod` is derived from its fields by `library_fields`, so a
+  field added there is a `method.<field>` setting here, and the library's own checks, `wasi.WASIConfigError`,
+  read as the suite's), and the contract every dataset config shares (`Dataset`: its `_target_` and the
+  defaults of `val_fraction` and `hflip`);
+- types and allowed values (ranges) here, on the fields (`setting`), and WASI's in `wasi.WASIConfig`;
+  an option with a fixed set of values is a `Literal` type (experiments/configuration/choices.py), whose
+  arguments are also its runtime rule (`one_of_literal`; OmegaConf takes such a field as `str`). A `fix`
+  text is an example of a valid value, not the default.
 """
 from __future__ import annotations
 
 import difflib
-import math
 import re
 import types
 from collections.abc import Callable
@@ -36,6 +42,9 @@ from omegaconf.errors import (
 )
 
 import wasi
+from experiments.configuration.choices import Device, Finetune, LoggerMode, Precision, Recompute, Shuffle
+from experiments.configuration.overrides import as_override
+from experiments.measurement.units import mib_to_bytes
 from wasi.config import TARGETS
 
 
@@ -46,17 +55,6 @@ class ConfigError(ValueError):
 def invalid(key: str, value: Any, reason: str, fix: str) -> ConfigError:
     """ConfigError reading `<key>=<value>: <reason>. Fix: <fix>`."""
     return ConfigError(f"{key}={as_override(value)}: {reason}. Fix: {fix}")
-
-
-def as_override(value: Any) -> str:
-    """A value as one writes it on the command line: null, true, 0.5, [8,8,8], text."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(as_override(v) for v in value) + "]"
-    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,6 +83,11 @@ SEED = Rule("an int in [0, 2**32 - 1]", lambda v: 0 <= v < 2**32)
 
 def one_of(*choices: str) -> Rule:
     return Rule("one of " + ", ".join(choices), lambda v: v in choices)
+
+
+def one_of_literal(options: Any) -> Rule:
+    """The rule of a Literal type: one of its arguments."""
+    return one_of(*get_args(options))
 
 
 def setting(rule: Rule, fix: str, default: Any = MISSING) -> Any:
@@ -125,8 +128,11 @@ class Trainer(Checked):
     eval_batches: int | None = setting(at_least(1), "trainer.eval_batches=10, or null for the whole split")
     eval_interval: int = setting(at_least(1), "trainer.eval_interval=1 (every epoch)")
     grad_clip: float | None = setting(POSITIVE, "trainer.grad_clip=2.0, or null to disable clipping")
-    min_lr_ratio: float = setting(CLOSED_UNIT, "trainer.min_lr_ratio=0.1")
+    label_smoothing: float = setting(FRACTION, "trainer.label_smoothing=0.0")
     num_workers: int = setting(at_least(0), "trainer.num_workers=0 (load in the main process)")
+    shuffle: str = setting(one_of_literal(Shuffle), "trainer.shuffle=per_epoch")
+    drop_last: bool = MISSING
+    eval_batch_size: int | None = setting(at_least(1), "trainer.eval_batch_size=256, or null (trainer.batch_size)")
     measure: bool = MISSING
     timing_repeats: int = setting(at_least(1), "trainer.timing_repeats=5")
     checkpoint_every: int | None = setting(at_least(1), "trainer.checkpoint_every=100, or null (every epoch)")
@@ -158,9 +164,9 @@ class Hardware(Checked):
 
     key: ClassVar[str] = "hardware"
     name: str = MISSING
-    device: str = setting(one_of("cpu", "cuda"), "hardware=cpu or hardware=cuda")
+    device: str = setting(one_of_literal(Device), "hardware=cpu or hardware=cuda")
     threads: int | None = setting(at_least(1), "hardware.threads=4, or null (PyTorch's default)")
-    precision: str = setting(one_of("fp32", "bf16"), "hardware.precision=fp32")
+    precision: str = setting(one_of_literal(Precision), "hardware.precision=fp32")
 
 
 @dataclass
@@ -168,33 +174,73 @@ class Logger(Checked):
     """conf/logger/wandb.yaml."""
 
     key: ClassVar[str] = "logger"
-    mode: str = setting(one_of("offline", "online", "disabled"), "logger.mode=offline")
+    mode: str = setting(one_of_literal(LoggerMode), "logger.mode=offline")
     project: str = MISSING
     entity: str | None = MISSING
     tags: list[str] = field(default_factory=list)
 
 
 @dataclass
-class SGD(Checked):
+class Partial(Checked):
+    """A node that `hydra.utils.instantiate` makes a partial of `_target_`, which the loop calls later
+    (an optimizer with the parameters, a scheduler with the optimizer)."""
+
+    _target_: str = MISSING
+    _partial_: bool = True
+
+
+@dataclass
+class SGD(Partial):
     """conf/optimizer/sgd.yaml: torch.optim.SGD (and wasi.SubspaceSGD for WSI/WASI layers)."""
 
     key: ClassVar[str] = "optimizer"
-    _target_: str = MISSING
-    _partial_: bool = True
     lr: float = setting(POSITIVE, "optimizer.lr=0.05")
     momentum: float = setting(FRACTION, "optimizer.momentum=0.9, or 0 for none")
     weight_decay: float = setting(NON_NEGATIVE, "optimizer.weight_decay=1e-4")
 
 
 @dataclass
-class AdamW(Checked):
+class AdamW(Partial):
     """conf/optimizer/adamw.yaml."""
 
     key: ClassVar[str] = "optimizer"
-    _target_: str = MISSING
-    _partial_: bool = True
     lr: float = setting(POSITIVE, "optimizer.lr=1e-3")
     weight_decay: float = setting(NON_NEGATIVE, "optimizer.weight_decay=0.05")
+
+
+@dataclass
+class CosineSchedule(Partial):
+    """conf/scheduler/cosine.yaml: experiments.training.schedules.cosine."""
+
+    key: ClassVar[str] = "scheduler"
+    epochs: int = setting(at_least(1), "scheduler.epochs=${trainer.epochs}")
+    min_lr_ratio: float = setting(CLOSED_UNIT, "scheduler.min_lr_ratio=0.1")
+
+
+@dataclass
+class WarmupCosineSchedule(CosineSchedule):
+    """conf/scheduler/warmup_cosine.yaml: experiments.training.schedules.warmup_cosine."""
+
+    warmup_epochs: float = setting(NON_NEGATIVE, "scheduler.warmup_epochs=1")
+
+
+@dataclass
+class Dataset(Checked):
+    """conf/dataset/*.yaml (`/dataset_schema@_here_`): the contract every dataset config shares. The loop
+    calls `hydra.utils.instantiate(cfg.dataset)(image_size=S, seed=s)`, i.e. experiments.data.datasets.
+    build_datasets with `source` (itself a partial: the raw splits' loader) and these keys. The defaults
+    here (the target, `val_fraction`, `hflip`) hold unless a dataset's file sets its own."""
+
+    key: ClassVar[str] = "dataset"
+    _target_: str = "experiments.data.datasets.build_datasets"
+    _partial_: bool = True
+    name: str = MISSING
+    num_classes: int = setting(at_least(1), "dataset.num_classes=10")
+    mean: list[float] = MISSING
+    std: list[float] = MISSING
+    val_fraction: float = setting(FRACTION, "dataset.val_fraction=0.2", default=0.2)
+    hflip: bool = False  # random horizontal flips of training images
+    source: Any = field(default_factory=lambda: {"_partial_": True})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +258,7 @@ class VanillaMethod(Checked):
     targets: str = setting(TARGETS_RULE, "method.targets=mlp")
     last_n: int | None = setting(at_least(1), "method.last_n=4, or null for every block")
     train_rest: bool = MISSING
-    recompute: str = setting(one_of("none", "block"), "method.recompute=none, or block (recompute=mlp needs "
+    recompute: str = setting(one_of_literal(Recompute), "method.recompute=none, or block (recompute=mlp needs "
                              "the low-rank layers of method=wsi or method=wasi)")
 
 
@@ -228,7 +274,7 @@ class SvdLlmMethod(VanillaMethod):
     ratio: float | None = setting(UNIT, "method.ratio=0.5, or null (the rank WASI's epsilon gives)")
     epsilon: float = setting(UNIT, "method.epsilon=0.8")
     calib_samples: int = setting(at_least(1), "method.calib_samples=256")
-    finetune: str = setting(one_of("lora", "factors"), "method.finetune=lora")
+    finetune: str = setting(one_of_literal(Finetune), "method.finetune=lora")
     r: int = setting(at_least(1), "method.r=8")
     alpha: float = setting(POSITIVE, "method.alpha=16")
     cache: str | None = MISSING
@@ -242,6 +288,15 @@ class OptimizerNeed:
     choice: str
     target: str
     builds: str
+
+
+@dataclass
+class PretrainMethod(Checked):
+    """conf/method/pretrain.yaml: experiments.builders.methods.Pretrain (experiment=pretrain)."""
+
+    key: ClassVar[str] = "method"
+    _target_: str = MISSING
+    name: str = MISSING
 
 
 @dataclass
@@ -280,7 +335,7 @@ def library_fields(config: type, key: str) -> list[tuple[str, Any, Any]]:
     out = []
     for f in fields(config):
         annotation, rule = _omegaconf_type(hints[f.name])
-        default = f.default if f.default is not NO_DEFAULT else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not NO_DEFAULT else f.default_factory()  # type: ignore[misc,operator]
         meta = {"rule": rule, "fix": f"{key}.{f.name}={as_override(default)}"} if rule is not None else {}
         out.append((f.name, annotation, field(default=default, metadata=meta)))
     return out
@@ -289,7 +344,7 @@ def library_fields(config: type, key: str) -> list[tuple[str, Any, Any]]:
 def _omegaconf_type(annotation: Any) -> tuple[Any, Rule | None]:
     origin, args = get_origin(annotation), get_args(annotation)
     if origin is Literal:
-        return str, one_of(*args)
+        return str, one_of_literal(annotation)
     if origin in (Union, types.UnionType):
         kinds = [a for a in args if a is not type(None)]
         if len(kinds) == 1:
@@ -333,22 +388,14 @@ def _subspace_post_init(self: Any) -> None:
 #: and is not a setting.
 SubspaceMethod = make_dataclass(
     "SubspaceMethod",
-    [("_target_", str, field(default=MISSING)), ("name", str, field(default=MISSING)),
+    [("_target_", str, field(default=MISSING)),
+     ("_convert_", str, field(default="all")),  # plain lists (ranks, eps_set, target_modules) for wasi.WASIConfig
+     ("name", str, field(default=MISSING)),
      *library_fields(wasi.WASIConfig, "method"),
      ("budget_mib", Optional[float], setting(POSITIVE, "method.budget_mib=64, or null")),  # noqa: UP045
      ("rank_table", Optional[str], field(default=MISSING))],  # noqa: UP045
     bases=(Checked,), namespace={"key": "method", "__post_init__": _subspace_post_init,
                                  "__module__": __name__, "__doc__": "wasi.WASIConfig's fields and the suite's keys."})
-
-
-def mib_to_bytes(mib: float) -> int:
-    return int(mib * 2**20)
-
-
-def bytes_to_mib_ceil(n: int) -> float:
-    """The smallest MiB value with 3 decimals whose `mib_to_bytes` is at least n."""
-    mib = math.ceil(n / 2**20 * 1000) / 1000
-    return mib if mib_to_bytes(mib) >= n else mib + 0.001
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,18 +404,18 @@ def bytes_to_mib_ceil(n: int) -> float:
 
 @dataclass
 class Config(Checked):
-    """conf/config.yaml. `dataset` has no schema (each dataset has its own `source` keys); `method` and
-    `optimizer` take the schema their YAML file names."""
+    """conf/config.yaml. `method`, `optimizer` and `scheduler` take the schema their YAML file names."""
 
     seed: int = setting(SEED, "seed=233")
     resume: Any = MISSING
     trainer: Trainer = MISSING
     paths: Paths = MISSING
     model: Model = MISSING
-    dataset: Any = MISSING
+    dataset: Dataset = MISSING
     method: Any = MISSING
     hardware: Hardware = MISSING
     optimizer: Any = MISSING
+    scheduler: Any = MISSING
     logger: Logger = MISSING
 
     def __post_init__(self) -> None:
@@ -386,11 +433,12 @@ class Config(Checked):
                           f"built from the {need.choice} settings", f"optimizer={need.choice}")
 
 
-SCHEMAS = {"config_schema": Config, "vanilla_method_schema": VanillaMethod, "lora_method_schema": LoraMethod,
-           "svd_llm_method_schema": SvdLlmMethod, "wasi_method_schema": SubspaceMethod,
+SCHEMAS = {"config_schema": Config, "dataset_schema": Dataset, "vanilla_method_schema": VanillaMethod,
+           "lora_method_schema": LoraMethod, "svd_llm_method_schema": SvdLlmMethod,
            "velora_method_schema": VeloraMethod, "lora_fa_method_schema": LoraFaMethod,
-           "galore_method_schema": GaloreMethod,
-           "sgd_optimizer_schema": SGD, "adamw_optimizer_schema": AdamW}
+           "galore_method_schema": GaloreMethod, "pretrain_method_schema": PretrainMethod,
+           "wasi_method_schema": SubspaceMethod, "sgd_optimizer_schema": SGD, "adamw_optimizer_schema": AdamW,
+           "cosine_scheduler_schema": CosineSchedule, "warmup_cosine_scheduler_schema": WarmupCosineSchedule}
 
 
 def register() -> None:

@@ -235,14 +235,15 @@ def render_fractals(size: int, split: str, seed: int, classes: FractalClasses,
 
 def fractals(classes: int = 100, train_size: int = 50_000, test_size: int = 5_000, resolution: int = 32,
              seed: int = 0, fill_rate: float = 0.2, jitter: float = 0.05, min_scale: float = 0.6, trim: float = 0.01,
-             supersample: int = 2, walkers: int = 64, steps: int = 96) -> RawSplits:
+             supersample: int = 2, walkers: int = 64, steps: int = 96, validate_on_test: bool = False) -> RawSplits:
     """FractalDB-style splits: `classes` IFS classes, balanced, fixed by `seed` (see the module doc).
 
+    validate_on_test: the test split is also the validation split (pretraining selects its weights on the
+    held-out images, as the shipped checkpoint's recipe did), so the training split is used whole.
     (conf/dataset/fractals.yaml sets `source.classes: ${..num_classes}`.)"""
     systems = search_classes(classes, seed, fill_rate)
     settings = RenderSettings(resolution=resolution, supersample=supersample, walkers=walkers, steps=steps,
                               jitter=jitter, min_scale=min_scale, trim=trim)
-    return RawSplits(
-        train=ArrayImages(*render_fractals(train_size, "train", seed, systems, settings)),
-        test=ArrayImages(*render_fractals(test_size, "test", seed, systems, settings)),
-    )
+    train = ArrayImages(*render_fractals(train_size, "train", seed, systems, settings))
+    test = ArrayImages(*render_fractals(test_size, "test", seed, systems, settings))
+    return RawSplits(train=train, test=test, val=test if validate_on_test else None)

@@ -1,1 +1,2 @@
-"""What a run reports about cost: FLOPs, memory and time of a training step and of inference."""
+"""What a run reports: the cost of a training step and of inference (metrics), the results dict it writes
+(results), what the numbers depend on besides the code (environment), memory units (units)."""

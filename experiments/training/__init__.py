@@ -1,1 +1,2 @@
-"""The training loop's infrastructure: checkpoints, stop signals, data parallelism, hardware, logging, errors."""
+"""The training loop's infrastructure: checkpoints, stop signals, LR schedules, data parallelism, hardware,
+logging, errors."""

@@ -24,6 +24,9 @@ its own loader (`load_state_dict` of model, optimizer and scheduler, strict), an
 reject into CheckpointError. Either way the run stops with the reason and the fix.
 
 `best.safetensors` (the best-validation weights) is written with `save_weights`, atomically too.
+
+`Checkpointing` is what the training loop holds: one run folder's checkpoints, the NaN guard and the
+warm-start gathering across processes, built on the functions below.
 """
 from __future__ import annotations
 
@@ -40,21 +43,23 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from experiments.configuration.schema import as_override
-from experiments.training.logger import flatten
+from experiments.configuration.overrides import as_override, flatten
+from experiments.training import distributed
 from wasi import ASILinear, WSILinear
 
 log = logging.getLogger(__name__)
 
-FORMAT, VERSION = "wasi-train-checkpoint", 1
+FORMAT, VERSION = "wasi-train-checkpoint", 2  # 2: the scheduler entry is a `scheduler` group's state
 ENTRIES = {"model": dict, "optimizer": dict, "scheduler": dict, "progress": dict, "rng": dict, "warm_start": list,
            "world_size": int, "config": dict}
 # Config entries that must equal the checkpoint's for the run to be a continuation of it.
-IDENTITY = ("seed", "model", "dataset", "method", "optimizer", "trainer.batch_size", "trainer.epochs",
-            "trainer.grad_clip", "trainer.min_lr_ratio", "hardware.precision")
+IDENTITY = ("seed", "model", "dataset", "method", "optimizer", "scheduler", "trainer.batch_size", "trainer.epochs",
+            "trainer.grad_clip", "trainer.label_smoothing", "trainer.shuffle", "trainer.drop_last",
+            "hardware.precision")
 # Locations rather than content: a resumed run may read data and caches from elsewhere.
 LOCATIONS = {"dataset.source.root", "dataset.source.download", "method.rank_table", "method.cache"}
 
@@ -65,6 +70,10 @@ class CheckpointError(RuntimeError):
 
 class NonFiniteWeightsError(FloatingPointError):
     """The weights became NaN or inf; the last checkpoint was left as it was."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf."""
 
 
 @dataclass
@@ -80,6 +89,95 @@ class Progress:
     best_acc: float = -1.0
     loss: float = math.nan
     wandb_run_id: str | None = None
+
+    def advance(self, loss: float) -> None:
+        """One more optimizer step in this epoch; `loss` its training loss."""
+        self.step, self.batch, self.loss = self.step + 1, self.batch + 1, loss
+
+    def finish_epoch(self) -> None:
+        self.epoch, self.batch = self.epoch + 1, 0
+
+
+class Checkpointing:
+    """One run's checkpoints, in its folder (rank 0's `paths.run_dir`: its default name holds a time):
+    last.ckpt (resume) and best.safetensors (the best-validation weights, tested at the end).
+
+    Every process of a job makes one and calls every method (save and load are collectives); rank 0 alone
+    writes. Made before anything is built, so `resume=true` without a checkpoint stops the run at once.
+    """
+
+    def __init__(self, cfg: DictConfig, ctx: distributed.Context = distributed.Context()):
+        self.cfg, self.ctx = cfg, ctx
+        self.run_dir = Path(str(distributed.broadcast(cfg.paths.run_dir, ctx)))
+        self.last, self.best = self.run_dir / "last.ckpt", self.run_dir / "best.safetensors"
+        self.resume_from = resume_path(cfg.resume, self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        self.every: int | None = cfg.trainer.checkpoint_every
+        self._model: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._scheduler: Any = None
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> Progress:
+        """Remember what `save` writes; with resume set, load it all from the checkpoint (its best weights
+        copied along when it is in another folder). Returns where training stands."""
+        self._model, self._optimizer, self._scheduler = model, optimizer, scheduler
+        if self.resume_from is None:
+            return Progress()
+        progress = load(self.resume_from, model, optimizer, scheduler, self.config, self.ctx.rank,
+                        self.ctx.world_size)
+        if self.ctx.is_main:
+            carry_best(self.resume_from, self.best, progress)
+        return progress
+
+    def due(self, step: int) -> bool:
+        """Whether `trainer.checkpoint_every` asks for a checkpoint after this step."""
+        return self.every is not None and step % self.every == 0
+
+    def guard(self, loss: float, step: int) -> None:
+        """NonFiniteLossError if the loss is NaN/inf, naming the files written so far and the fixes left."""
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(f"loss is {loss} at step {step}. {self.divergence_help()}")
+
+    def save(self, progress: Progress) -> None:
+        """last.ckpt with every process's Tucker warm-start factors. Every process checks the weights are
+        finite first, so a NaN stops all of them and keeps the previous file (NonFiniteWeightsError)."""
+        model, optimizer = self._model, self._optimizer
+        assert model is not None and optimizer is not None, "Checkpointing.restore comes first"
+        check_finite(model, optimizer, progress.step, self.last, self.divergence_help())
+        warm_start = distributed.all_gather_objects(warm_start_state(model), self.ctx)
+        if self.ctx.is_main:
+            save(self.last, model, optimizer, self._scheduler, progress, warm_start, self.config)  # type: ignore[arg-type]
+
+    def save_best(self) -> None:
+        """best.safetensors from the current weights (rank 0)."""
+        if self.ctx.is_main and self._model is not None:
+            save_weights(self.best, self._model.state_dict())
+
+    def load_best(self, model: nn.Module) -> None:
+        """The best-validation weights into `model`, on every process (after rank 0 has written them)."""
+        distributed.barrier(self.ctx)
+        load_model_state(model, load_file(str(self.best), device=str(next(model.parameters()).device)))
+
+    @property
+    def how_to_resume(self) -> str:
+        return (f"checkpoint {self.last}. Continue with the same overrides plus hydra.run.dir={self.run_dir} "
+                "resume=true")
+
+    def divergence_help(self) -> str:
+        return divergence_help(self.cfg, self.best, self.last)
+
+
+def divergence_help(cfg: DictConfig, best_path: Path, last_path: Path) -> str:
+    """What to tell when the loss or the weights became NaN/inf: the files this run has written so far
+    and the fixes its config leaves open."""
+    written = [f"{path} holds {what}" for path, what in ((best_path, "the best-validation weights so far"),
+                                                          (last_path, "the last good checkpoint (not overwritten)"))
+               if path.is_file()]
+    fixes = [f"lower optimizer.lr (now {cfg.optimizer.lr:g})"]
+    fixes += ["set trainer.grad_clip=2.0 (clipping is off)"] if cfg.trainer.grad_clip is None else []
+    fixes += [f"use hardware.precision=fp32 (now {cfg.hardware.precision})"] if cfg.hardware.precision != "fp32" else []
+    return f"{'; '.join(written) or 'No checkpoint was written yet'}. Fix: {', or '.join(fixes)}."
 
 
 def resume_path(resume: bool | str | None, run_dir: Path) -> Path | None:
@@ -226,7 +324,11 @@ def read(path: Path) -> dict[str, Any]:
             "it is truncated (killed while copying?) or not written by train.py. Nothing was loaded. Fix: "
             "resume from an intact last.ckpt (train.py writes it atomically), or start a fresh run without resume."
         ) from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT or ckpt.get("version") != VERSION:
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT and ckpt.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} is a {FORMAT} version {ckpt.get('version')} file, written by an earlier train.py; this one reads "
+            f"version {VERSION}. Fix: start a fresh run without resume (or resume with the train.py that wrote it).")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(
             f"{path} is not a {FORMAT} version {VERSION} file (a weights file, or from another program?). "
             "Fix: resume=true reads <run dir>/last.ckpt written by train.py; for weights only use model.checkpoint=...")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from experiments.configuration.choices import Shuffle
 from wasi.distributed import broadcast_factors_, factor_names
 
 log = logging.getLogger(__name__)
@@ -91,12 +93,17 @@ class EpochSampler(DistributedSampler):
     samples); `set_epoch(epoch, skip)` makes the next pass start `skip` samples in (resume).
     len() stays the whole shard.
 
+    shuffle: "per_epoch" draws epoch e's permutation from a generator seeded `seed + e` (DistributedSampler's
+    rule); "continued" draws every epoch's in turn from one generator seeded `seed`, one permutation per
+    epoch (the shipped pretraining recipe's order).
+
     `generator` is the DataLoader's (it seeds the workers); set_epoch reseeds it too, so nothing
     about the data order needs saving beyond (epoch, position).
     """
 
-    def __init__(self, dataset: Dataset, ctx: Context, seed: int):
+    def __init__(self, dataset: Dataset, ctx: Context, seed: int, shuffle: Shuffle = "per_epoch"):
         super().__init__(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed)
+        self.order = shuffle
         self.generator = torch.Generator()
         self.skip = 0
         self.set_epoch(0)
@@ -108,7 +115,17 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         skip, self.skip = self.skip, 0  # the skip applies to the next pass only
-        return itertools.islice(super().__iter__(), skip, None)
+        orders = {"per_epoch": super().__iter__, "continued": self._continued}
+        return itertools.islice(orders[self.order](), skip, None)
+
+    def _continued(self) -> Iterator[int]:
+        """This rank's shard of the (epoch + 1)-th permutation of one generator seeded `seed`."""
+        g, n = torch.Generator().manual_seed(self.seed), len(self.dataset)  # type: ignore[arg-type]
+        for _ in range(self.epoch):
+            torch.randperm(n, generator=g)
+        indices = torch.randperm(n, generator=g).tolist()
+        indices += (indices * math.ceil(self.total_size / max(n, 1)))[:self.total_size - n]
+        return iter(indices[self.rank:self.total_size:self.num_replicas])
 
 
 def epoch_batches(loader: DataLoader, epoch: int, skip: int = 0) -> Iterator:
@@ -116,16 +133,20 @@ def epoch_batches(loader: DataLoader, epoch: int, skip: int = 0) -> Iterator:
     run sees them. Without workers the sampler skips the indices (nothing is loaded; the main process's
     random streams are restored from the checkpoint); with workers the skipped batches are loaded and
     dropped, so each worker's random stream (e.g. random flips) continues exactly too."""
+    sampler = loader.sampler
+    assert isinstance(sampler, EpochSampler) and loader.batch_size is not None
     if loader.num_workers == 0:
-        loader.sampler.set_epoch(epoch, skip * loader.batch_size)
+        sampler.set_epoch(epoch, skip * loader.batch_size)
         return iter(loader)
-    loader.sampler.set_epoch(epoch)
+    sampler.set_epoch(epoch)
     return itertools.islice(loader, skip, None)
 
 
 def shard(dataset: Dataset, ctx: Context) -> Dataset:
     """Items ctx.rank, ctx.rank + N, … of an evaluation split (no padding, no duplicates)."""
-    return dataset if not ctx.distributed else Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))
+    if not ctx.distributed:
+        return dataset
+    return Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size))  # type: ignore[arg-type]
 
 
 def all_sum(values: list[float], ctx: Context, device: torch.device) -> list[float]:
@@ -135,13 +156,6 @@ def all_sum(values: list[float], ctx: Context, device: torch.device) -> list[flo
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def agree(loss: float, stop: bool, ctx: Context, device: torch.device) -> tuple[float, bool]:
-    """(mean loss over ranks, whether any rank was asked to stop): one collective per step, so every
-    rank sees the same loss (a NaN anywhere stops all) and stops at the same step boundary."""
-    total, stops = all_sum([loss, float(stop)], ctx, device)
-    return total / ctx.world_size, stops > 0
 
 
 def broadcast(value: object, ctx: Context) -> object:

@@ -38,7 +38,7 @@ class RunFailed(SystemExit):
 
     def __init__(self, error: Exception, line: str, code: int):
         super().__init__(code)
-        self.error, self.line = error, line
+        self.error, self.line, self.status = error, line, code
 
 
 @contextlib.contextmanager
@@ -69,7 +69,7 @@ def main(entry: Callable[[], Any]) -> None:
     try:
         entry()
     except RunFailed as failed:
-        stop(failed.line, failed.code)
+        stop(failed.line, failed.status)
     except Exception as err:  # composing the config failed, or a job of a multirun (its train.log has it)
         stop(one_line(err), status(err))
 

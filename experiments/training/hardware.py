@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import contextlib
 import random
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+
+from experiments.configuration.choices import Precision
 
 
 def setup_hardware(hw: DictConfig, local_rank: int = 0) -> torch.device:
@@ -20,12 +23,10 @@ def setup_hardware(hw: DictConfig, local_rank: int = 0) -> torch.device:
 
 
 def autocast(hw: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for `hardware.precision=bf16`, nothing for fp32."""
-    if hw.precision == "fp32":
-        return contextlib.nullcontext()
-    if hw.precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ValueError(f"hardware.precision must be fp32 or bf16, got {hw.precision!r}")
+    """bf16 autocast for `hardware.precision=bf16`, nothing for fp32 (the values: configuration.choices.Precision)."""
+    contexts: dict[Precision, Callable[[], contextlib.AbstractContextManager]] = {
+        "fp32": contextlib.nullcontext, "bf16": lambda: torch.autocast(device.type, dtype=torch.bfloat16)}
+    return contexts[hw.precision]()
 
 
 def seed_everything(seed: int) -> None:

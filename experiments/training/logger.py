@@ -1,38 +1,22 @@
-"""Weights & Biases logging (offline by default) and the run's results.json."""
+"""Logging a run's metrics: to Weights & Biases (offline by default) and to `metrics.jsonl` in its folder."""
 from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} -> {'a.b': 1}."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def write_results(path: Path, results: dict) -> None:
-    """One flat JSON object; written to a temp file first so a crash never leaves half a file."""
-    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in results.items()}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True))
-    tmp.replace(path)
-
-
 class WandbLogger:
-    """Thin wrapper over one W&B run; `logger.mode=disabled` turns it into a no-op.
+    """Thin wrapper over one W&B run, and `<run_dir>/metrics.jsonl`: every `log` call appended as one JSON
+    object {"step": step, **metrics}, W&B or not. `enabled=False` (every process of a job but the first)
+    makes it a no-op; `logger.mode=disabled` turns W&B off.
+
+    step: where training starts (a resumed run: its checkpoint's step). metrics.jsonl keeps what was logged
+    up to that step and drops the rest, which the run logs again, so it always reads as one uninterrupted run.
 
     run_id: the id of the W&B run to continue (a resumed training keeps its run: last.ckpt stores the id).
     Online, W&B appends to that run; offline, each process writes its own `wandb/offline-run-*-<id>`
@@ -41,10 +25,16 @@ class WandbLogger:
     exact); W&B ignores a step lower than the last one it has.
     """
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, config: dict, run_id: str | None = None):
+    def __init__(self, cfg: DictConfig, run_dir: Path, config: dict, run_id: str | None = None, step: int = 0,
+                 enabled: bool = True):
         self.run = None
         self.run_id = run_id  # kept when disabled, so a later resume with W&B on still finds the run
-        if cfg.logger.mode == "disabled":
+        self.history = run_dir / "metrics.jsonl" if enabled else None
+        if self.history is not None:
+            kept = [line for line in (self.history.read_text().splitlines() if self.history.is_file() else [])
+                    if json.loads(line)["step"] <= step]
+            self.history.write_text("".join(line + "\n" for line in kept))
+        if not enabled or cfg.logger.mode == "disabled":
             return
         import wandb
 
@@ -69,6 +59,9 @@ class WandbLogger:
         self.run_id = self.run.id
 
     def log(self, metrics: dict, step: int) -> None:
+        if self.history is not None:
+            with self.history.open("a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.run is not None:
             self.run.log(metrics, step=step)
 
@@ -77,7 +70,3 @@ class WandbLogger:
         if self.run is not None:
             self.run.summary.update({k: v for k, v in results.items() if not k.startswith("config/")})
             self.run.finish()
-
-
-def resolved_config(cfg: DictConfig) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True)

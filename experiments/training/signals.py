@@ -1,9 +1,16 @@
 """Stopping a run cleanly on SIGINT/SIGTERM (Ctrl-C, SLURM preemption): checkpoint first, then exit."""
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from typing import Any
+
+import torch
+
+from experiments.training.distributed import Context, all_sum
+
+log = logging.getLogger(__name__)
 
 
 class TrainingInterrupted(SystemExit):
@@ -12,12 +19,18 @@ class TrainingInterrupted(SystemExit):
 
 class StopRequest:
     """While entered, SIGINT and SIGTERM only set `signum`: the loop checkpoints at the next step
-    boundary and raises TrainingInterrupted (exit status 128 + signum: 130, 143). A second SIGINT
-    (Ctrl-C twice) stops at once. `release()` (and exit) restore the previous handlers; off the main
-    thread it does nothing."""
+    boundary and `raise_if_stopping` raises TrainingInterrupted (exit status 128 + signum: 130, 143).
+    A second SIGINT (Ctrl-C twice) stops at once. `release()` (and exit) restore the previous handlers;
+    off the main thread it does nothing.
 
-    def __init__(self) -> None:
+    Under torchrun a signal may reach one process only: `agree` tells every process, so all stop at the
+    same step boundary.
+    """
+
+    def __init__(self, ctx: Context = Context()) -> None:
+        self.ctx = ctx
         self.signum: int | None = None
+        self.stopping = False  # some process was asked to stop (as of the last `agree`)
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -27,6 +40,30 @@ class StopRequest:
 
     def __exit__(self, *exc: object) -> None:
         self._restore()
+
+    @property
+    def requested(self) -> bool:
+        """This process got SIGINT or SIGTERM."""
+        return self.signum is not None
+
+    def agree(self, loss: torch.Tensor) -> float:
+        """The step's loss averaged over processes; sets `stopping` if any process was asked to stop. One
+        collective per step, so every process sees the same loss (a NaN anywhere stops all) and stops at the
+        same step boundary."""
+        if not self.ctx.distributed:
+            self.stopping = self.requested
+            return loss.item()
+        total, stops = all_sum([loss.item(), float(self.requested)], self.ctx, loss.device)
+        self.stopping = stops > 0
+        return total / self.ctx.world_size
+
+    def raise_if_stopping(self, step: int, how_to_resume: str) -> None:
+        """TrainingInterrupted (after a warning naming the signal, the step and `how_to_resume`) if `stopping`."""
+        if not self.stopping:
+            return
+        signum = self.signum or signal.SIGTERM  # another process may have got the signal
+        log.warning("stopped by %s at step %d; %s", signal.Signals(signum).name, step, how_to_resume)
+        raise TrainingInterrupted(128 + signum)
 
     def release(self) -> None:
         """Training is over: restore the previous handlers, and deliver a signal that came after the last
@@ -45,7 +82,3 @@ class StopRequest:
             signal.signal(signum, self._previous[signum])
             signal.raise_signal(signum)
         self.signum = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None

@@ -1,1 +1,0 @@
-"""On-device measurements: `python -m device.latency` times training steps and inference per method."""
