@@ -36,7 +36,7 @@ from experiments.deployment.exported import (
     load_exported,
     low_rank_linear,
 )
-from wasi import WSILinear
+from wasi import WSILinear, replace_module
 
 __all__ = ["export_run", "deployable", "RunExportError"]
 
@@ -98,11 +98,11 @@ def deployable(model: nn.Module, state: dict[str, Tensor], method_cfg: DictConfi
     svd_pairs = [n for n in linears if _weight(state, f"{n}.0") is not None]  # SVD-LLM Sequential(W_v, W_u)
     for name in svd_pairs:
         w_u, w_v = _weight(state, f"{name}.1"), _weight(state, f"{name}.0")
-        _replace(model, name, factor_linear(model.get_submodule(name), w_u, w_v))
+        replace_module(model, name, factor_linear(model.get_submodule(name), w_u, w_v))
     for name in sorted({k[:-2] for k in state if k.endswith(".L") and f"{k[:-2]}.R" in state}):
         (o, k), i = state[f"{name}.L"].shape, state[f"{name}.R"].shape[1]
         state.pop(f"{name}.weight", None)  # dense shadow W of the reference/svd weight updates; inference uses L R
-        _replace(model, name, low_rank_linear(i, o, k, f"{name}.bias" in state))
+        replace_module(model, name, low_rank_linear(i, o, k, f"{name}.bias" in state))
     adapters = sorted({k.split(".lora_A.")[0] for k in state if ".lora_A." in k})
     if adapters:
         r = next(v.shape[0] for k, v in state.items() if ".lora_A." in k)
@@ -118,7 +118,7 @@ def deployable(model: nn.Module, state: dict[str, Tensor], method_cfg: DictConfi
         low_rank = low_rank_linear(down.in_features, up.out_features, down.out_features, up.bias is not None)
         bias = {} if up.bias is None else {"bias": up.bias}
         low_rank.load_state_dict({"L": up.weight, "R": down.weight, **bias})
-        _replace(model, name, low_rank)
+        replace_module(model, name, low_rank)
     return model.eval()
 
 
@@ -127,18 +127,13 @@ def _weight(state: dict[str, Tensor], prefix: str) -> Tensor | None:
     return state.get(f"{prefix}.weight", state.get(f"{prefix}.base_layer.weight"))
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def _merge_lora(model: nn.Module) -> None:
     """Merge every PEFT LoRA layer into its base layer and put the base layer in its place."""
     from peft.tuners.lora import LoraLayer
 
     for name, module in [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]:
         module.merge()
-        _replace(model, name, module.get_base_layer())
+        replace_module(model, name, module.get_base_layer())
 
 
 @torch.no_grad()

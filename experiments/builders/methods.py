@@ -225,8 +225,7 @@ class SvdLlm(Vanilla):
             k = (svd_llm.rank_from_ratio(o, i, self.ratio) if self.ratio is not None
                  else svd_llm.rank_from_epsilon(w, self.epsilon))
             w_u, w_v = svd_llm.svd_llm_factors(w, whitening[name], k)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, factor_linear(linear, w_u, w_v))
+            wasi.replace_module(model, name, factor_linear(linear, w_u, w_v))
             ranks[name] = k
         if self.finetune == "lora":
             self.lora.add_adapters(model, [f"{name}.{j}" for name in names for j in (0, 1)])

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from wasi import WSILinear
+from wasi import WSILinear, replace_module
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "CONFIG_FILE", "WEIGHTS_FILE", "ExportFormatError", "low_rank_linear",
            "LayerSpec", "ExportSpec", "build_model", "load_spec", "load_exported"]
@@ -120,9 +120,8 @@ def build_model(spec: ExportSpec) -> nn.Module:
         if not isinstance(old, nn.Linear) or (old.in_features, old.out_features) != shape:
             raise ExportFormatError(f"layer {layer.name!r} ({layer.in_features}->{layer.out_features}) does not "
                                     f"replace {old} of {spec.timm_name}. {_EXPORT_FIX}")
-        parent, _, child = layer.name.rpartition(".")
-        new = low_rank_linear(layer.in_features, layer.out_features, layer.rank, layer.bias)
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        replace_module(model, layer.name, low_rank_linear(layer.in_features, layer.out_features, layer.rank,
+                                                          layer.bias))
     return model
 
 
