@@ -8,6 +8,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.training.storage import atomic, resume_fix
+
 log = logging.getLogger(__name__)
 
 
@@ -24,11 +26,11 @@ def flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def write_results(path: Path, results: dict) -> None:
-    """One flat JSON object; written to a temp file first so a crash never leaves half a file."""
+    """One flat JSON object; written atomically (experiments.training.storage), so a crash or a full disk never
+    leaves half a file."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in results.items()}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True))
-    tmp.replace(path)
+    with atomic(path, resume_fix(path.parent)) as tmp:
+        tmp.write_text(json.dumps(clean, indent=2, sort_keys=True))
 
 
 class WandbLogger:
