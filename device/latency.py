@@ -7,7 +7,6 @@ WASI at each ε, results under results/pi_latency/<tag or timestamp>/. Later fla
 """
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,5 +21,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    print((main() / "summary.md").read_text())
+    bench.cli([*DEFAULTS, *sys.argv[1:]])  # one line and exit status 2 for a wrong flag, as the tool itself
