@@ -71,7 +71,7 @@ def error_line(proc) -> str:
      "method.ranks=[8,8,8]: method.budget_mib=1.0 also chooses the activation ranks. Fix: keep one of", True),
     (["method=wsi", "optimizer=adamw"], 2, "optimizer._target_=torch.optim.AdamW: method=wsi updates its weight "
      "factors with the subspace SGD step (docs/method.md, Factored update). Fix: optimizer=sgd", True),
-    (["resume=true"], 1, "CheckpointError: resume=true but there is no checkpoint at", True),  # found at run time
+    (["resume=true"], 2, "resume=true but there is no checkpoint at", True),  # found at run time
 ])
 def test_a_wrong_setting_ends_with_one_line_and_leaves_no_run_behind(tmp_path, overrides, status, line, started):
     run_dir = tmp_path / "run"

@@ -42,7 +42,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from experiments.configuration.schema import as_override
+from experiments.configuration.schema import ConfigError, as_override
 from experiments.training.logger import flatten
 from experiments.training.storage import atomic, resume_fix
 from wasi import ASILinear, WSILinear
@@ -61,6 +61,10 @@ LOCATIONS = {"dataset.source.root", "dataset.source.download", "method.rank_tabl
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not belong to this run; nothing was loaded."""
+
+
+class NoCheckpointError(CheckpointError, ConfigError):
+    """`resume` names no checkpoint: a wrong setting (exit status 2), found before anything is built."""
 
 
 class NonFiniteWeightsError(FloatingPointError):
@@ -89,7 +93,7 @@ def resume_path(resume: bool | str | None, run_dir: Path) -> Path | None:
         return None
     path = run_dir / "last.ckpt" if resume is True else Path(str(resume))
     if not path.is_file():
-        raise CheckpointError(
+        raise NoCheckpointError(
             f"resume={as_override(resume)} but there is no checkpoint at {path}. Fix: pass the interrupted run's "
             "folder as hydra.run.dir=<its folder> with resume=true, or resume=/path/to/last.ckpt, or drop resume "
             "to start a fresh run.")
