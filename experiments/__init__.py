@@ -1,9 +1,10 @@
 """The experiment suite: builds model, data and method from a config, trains, measures, logs, deploys.
 
 Entry points sit at this level (`python -m experiments.<name>`): run (the training loop, what train.py
-calls), bench, report, export, pretrain. The rest is in packages named by role:
+calls), bench, report, export, inference, pretrain. The rest is in packages named by role:
 
-    training/       the loop's infrastructure: checkpoints, signals, processes, hardware, logging, errors
+    training/       the loop's infrastructure: checkpoints, signals, processes, hardware, logging, errors,
+                    writing files (storage), the run folder's setting
     builders/       model, method and variant construction; the pretrained-like spectrum
     data/           datasets: the loaders, generated shapes and fractals
     measurement/    cost metrics (FLOPs, memory, time)
