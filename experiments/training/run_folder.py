@@ -1,12 +1,16 @@
 """The run folder's setting, checked before Hydra writes anything into it (a Hydra callback, conf/config.yaml).
 
-`hydra.run.dir=` (empty) or `=null` would make Hydra write `.hydra/`, `train.log` and every result into the
-current folder, as would an empty `hydra.sweep.dir` for a multirun's jobs; both are refused with one line
-(exit status 2, experiments.training.errors) before any file is made. Hydra turns an Exception raised by a
-callback into a warning and goes on, so the refusal is a RunFailed (a SystemExit), which it lets through.
+`hydra.run.dir=` (empty) would make Hydra write `.hydra/`, `train.log` and every result into the current
+folder, as would an empty `hydra.sweep.dir` for a multirun's jobs; a folder the run may not write into (read-only,
+on a read-only file system, or under a file) would fail at Hydra's first write with a message about logging
+handlers. All are refused with one line naming the setting (exit status 2, experiments.training.errors) before
+any file is made. Hydra turns an Exception raised by a callback into a warning and goes on, so the refusal is a
+RunFailed (a SystemExit), which it lets through.
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
@@ -17,12 +21,23 @@ from experiments.training.errors import SETTING, RunFailed
 
 
 def check_folder(key: str, value: Any) -> None:
-    """RunFailed (exit status 2, its line a ConfigError's) when the folder setting `key` is empty or blank."""
+    """RunFailed (exit status 2, its line a ConfigError's) when the folder setting `key` is empty or blank, or
+    names a folder this process cannot create or write into."""
     if value is None or not str(value).strip():
-        err = ConfigError(f"{key}={'' if value is None else value}: names no folder, so the run would write into "
-                          f"the current one. Fix: drop {key} (Hydra's default folder under outputs/ or multirun/), "
-                          f"or {key}=<a folder>")
-        raise RunFailed(err, str(err), SETTING)
+        refuse(key, "" if value is None else value, "names no folder, so the run would write into the current one",
+               f"drop {key} (Hydra's default folder under outputs/ or multirun/), or {key}=<a folder>")
+    folder = Path(str(value)).absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        refuse(key, value, f"{existing} is a file, not a folder", f"{key}=<a folder>")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        refuse(key, value, f"{existing} is read-only, so the run cannot write its files there",
+               f"make it writable, or pass {key}=<a writable folder>")
+
+
+def refuse(key: str, value: Any, reason: str, fix: str) -> None:
+    err = ConfigError(f"{key}={value}: {reason}. Fix: {fix}")
+    raise RunFailed(err, str(err), SETTING)
 
 
 def configured(config: DictConfig, key: str) -> Any:
