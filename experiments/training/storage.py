@@ -82,7 +82,8 @@ def atomic(path: Path, fix: str = "free space on that disk, then run again") -> 
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
+        with contextlib.suppress(OSError):  # a file system without modes (FAT, some network mounts) keeps its own
+            os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except Exception as err:
         if is_disk_full(err):
