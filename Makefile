@@ -8,6 +8,13 @@ RUN_DIR := outputs/run/$(shell date +%Y-%m-%d_%H-%M-%S)
 
 .PHONY: setup run test lint test-slow sweep pi-latency report clean
 
+# `make report` reads one sweep, named by SWEEP: refused before anything is set up when it is missing.
+ifneq ($(filter report,$(MAKECMDGOALS)),)
+ifeq ($(strip $(SWEEP)),)
+$(error make report needs SWEEP=<a sweep folder>, e.g. make report SWEEP=$(or $(lastword $(sort $(wildcard multirun/*/*))),multirun/<date>/<time>))
+endif
+endif
+
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
@@ -35,8 +42,8 @@ sweep: setup  ## every method fine-tuning the shipped pretrained model on digits
 pi-latency: setup  ## training/inference latency, vanilla vs WASI at each epsilon (the benchmark's Raspberry Pi 5 preset)
 	$(PY) -m experiments.bench --preset pi $(LATENCY_ARGS)
 
-report: setup  ## Markdown table + PNG plots of a sweep's results.json files (SWEEP=multirun/<date>/<time>)
-	$(PY) -m experiments.report $(or $(SWEEP),$(lastword $(sort $(wildcard multirun/*/*)))) $(REPORT_ARGS)
+report: setup  ## Markdown table + PNG plots of a sweep's results.json files (SWEEP=multirun/<date>/<time>, required)
+	$(PY) -m experiments.report $(SWEEP) $(REPORT_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

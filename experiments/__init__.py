@@ -1,13 +1,13 @@
 """The experiment suite: builds model, data and method from a config, trains, measures, logs, deploys.
 
 Entry points sit at this level (`python -m experiments.<name>`): run (the training loop, what train.py
-calls), bench, report, export, pretrain. The rest is in packages named by role:
+calls), bench, report, export, inference, pretrain. The rest is in packages named by role:
 
     training/       the loop's infrastructure: checkpoints, stop signals, LR schedules, processes, hardware,
-                    logging, errors
+                    logging, errors, writing files (storage), the run folder's setting
     builders/       model, method and variant construction; factor linears; the pretrained-like spectrum
     data/           datasets (their loaders, generated shapes and fractals) and the batches the loop reads
-    measurement/    cost metrics (FLOPs, memory, time), a run's results, the environment, memory units
+    measurement/    cost metrics (FLOPs, memory, time), energy, a run's results, the environment, memory units
     deployment/     the exported-model format and its loader
     configuration/  the config schema (types, allowed values, one-line errors), the Literal options,
                     settings as command-line overrides

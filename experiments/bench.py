@@ -48,9 +48,11 @@ import experiments.configuration.schema  # noqa: F401  (registers the config sch
 from experiments import CONF_DIR
 from experiments.builders.variant import Variant, build_variant, train_step
 from experiments.configuration.choices import Spectrum
+from experiments.configuration.schema import ConfigError
 from experiments.measurement import metrics
 from experiments.measurement.energy import EnergyMeter, NoEnergySensor, open_meter
 from experiments.measurement.environment import environment
+from experiments.training import errors
 from experiments.training.hardware import autocast, seed_everything, setup_hardware
 from wasi import EPS_SET
 
@@ -68,6 +70,10 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 #: Named sets of defaults (`--preset NAME`); flags after them override them. "pi": the Raspberry Pi 5 profile
 #: of `make pi-latency` (device/README.md): conf/hardware/cpu_pi.yaml (4 threads, fp32), timing.
 PRESETS = {"pi": ["--hardware", "cpu_pi", "--measure", "time", "--out-root", "results/pi_latency"]}
+
+
+class BenchArgumentError(ConfigError):
+    """A flag of the command line is wrong; the message names it and the fix (exit status 2)."""
 
 
 @dataclass
@@ -129,7 +135,8 @@ def make_batch(cfg: DictConfig, size: int, data: str) -> tuple[torch.Tensor, tor
         return torch.randn(size, 3, s, s, generator=g), torch.randint(0, 10, (size,), generator=g), 10
     splits = instantiate(cfg.dataset)(image_size=s, seed=cfg.seed)
     if len(splits.train) < size:
-        raise ValueError(f"--batch {size} is larger than the {len(splits.train)} training images of {data}")
+        raise BenchArgumentError(f"--batch {size} is larger than the {len(splits.train)} training images of "
+                                 f"--data {data}. Fix: --batch {len(splits.train)} or less, or a larger dataset")
     x, y = zip(*(splits.train[i] for i in range(size)))
     return torch.stack(x), torch.tensor(y), splits.num_classes
 
@@ -344,6 +351,36 @@ def plot_latency(stats: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
+def choices(group: str) -> list[str]:
+    """The choices of a config group: conf/<group>/**/*.yaml, e.g. vanilla, paper/wasi."""
+    return sorted(str(f.relative_to(CONF_DIR / group).with_suffix("")) for f in (CONF_DIR / group).rglob("*.yaml"))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """BenchArgumentError for the first flag that cannot work (a range, a config choice that does not exist, a
+    missing file), before anything is composed, built or written."""
+    for flag, value, low, fix in (("--batch", args.batch, 1, "--batch 128"), ("--reps", args.reps, 1, "--reps 10"),
+                                  ("--warmup", args.warmup, 0, "--warmup 2"), ("--threads", args.threads, 1,
+                                                                                  "--threads 4, or leave it out")):
+        if value is not None and value < low:
+            raise BenchArgumentError(f"{flag} {value}: must be at least {low}. Fix: {fix}")
+    if bad := [e for e in args.eps if not 0 < e <= 1]:
+        raise BenchArgumentError(f"--eps {' '.join(f'{e:g}' for e in bad)}: ε is a share of explained variance, in "
+                                 "(0, 1]. Fix: e.g. --eps 0.4 0.8")
+    wanted = [("--model", "model", [args.model]), ("--methods", "method", args.methods),
+              ("--hardware", "hardware", [args.hardware]), ("--data", "dataset", [] if args.data == "noise" else
+                                                              [args.data])]
+    for flag, group, names in wanted:
+        known = choices(group)
+        if unknown := [n for n in names if n not in known]:
+            extra = " or noise" if flag == "--data" else ""
+            raise BenchArgumentError(f"{flag} {' '.join(unknown)}: there is no conf/{group}/{unknown[0]}.yaml. Fix: "
+                                     f"{flag} <{'any' if flag == '--methods' else 'one'} of {', '.join(known)}>{extra}")
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise BenchArgumentError(f"--checkpoint {args.checkpoint}: there is no such file. Fix: --checkpoint "
+                                 "/path/to/weights.safetensors, or leave it out")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """The flags, after those of `--preset NAME` (PRESETS) when given: later flags override the preset's."""
     preset = argparse.ArgumentParser(add_help=False)
@@ -383,18 +420,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> Path:
     """Build, measure and write every variant; returns the output folder."""
     args = parse_args(argv)
+    check_args(args)
     out = args.out or args.out_root / (args.tag or datetime.now().strftime("%Y%m%d-%H%M%S"))
     base = base_overrides(args)
     probe = compose_cfg([*base, f"method={args.methods[0]}"])  # --set may name keys of a method
     checkpoint = probe.model.get("checkpoint")  # --checkpoint, or the model config's own (vit_tiny_pretrained)
     if args.spectrum == "pretrained" and (checkpoint or args.hub):
-        raise SystemExit(f"--spectrum pretrained stands in for real weights, and --model {args.model} loads "
-                         f"{checkpoint or 'hub weights'}: drop --spectrum pretrained")
-    out.mkdir(parents=True, exist_ok=True)
+        raise BenchArgumentError(f"--spectrum pretrained stands in for real weights, and --model {args.model} loads "
+                                 f"{checkpoint or 'hub weights'}. Fix: drop --spectrum pretrained")
     device = setup_hardware(probe.hardware)
     x, y, num_classes = make_batch(probe, args.batch, args.data)
     x, y = x.to(device), y.to(device)
     specs = variant_specs(args, base)
+    out.mkdir(parents=True, exist_ok=True)
     vanilla = [s.label for s in specs if s.method == "vanilla" and s.recompute in (None, "none")]
     reference = (vanilla or [specs[0].label])[0]
     weights = (f"checkpoint {checkpoint}" if checkpoint else "pretrained (hub)" if args.hub else
@@ -460,6 +498,22 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return out
 
 
-if __name__ == "__main__":
+def cli(argv: Sequence[str] | None = None) -> None:
+    """`python -m experiments.bench`: `main`, then its summary.md on stdout. A wrong flag, or a --set override
+    that does not compose, ends with one line on stderr and exit status 2; Ctrl-C with one line and 130
+    (variants.csv holds every variant built so far)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    print((main() / "summary.md").read_text())
+    try:
+        out = main(argv)
+    except KeyboardInterrupt:
+        errors.stop("interrupted by Ctrl-C (SIGINT): variants.csv in the output folder holds every variant built so "
+                    "far (with its cost under --measure cost)", errors.INTERRUPTED)
+    except Exception as err:
+        if errors.status(err) != errors.SETTING:
+            raise
+        errors.stop(errors.one_line(err), errors.SETTING)
+    print((out / "summary.md").read_text())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,6 +1,7 @@
 """Export a trained run as a standalone inference artefact, loaded by `experiments.deployment.exported`.
 
     python -m experiments.export RUN_DIR [--out DIR]        # DIR defaults to RUN_DIR/export
+    python -m experiments.inference DIR IMAGE...            # predictions of the exported model
 
 Reads the run's `.hydra/config.yaml` and `best.safetensors` and writes `model.safetensors` and
 `model.json` (see experiments/deployment/exported.py). The module structure is rebuilt from the tensor
@@ -15,27 +16,30 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from experiments.builders.factors import factor_linear
 from experiments.builders.methods import Lora
-from experiments.builders.models import read_state_dict
 from experiments.deployment.exported import (
     CONFIG_FILE,
     FORMAT,
     FORMAT_VERSION,
     WEIGHTS_FILE,
+    ExportFormatError,
     ExportSpec,
     LayerSpec,
     build_model,
     load_exported,
     low_rank_linear,
 )
+from experiments.training.storage import DiskFullError, atomic
 from wasi import WSILinear, replace_module
 
 __all__ = ["export_run", "deployable", "RunExportError"]
@@ -52,6 +56,10 @@ class RunExportError(RuntimeError):
     """A run folder cannot be exported (missing files, or weights that do not fit its config)."""
 
 
+class NotARunError(RunExportError):
+    """The folder given is not a run folder of train.py, or a run without weights to export: a wrong argument."""
+
+
 def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write `model.safetensors` and `model.json` of the run's best weights to `out` (default RUN_DIR/export)."""
     run_dir = Path(run_dir)
@@ -59,20 +67,24 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     cfg = read_run_config(run_dir)
     weights = run_dir / "best.safetensors"
     if not weights.is_file():
-        raise RunExportError(f"{weights} not found: the run never finished an evaluation. "
-                             "Fix: export a run that completed at least one epoch (trainer.eval_interval).")
+        raise NotARunError(f"{weights} not found: the run never finished an evaluation, so it has no weights to "
+                           "export. Fix: export a run that completed at least one epoch (trainer.eval_interval), or "
+                           f"continue this one: python train.py <its overrides> hydra.run.dir={run_dir} resume=true")
     kwargs = OmegaConf.to_container(cfg.model.get("kwargs") or {}, resolve=True)
     spec = ExportSpec(timm_name=cfg.model.timm_name, timm_kwargs=kwargs, num_classes=int(cfg.dataset.num_classes),
                       image_size=int(cfg.model.image_size), mean=[float(m) for m in cfg.dataset.mean],
                       std=[float(s) for s in cfg.dataset.std], method=str(cfg.method.name))
-    model = deployable(build_model(spec), read_state_dict(weights), cfg.method, str(weights))
+    model = deployable(build_model(spec), read_weights(weights), cfg.method, str(weights))
     spec.layers = [LayerSpec(name=n, in_features=m.in_features, out_features=m.out_features, rank=m.rank,
                              bias=m.bias is not None, source=spec.method)
                    for n, m in model.named_modules() if isinstance(m, WSILinear)]
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    (out / CONFIG_FILE).write_text(spec.to_json())
+    fix = "free space there, or export elsewhere with --out DIR"
+    with atomic(out / WEIGHTS_FILE, fix) as tmp:  # the usual file mode (safetensors writes 0600), full disk said
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    with atomic(out / CONFIG_FILE, fix) as tmp:
+        tmp.write_text(spec.to_json())
     _check_roundtrip(model, out, spec.image_size)
     log.info("exported %s (%s, %d low-rank layers, %d parameters) to %s", run_dir, spec.method, len(spec.layers),
              sum(t.numel() for t in tensors.values()), out)
@@ -82,10 +94,27 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 def read_run_config(run_dir: Path) -> DictConfig:
     """The run's composed config (`.hydra/config.yaml`, as Hydra saved it)."""
     file = run_dir / ".hydra" / "config.yaml"
+    if not run_dir.is_dir():
+        raise NotARunError(f"{run_dir} does not exist. Fix: pass a run folder of train.py (it holds .hydra/, "
+                           "best.safetensors and results.json)")
     if not file.is_file():
-        raise RunExportError(f"{file} not found: {run_dir} is not a run folder of train.py. "
-                             "Fix: pass the folder holding .hydra/, best.safetensors and results.json.")
-    return OmegaConf.load(file)
+        raise NotARunError(f"{file} not found: {run_dir} is not a run folder of train.py. "
+                           "Fix: pass the folder holding .hydra/, best.safetensors and results.json.")
+    try:
+        return OmegaConf.load(file)
+    except Exception as err:  # YAML syntax, an unreadable file
+        raise RunExportError(f"{file} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]}): "
+                             "the run folder is damaged. Fix: export another run") from None
+
+
+def read_weights(path: Path) -> dict[str, Tensor]:
+    """The run's best-validation weights (best.safetensors); RunExportError if the file is damaged."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise RunExportError(f"{path} is not a readable safetensors file ({type(err).__name__}: "
+                             f"{' '.join(str(err).split())[:200]}): the run's best weights are damaged. Fix: train "
+                             "the run again, or export another run") from None
 
 
 def deployable(model: nn.Module, state: dict[str, Tensor], method_cfg: DictConfig,
@@ -146,12 +175,25 @@ def _check_roundtrip(model: nn.Module, out: Path, image_size: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line; a failure ends with one line on stderr: exit status 2 for a folder that is not a run
+    with weights, 1 for a run that cannot be exported (damaged or foreign weights, a full disk)."""
     parser = argparse.ArgumentParser(prog="python -m experiments.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path, help="run folder of train.py (holds .hydra/ and best.safetensors)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/export)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    export_run(args.run_dir, args.out)
+    try:
+        export_run(args.run_dir, args.out)
+    except NotARunError as err:
+        stop(str(err), 2)
+    except (RunExportError, ExportFormatError, DiskFullError) as err:
+        stop(str(err), 1)
+
+
+def stop(line: str, status: int) -> None:
+    """One line on stderr, then exit with `status`."""
+    print(f"error: {' '.join(line.split())}", file=sys.stderr)
+    raise SystemExit(status)
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ Every ``results.json`` below the sweep directory (Hydra multirun layout
 ``config``. A summary averages the seeds of each configuration (test accuracy as mean ± std) and is
 printed on the terminal too; the table of runs shows every metric in readable units (accuracy in %,
 memory in MiB, FLOPs in GFLOPs or MFLOPs, times in ms; the unit is in each header); missing keys are
-left blank. A job
-folder (it has ``.hydra/``) without ``results.json`` is listed as failed, with the last error
-line of its ``train.log``. The report is regenerated from the files each time.
+left blank, and a value that should be a number but is not (text) is shown as it is in the table and left out
+of the summary and the plots. A job folder (it has ``.hydra/``) without ``results.json`` is listed as failed,
+with the last error line of its ``train.log``; so is a folder whose ``results.json`` cannot be read. The report
+is regenerated from the files each time. A sweep folder that does not exist ends with one line and exit status 2
+(nothing is created).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import csv
 import json
 import logging
 import math
+import sys
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -144,17 +147,25 @@ def _natural_key(path: Path) -> list[tuple[int, int | str]]:
     return [(0, int(p)) if p.isdigit() else (1, p) for p in path.parts]
 
 
+def read_results(path: Path) -> Run | str:
+    """The run of one ``results.json`` (a JSON object), or why it cannot be read."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"results.json cannot be read ({type(err).__name__}: {err})"
+    if not isinstance(data, dict):
+        return f"results.json holds a JSON {type(data).__name__}, not an object of metrics"
+    return data
+
+
 def find_results(sweep_dir: Path) -> list[Run]:
-    """Load every ``results.json`` below ``sweep_dir``; adds ``run`` (its folder, relative)."""
+    """Load every readable ``results.json`` below ``sweep_dir``; adds ``run`` (its folder, relative). The
+    unreadable ones are skipped here and listed by :func:`find_failed`."""
     runs = []
     for path in sorted(sweep_dir.rglob("results.json"), key=_natural_key):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            log.warning("skipping %s: %s", path, err)
-            continue
-        if not isinstance(data, dict):
-            log.warning("skipping %s: not a JSON object", path)
+        data = read_results(path)
+        if isinstance(data, str):
+            log.warning("%s: %s; listed as failed", path, data)
             continue
         data["run"] = str(path.parent.relative_to(sweep_dir))
         runs.append(data)
@@ -163,13 +174,17 @@ def find_results(sweep_dir: Path) -> list[Run]:
 
 
 def find_failed(sweep_dir: Path) -> list[dict[str, str]]:
-    """Job folders below ``sweep_dir`` (they hold ``.hydra/``) without ``results.json``: ``run`` (the
-    folder, relative) and ``error``, the last error line of its ``train.log``."""
+    """Job folders below ``sweep_dir`` whose results are missing or unreadable: ``run`` (the folder, relative)
+    and ``error``: why results.json cannot be read, or else the last error line of its ``train.log`` (a job
+    folder holds ``.hydra/``)."""
+    jobs = {h.parent for h in sweep_dir.rglob(".hydra")} | {r.parent for r in sweep_dir.rglob("results.json")}
     failed = []
-    for hydra_dir in sorted(sweep_dir.rglob(".hydra"), key=_natural_key):
-        job = hydra_dir.parent
-        if not (job / "results.json").is_file():
+    for job in sorted(jobs, key=_natural_key):
+        results = job / "results.json"
+        if not results.is_file():
             failed.append({"run": str(job.relative_to(sweep_dir)), "error": last_error(job / "train.log")})
+        elif isinstance(reason := read_results(results), str):
+            failed.append({"run": str(job.relative_to(sweep_dir)), "error": reason})
     return failed
 
 
@@ -204,6 +219,22 @@ def wandb_runs(project: str) -> list[Run]:
 
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def number(run: Run, key: str) -> float | None:
+    """The run's value for ``key`` if it is a number; None otherwise (missing, or text where a number belongs:
+    the table shows it, the summary and the plots leave it out)."""
+    x = value(run, key)
+    return x if _is_number(x) else None
+
+
+def warn_text_metrics(runs: Iterable[Run]) -> None:
+    """One warning per summary metric that holds text instead of a number."""
+    for run in runs:
+        for key in SUMMARY:
+            if (x := value(run, key)) is not None and not _is_number(x):
+                log.warning("run %s: %s is %r, not a number; left out of the summary and the plots",
+                            run.get("run", "?"), key, x)
 
 
 def table_columns(runs: Iterable[Run]) -> list[str]:
@@ -254,7 +285,7 @@ def summary_table(runs: list[Run]) -> str:
     the number of runs (seeds), test accuracy as mean ± standard deviation over them, and the mean of the
     other SUMMARY metrics (deterministic ones are equal across seeds)."""
     by = _varying(runs, GROUP_KEYS) or ["method"]
-    frame = pd.DataFrame([{**{k: format_cell(value(r, k)) for k in by}, **{k: value(r, k) for k in SUMMARY}}
+    frame = pd.DataFrame([{**{k: format_cell(value(r, k)) for k in by}, **{k: number(r, k) for k in SUMMARY}}
                           for r in runs])
     rows = []
     for keys, group in frame.groupby(by, sort=False):
@@ -444,21 +475,32 @@ def write_report(runs: list[Run], out: Path, latency: Path | None = None,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dir", type=Path, help="directory searched for results.json")
     parser.add_argument("--out", type=Path, default=None, help="default: <sweep_dir>/report")
     parser.add_argument("--latency", type=Path, default=None, help="timing.csv of experiments.bench / make pi-latency")
     parser.add_argument("--wandb-project", default=None, help="also read runs from W&B")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.sweep_dir.is_dir():
+        stop(f"{args.sweep_dir} is not a folder. Fix: pass a sweep folder, e.g. multirun/<date>/<time>")
+    if args.latency is not None and not args.latency.is_file():
+        stop(f"--latency {args.latency}: there is no such file. Fix: --latency <the timing.csv of experiments.bench>")
     runs, failed = find_results(args.sweep_dir), find_failed(args.sweep_dir)
     if args.wandb_project:
         runs += wandb_runs(args.wandb_project)
+    warn_text_metrics(runs)
     out = args.out or args.sweep_dir / "report"
     written = write_report(runs, out, args.latency, failed)
     if runs:
         print(summary_table(runs))
     print("\n".join(str(path) for path in written))
+
+
+def stop(line: str) -> None:
+    """A wrong argument: one line on stderr, exit status 2."""
+    print(f"error: {line}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def test_weights_line_names_a_model_configs_own_checkpoint(tmp_path: Path) -> No
                       "--data", "digits", "--set", "hardware.threads=1", "method.epsilon_act=0.95",
                       "--out", str(tmp_path / "d")])  # --set may name a method's own keys
     assert pd.read_csv(out / "variants.csv").label.tolist() == ["wasi ε=0.8"]
-    with pytest.raises(SystemExit, match="drop --spectrum pretrained"):
+    with pytest.raises(bench.BenchArgumentError, match="drop --spectrum pretrained"):  # cli: one line, exit 2
         bench.main(["--model", "vit_tiny_pretrained", "--spectrum", "pretrained", "--out", str(tmp_path / "c")])
     assert not (tmp_path / "c").exists()
 

@@ -23,7 +23,8 @@ class FakeRun:
 
 
 def cfg(mode: str):
-    return OmegaConf.create({"logger": {"mode": mode, "project": "wasi", "entity": None, "tags": ["t"]},
+    return OmegaConf.create({"logger": {"mode": mode, "init_timeout": 5, "project": "wasi", "entity": None,
+                                        "tags": ["t"]},
                              "method": {"name": "wasi"}, "model": {"name": "m"}, "dataset": {"name": "d"}})
 
 

@@ -136,7 +136,8 @@ def test_resume_without_a_checkpoint_is_refused_before_anything_is_built(make_cf
     monkeypatch.setattr("experiments.run.build_loaders", lambda *a: pytest.fail("built the loaders"))
     with pytest.raises(Exception, match="resume=true but there is no checkpoint at") as info:
         run(make_cfg(*QUICK, "resume=true", "logger.mode=disabled"))
-    assert errors.one_line(info.value).startswith("CheckpointError: resume=true but there is no checkpoint at")
+    assert errors.one_line(info.value).startswith("resume=true but there is no checkpoint at")
+    assert errors.status(info.value) == errors.SETTING
     assert not (tmp_path / "run").exists()
 
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from experiments import REPO_ROOT
+from experiments.configuration.schema import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +33,12 @@ class CheckpointMismatchError(RuntimeError):
     """A local checkpoint does not fit the configured model."""
 
 
+class WeightsNotFoundError(ConfigError, FileNotFoundError):
+    """`model.checkpoint` names no file: a wrong setting (exit status 2)."""
+
+
 def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
-    """timm model `cfg.timm_name` with a fresh `num_classes` head.
+    """timm model `cfg.timm_name` with a fresh `num_classes` head, checked to take `cfg.image_size` images.
 
     Weights come from `cfg.checkpoint` (a local file) if set, else from the hub if
     `cfg.pretrained`, else random init. Never falls back silently to random weights.
@@ -42,9 +47,17 @@ def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
     if cfg.get("checkpoint"):
         model = timm.create_model(cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
         load_checkpoint(model, resolve_checkpoint(cfg.checkpoint))
-        return model
-    if not cfg.pretrained:
-        return timm.create_model(cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+    elif not cfg.pretrained:
+        model = timm.create_model(cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
+    else:
+        model = pretrained_model(cfg, num_classes, kwargs)
+    check_image_size(model, cfg)
+    return model
+
+
+def pretrained_model(cfg: DictConfig, num_classes: int, kwargs: dict) -> nn.Module:
+    """timm's pretrained `cfg.timm_name` from the Hugging Face cache, else the hub (one quick reachability
+    check first), else PretrainedWeightsUnavailableError naming the offline fixes."""
     repo, cached = hub_weights(cfg.timm_name)
     overlay = {"file": cached} if cached else {}  # in the cache: read it, no network at all
     try:
@@ -61,6 +74,28 @@ def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
             "model.checkpoint=/path/to/model.safetensors, or train from scratch on purpose with "
             "model.pretrained=false."
         ) from err
+
+
+@torch.no_grad()
+def check_image_size(model: nn.Module, cfg: DictConfig) -> None:
+    """ConfigError naming model.image_size and the size the model was built for, unless one (1, 3, S, S) image,
+    S = cfg.image_size, passes through `model` (eval mode, no gradients; the mode is restored): timm's ViT and
+    Swin fix their input size when built and would otherwise stop at the first training step."""
+    size, training = int(cfg.image_size), model.training
+    device = next(model.parameters()).device
+    try:
+        model.eval()(torch.zeros(1, 3, size, size, device=device))
+    except (AssertionError, RuntimeError, ValueError) as err:
+        built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        takes = f"is built for {built[0]}x{built[1]} images" if built else "does not take them"
+        also = f" to build it for {size}x{size}" if built else ""
+        kwarg = "model.kwargs.img_size" if "img_size" in (cfg.get("kwargs") or {}) else "+model.kwargs.img_size"
+        fix = (f"model.image_size={built[0]}, or {kwarg}={size}{also}" if built else
+               "a model.image_size the model takes (see its timm pretrained_cfg input_size)")
+        raise ConfigError(f"model.image_size={size}: {cfg.timm_name} {takes} ({type(err).__name__}: "
+                          f"{' '.join(str(err).split())[:200]}). Fix: {fix}") from err
+    finally:
+        model.train(training)
 
 
 def hub_weights(timm_name: str) -> tuple[str | None, str | None]:
@@ -108,7 +143,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a torch file loaded with weights_only=True."""
     if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint file not found: {path}. Fix: model.checkpoint=/path/to/weights")
+        raise WeightsNotFoundError(f"model.checkpoint={path}: there is no such file. Fix: model.checkpoint=/path/to/"
+                                   "weights (a .safetensors file or a PyTorch state_dict), or model.checkpoint=null")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

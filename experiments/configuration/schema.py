@@ -175,6 +175,7 @@ class Logger(Checked):
 
     key: ClassVar[str] = "logger"
     mode: str = setting(one_of_literal(LoggerMode), "logger.mode=offline")
+    init_timeout: float = setting(POSITIVE, "logger.init_timeout=5 (seconds; 60 on a slow network)")
     project: str = MISSING
     entity: str | None = MISSING
     tags: list[str] = field(default_factory=list)

@@ -8,6 +8,7 @@ raise `DatasetNotFoundError` (path + fix) when the files are absent.
 from __future__ import annotations
 
 import logging
+import urllib.error
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets as tvd
 from torchvision import transforms as T
+
+from experiments.configuration.schema import invalid
 
 log = logging.getLogger(__name__)
 
@@ -68,9 +71,11 @@ def build_datasets(source: Callable[[], RawSplits], name: str, num_classes: int,
     Images are resized (not cropped) to (image_size, image_size), scaled to [0, 1] and normalised
     with `mean`/`std`; `hflip` adds random horizontal flips to training images only. Unless the
     source has its own validation split, a `val_fraction` share of the training split, drawn with
-    `seed`, becomes the validation split.
+    `seed`, becomes the validation split. `num_classes` must cover every label and, for an image folder,
+    equal its number of class folders (check_classes).
     """
     raw = source()
+    check_classes(raw, name, int(num_classes))
     mean, std = [float(m) for m in mean], [float(s) for s in std]
     eval_tf = image_transform(image_size, mean, std)
     train_tf = image_transform(image_size, mean, std, hflip=bool(hflip))
@@ -86,6 +91,48 @@ def build_datasets(source: Callable[[], RawSplits], name: str, num_classes: int,
     return splits
 
 
+def labels_of(dataset: Dataset) -> np.ndarray | None:
+    """The labels of a raw split, read without loading its images: the `targets` (torchvision, image folders),
+    `labels` (ArrayImages, LabelledImages) or `_labels` (torchvision's Flowers102, Pets, Food101) it keeps, through
+    any Subset; None when it keeps none."""
+    if isinstance(dataset, Subset):
+        labels = labels_of(dataset.dataset)
+        return None if labels is None else labels[np.asarray(dataset.indices, dtype=np.int64)]
+    for attribute in ("targets", "labels", "_labels"):
+        if (labels := getattr(dataset, attribute, None)) is not None:
+            return np.asarray(labels, dtype=np.int64).reshape(-1)
+    return None
+
+
+def folder_classes(dataset: Dataset) -> list[str] | None:
+    """The classes of an image-folder split (torchvision's ImageFolder: one folder per class, which are then all
+    the classes there are), through any Subset; None for other datasets."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return list(dataset.classes) if isinstance(dataset, tvd.DatasetFolder) else None
+
+
+def check_classes(raw: RawSplits, name: str, num_classes: int) -> None:
+    """ConfigError (naming dataset.num_classes and the value that fits) when a label of any split is outside
+    [0, num_classes), or when an image-folder training split has another number of class folders (e.g. 3,
+    configured as cub200's 200): the head would be sized for classes the data does not have."""
+    classes = folder_classes(raw.train)
+    if classes is not None and len(classes) != num_classes:
+        shown = ", ".join(classes[:5]) + (", …" if len(classes) > 5 else "")
+        raise invalid("dataset.num_classes", num_classes, f"the training split of {name} has {len(classes)} classes "
+                      f"({shown})", f"dataset.num_classes={len(classes)}")
+    for split, dataset in (("train", raw.train), ("val", raw.val), ("test", raw.test)):
+        labels = labels_of(dataset) if dataset is not None else None
+        if labels is None or not len(labels):
+            continue
+        if labels.min() < 0:
+            raise ValueError(f"the {split} split of {name} has a negative label ({labels.min()}); labels must be "
+                             f"class indices 0 … num_classes - 1")
+        if (top := int(labels.max())) >= num_classes:
+            raise invalid("dataset.num_classes", num_classes, f"the {split} labels of {name} go up to {top}, so it "
+                          f"has at least {top + 1} classes", f"dataset.num_classes={top + 1}")
+
+
 def image_transform(
     image_size: int, mean: list[float], std: list[float], hflip: bool = False
 ) -> Callable[[Image.Image], torch.Tensor]:
@@ -98,7 +145,7 @@ def image_transform(
 def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Disjoint (train, val) index lists covering range(n); val has round(fraction * n) items."""
     if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"dataset.val_fraction must be in [0, 1), got {fraction}")
+        raise invalid("dataset.val_fraction", fraction, "must be in [0, 1)", "dataset.val_fraction=0.2")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = round(fraction * n)
     return sorted(perm[n_val:]), sorted(perm[:n_val])
@@ -143,9 +190,18 @@ def digits(test_fraction: float = 0.2) -> RawSplits:
 
 
 def _torchvision(cls: type[tvd.VisionDataset], folder: str, root: str, download: bool, **split: Any) -> Dataset:
-    """`cls(root, download=download, **split)`, turning "not found" into DatasetNotFoundError."""
+    """`cls(root, download=download, **split)`, turning "not found" and a download without a network into
+    DatasetNotFoundError."""
     try:
         return cls(root, download=download, **split)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as err:  # download=true, but no network
+        path = Path(root).absolute() / folder
+        raise DatasetNotFoundError(
+            f"{cls.__name__} cannot be downloaded into {path} (dataset.source.download=true; {type(err).__name__}: "
+            f"{err}): this machine is offline. Fix: on a machine with internet, run once with "
+            f"dataset.source.download=true and copy {path} here, or set paths.data_dir=/path (or WASI_DATA_DIR=/path) "
+            f"to a folder that already holds {folder}/."
+        ) from None
     except (RuntimeError, FileNotFoundError) as err:
         if isinstance(err, RuntimeError) and "not found" not in str(err):
             raise
@@ -289,8 +345,8 @@ def training_subset(dataset: Dataset, labels: np.ndarray, size: int, key: str) -
 
     n = len(labels)
     if not 0 < size <= n:
-        raise ValueError(f"{key}={size}: must be in [1, {n}] (the training split has {n} images). "
-                         f"Fix: {key}=null for all of them, or a smaller number")
+        raise invalid(key, size, f"must be in [1, {n}] (the training split has {n} images)",
+                      f"{key}=null for all of them, or a smaller number")
     if size == n:
         return dataset
     keep, _ = train_test_split(np.arange(n), train_size=size, stratify=labels, random_state=0)
@@ -360,7 +416,7 @@ def isic2018(root: str, test_split: str = "validation") -> RawSplits:
     training images train (and give the validation split), `test_split` tests: "validation" (the challenge's
     193-image validation set, the authors' held-out split) or "test" (its 1512-image test set)."""
     if test_split not in ("validation", "test"):
-        raise ValueError(f"dataset.source.test_split={test_split}: must be validation or test. "
-                         "Fix: dataset.source.test_split=validation")
+        raise invalid("dataset.source.test_split", test_split, "must be validation or test",
+                      "dataset.source.test_split=validation")
     base = Path(root).absolute() / "isic2018"
     return RawSplits(train=isic2018_split(base, "train"), test=isic2018_split(base, test_split))

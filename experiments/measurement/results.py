@@ -25,6 +25,7 @@ from experiments.data.loaders import Loaders, first_batch
 from experiments.measurement import metrics
 from experiments.measurement.environment import environment
 from experiments.training.checkpoint import Progress
+from experiments.training.storage import atomic, resume_fix
 
 
 def assemble_results(cfg: DictConfig, config: dict, variant: Variant, progress: Progress, test_acc: float,
@@ -55,9 +56,9 @@ def assemble_results(cfg: DictConfig, config: dict, variant: Variant, progress: 
 
 
 def write_results(path: Path, results: dict[str, Any]) -> None:
-    """One flat JSON object (NaN/inf as null); written to a temp file first so a crash never leaves half a file."""
+    """One flat JSON object (NaN/inf as null), written atomically (experiments.training.storage), so a crash or a
+    full disk never leaves half a file."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in results.items()}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True))
-    tmp.replace(path)
+    with atomic(path, resume_fix(path.parent)) as tmp:
+        tmp.write_text(json.dumps(clean, indent=2, sort_keys=True))
 

@@ -23,20 +23,19 @@ or number of processes differs from this run's, before loading anything; then it
 its own loader (`load_state_dict` of model, optimizer and scheduler, strict), and turns whatever they
 reject into CheckpointError. Either way the run stops with the reason and the fix.
 
-`best.safetensors` (the best-validation weights) is written with `save_weights`, atomically too.
+`best.safetensors` (the best-validation weights) is written with `save_weights`, atomically too. Both are
+written through experiments.training.storage.atomic: a full disk stops the run with DiskFullError, naming the
+file and the disk, and leaves the previous file intact.
 
 `Checkpointing` is what the training loop holds: one run folder's checkpoints, the NaN guard and the
 warm-start gathering across processes, built on the functions below.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
 import random
 import shutil
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from experiments.configuration.overrides import as_override, flatten
+from experiments.configuration.schema import ConfigError
 from experiments.training import distributed
+from experiments.training.storage import atomic, resume_fix
 from wasi import ASILinear, WSILinear
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,10 @@ LOCATIONS = {"dataset.source.root", "dataset.source.download", "method.rank_tabl
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not belong to this run; nothing was loaded."""
+
+
+class NoCheckpointError(CheckpointError, ConfigError):
+    """`resume` names no checkpoint: a wrong setting (exit status 2), found before anything is built."""
 
 
 class NonFiniteWeightsError(FloatingPointError):
@@ -187,7 +192,7 @@ def resume_path(resume: bool | str | None, run_dir: Path) -> Path | None:
         return None
     path = run_dir / "last.ckpt" if resume is True else Path(str(resume))
     if not path.is_file():
-        raise CheckpointError(
+        raise NoCheckpointError(
             f"resume={as_override(resume)} but there is no checkpoint at {path}. Fix: pass the interrupted run's "
             "folder as hydra.run.dir=<its folder> with resume=true, or resume=/path/to/last.ckpt, or drop resume "
             "to start a fresh run.")
@@ -225,31 +230,18 @@ def check_finite(model: nn.Module, optimizer: torch.optim.Optimizer, step: int, 
                                     f"written. {advice}".rstrip())
 
 
-@contextlib.contextmanager
-def atomic(path: Path) -> Iterator[Path]:
-    """Yields a temporary path next to `path` to write; then fsync and os.replace it onto `path`, so a
-    crash mid-write leaves the previous file intact (and no temporary file behind)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_weights(path: Path, state: dict[str, torch.Tensor]) -> None:
-    """A state_dict as safetensors (best.safetensors), atomically."""
-    with atomic(path) as tmp:
+    """A state_dict as safetensors (best.safetensors), atomically (a full disk: DiskFullError, the previous
+    file intact)."""
+    with atomic(path, resume_fix(path.parent)) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
 
 
 def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, progress: Progress,
          warm_start: list[dict[str, list[torch.Tensor]]], config: dict) -> None:
-    """Write the checkpoint atomically (temp file, fsync, os.replace): a crash mid-write leaves the
-    previous file intact. warm_start: one `warm_start_state` per rank, in rank order. Refuses NaN/inf
-    weights or optimizer state (check_finite), keeping the previous file."""
+    """Write the checkpoint atomically (temp file, fsync, os.replace): a crash or a full disk (DiskFullError)
+    mid-write leaves the previous file intact. warm_start: one `warm_start_state` per rank, in rank order.
+    Refuses NaN/inf weights or optimizer state (check_finite), keeping the previous file."""
     check_finite(model, optimizer, progress.step, path)
     checkpoint = {
         "format": FORMAT, "version": VERSION,
@@ -257,7 +249,7 @@ def save(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
         "progress": asdict(progress), "rng": rng_state(), "warm_start": warm_start,
         "world_size": len(warm_start), "config": config,
     }
-    with atomic(path) as tmp:
+    with atomic(path, resume_fix(path.parent)) as tmp:
         torch.save(checkpoint, tmp)
     log.info("checkpoint: %s (epoch %d, step %d)", path, progress.epoch, progress.step)
 

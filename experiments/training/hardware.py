@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import random
 from collections.abc import Callable
 
@@ -10,16 +12,31 @@ import torch
 from omegaconf import DictConfig
 
 from experiments.configuration.choices import Precision
+from experiments.configuration.schema import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def setup_hardware(hw: DictConfig, local_rank: int = 0) -> torch.device:
-    """The device of this process (`cuda:local_rank` under torchrun) and the CPU thread count."""
+    """The device of this process (`cuda:local_rank` under torchrun) and the CPU thread count; warns once when
+    `hardware.threads` is more than the CPUs this process may run on (the threads would take turns)."""
     if hw.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("hardware=cuda but no CUDA device is visible. "
-                           "Fix: run on a GPU machine or use hardware=cpu.")
+        raise ConfigError("hardware=cuda but no CUDA device is visible. "
+                          "Fix: run on a GPU machine or use hardware=cpu.")
     if hw.threads:
+        cpus = usable_cpus()
+        if hw.threads > cpus:
+            log.warning("hardware.threads=%d is more than the %d CPUs this process may use: the threads take turns "
+                        "and every step runs slower. Fix: hardware.threads=%d (or fewer)", hw.threads, cpus, cpus)
         torch.set_num_threads(hw.threads)
     return torch.device("cuda", local_rank) if hw.device == "cuda" else torch.device(hw.device)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or taskset's limit), else all."""
+    with contextlib.suppress(AttributeError, OSError):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def autocast(hw: DictConfig, device: torch.device) -> contextlib.AbstractContextManager:

@@ -23,6 +23,12 @@ class WandbLogger:
     folder under the same id, and `wandb sync <run dir>/wandb/offline-run-*` uploads them, in order, into
     that one run. A resumed run logs the steps after its checkpoint again, with the same values (resume is
     exact); W&B ignores a step lower than the last one it has.
+
+    Online without a login or a network, the run logs offline instead and says so in one line: W&B's own
+    `init_timeout` (logger.init_timeout, 5 s; W&B's default is 90) bounds the wait, and with it how long a
+    Ctrl-C waits (wandb.init lets the interrupt through only when its wait ends). W&B runs `quiet`: without
+    it, wandb.init first looks up the user's name for its "logged in as" line, which waits another 10 s
+    without a network.
     """
 
     def __init__(self, cfg: DictConfig, run_dir: Path, config: dict, run_id: str | None = None, step: int = 0,
@@ -48,13 +54,17 @@ class WandbLogger:
             reinit="finish_previous",
             id=run_id,
             resume="allow" if run_id else None,
+            settings=wandb.Settings(init_timeout=float(cfg.logger.init_timeout), quiet=True),
         )
         try:
             self.run = wandb.init(mode=cfg.logger.mode, **settings)
         except Exception as err:  # no login, no network: keep the run, log offline
             if cfg.logger.mode != "online":
                 raise
-            log.warning("W&B online init failed (%s); logging offline instead. Sync later with `wandb sync`.", err)
+            reason = " ".join(str(err).split("\nConsider increasing")[0].split())[:300]  # W&B's own advice: ours below
+            log.warning("W&B online did not start the run within logger.init_timeout=%g s (%s: %s); logging offline "
+                        "instead: sync later with `wandb sync %s/wandb/offline-run-*`, or raise logger.init_timeout "
+                        "on a slow network", cfg.logger.init_timeout, type(err).__name__, reason, run_dir)
             self.run = wandb.init(mode="offline", **settings)
         self.run_id = self.run.id
 
