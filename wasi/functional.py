@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import record_function
 
-from wasi.subspace import mode_product
+from wasi.subspace import cheapest_order, mode_product
 
 __all__ = ["LinearParams", "SubspaceLinearFn", "bias_grad", "compute_dtype", "dense_weight_grad", "input_grad",
            "linear_forward", "tucker_weight_grad", "weight_grad"]
@@ -40,13 +40,14 @@ def tucker_weight_grad(dy: Tensor, core: Tensor, factors: Sequence[Tensor],
 
     dy: (n_1, …, n_{d-1}, O), core: (r_1, …, r_d), factors [U_m: (n_m, r_m)] -> G: (O, r_d), P = U_d: (I, r_d).
     3-way: Z₁ = dy ×₁ U₁ᵀ, Z₂ = Z₁ ×₂ U₂ᵀ, G[o, d] = Σ_{a,c} Z₂[a, c, o] S[a, c, d]: mode products on
-    views of dy (most-shrinking mode first), then one matmul with the core. identity[m] True says
-    U_m = I (as `tucker` returns for r_m = n_m), and that mode is not contracted.
+    views of dy (in the cheapest order, `wasi.subspace.cheapest_order`), then one matmul with the core.
+    identity[m] True says U_m = I (as `tucker` returns for r_m = n_m), and that mode is not contracted.
     """
     lead = list(factors[:-1])
     skip = [False] * len(lead) if identity is None else list(identity[:-1])
     z = dy.contiguous()
-    for mode in sorted((m for m in range(len(lead)) if not skip[m]), key=lambda m: lead[m].shape[1] / lead[m].shape[0]):
+    ranks = [u.shape[1] for u in lead] + [z.shape[-1]]
+    for mode in cheapest_order(z.shape, ranks, [m for m in range(len(lead)) if not skip[m]]):
         z = mode_product(z, lead[mode].T, mode)
     r = core.shape[-1]
     return z.reshape(-1, z.shape[-1]).T @ core.reshape(-1, r), factors[-1]

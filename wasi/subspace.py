@@ -10,6 +10,7 @@ over that view (`mode_product`, `mode_gram`, `mode_cross`).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-__all__ = ["explained_variance_rank", "mode_cross", "mode_gram", "mode_product", "mode_view", "orth", "project",
+__all__ = ["cheapest_order", "explained_variance_rank", "mode_cross", "mode_gram", "mode_product", "mode_view", "orth",
+           "project",
            "subspace_iteration", "svd", "truncated_hosvd", "tucker", "tucker_ranks", "tucker_reconstruct", "unfold"]
 
 
@@ -88,13 +90,28 @@ def mode_gram(x: Tensor, mode: int) -> Tensor:
 def mode_cross(x: Tensor, y: Tensor, mode: int) -> Tensor:
     """X_(m) Y_(m)ᵀ for x, y equal in every mode but m. x: (…, n, …), y: (…, k, …) -> (n, k).
 
-    Inner modes: one product per leading index, summed in at least float32."""
+    Inner modes: one product per leading index, summed in at least float32 (taken as (Y X ᵀ)ᵀ: with k ≤ n the
+    batched product runs about twice as fast in that orientation on CPU)."""
     vx, vy = mode_view(x, mode), mode_view(y, mode)
     if vx.shape[0] == 1:
         return vx[0] @ vy[0].T
     if vx.shape[2] == 1:
         return vx[..., 0].T @ vy[..., 0]
-    return torch.bmm(vx, vy.transpose(1, 2)).sum(0, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)
+    return torch.bmm(vy, vx.transpose(1, 2)).sum(0, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype).T
+
+
+def cheapest_order(shape: Sequence[int], ranks: Sequence[int], modes: Sequence[int]) -> list[int]:
+    """The order of contracting `modes` of a tensor of `shape`, mode m from shape[m] to ranks[m], that takes the
+    fewest multiply-adds: a contraction costs the current size times r_m (the result does not depend on order).
+    At most 4! orders are tried; Python ints only, so it costs nothing at run time and traces as a constant."""
+    def cost(order: Sequence[int]) -> int:
+        size, total = math.prod(shape), 0
+        for m in order:
+            total += size * ranks[m]
+            size = size // shape[m] * ranks[m]
+        return total
+
+    return list(min(itertools.permutations(modes), key=cost))
 
 
 def tucker_ranks(shape: Sequence[int], ranks: Sequence[int]) -> list[int]:
@@ -143,13 +160,13 @@ def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None
             v = torch.randn(*shape[:mode], r, *shape[mode + 1:], generator=generator, device=device,
                             dtype=torch.float32)  # V_(m)ᵀ: the Gaussian V laid out as x with mode m of size r
             factors.append(orth(mode_cross(x, v.to(x.device, x.dtype), mode)))
-    return _project(x, factors, [u.shape[0] == u.shape[1] for u in factors]), factors
+    return _project(x, factors, [r == n for n, r in zip(shape, r_all)]), factors
 
 
 def _project(x: Tensor, factors: Sequence[Tensor], skip: Sequence[bool]) -> Tensor:
-    """x ×_m U_mᵀ over the modes not in `skip`, most-shrinking modes first (the result does not depend on order)."""
-    order = sorted((m for m in range(x.dim()) if not skip[m]), key=lambda m: factors[m].shape[1] / factors[m].shape[0])
-    for mode in order:
+    """x ×_m U_mᵀ over the modes not in `skip`, in the cheapest order (the result does not depend on order)."""
+    ranks = [u.shape[1] for u in factors]
+    for mode in cheapest_order(x.shape, ranks, [m for m in range(x.dim()) if not skip[m]]):
         x = mode_product(x, factors[mode].T, mode)
     return x
 
