@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -104,7 +104,7 @@ def cheapest_order(shape: Sequence[int], ranks: Sequence[int], modes: Sequence[i
     """The order of contracting `modes` of a tensor of `shape`, mode m from shape[m] to ranks[m], that takes the
     fewest multiply-adds: a contraction costs the current size times r_m (the result does not depend on order).
     At most 4! orders are tried; Python ints only, so it costs nothing at run time and traces as a constant."""
-    def cost(order: tuple[int, ...]) -> int:
+    def cost(order: Iterable[int]) -> int:
         size, total = math.prod(shape), 0
         for m in order:
             total += size * ranks[m]
