@@ -293,3 +293,27 @@ def test_svd_falls_back_to_float64_when_float32_does_not_converge(monkeypatch):
     torch.testing.assert_close(u @ torch.diag(s) @ vh, m, atol=1e-5, rtol=1e-5)
     L, R = wasi.layers.low_rank_factors(m, 1.0)  # the layers' init goes through it too
     torch.testing.assert_close(L @ R, m, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,ranks", [((32, 50, 3072), (9, 4, 8)), ((32, 50, 768), (7, 4, 4)), ((4, 6, 5, 9), (2, 3, 4, 2))])
+def test_cheapest_order_takes_fewest_flops_counted_by_torch(shape, ranks):
+    """Every order of the core's mode products, FLOPs counted by torch.utils.flop_counter: the chosen order's
+    count is the smallest, and the core is the same in any order."""
+    import itertools
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from wasi.subspace import cheapest_order, mode_product
+    x = torch.randn(*shape)
+    factors = [orth(torch.randn(n, r)) for n, r in zip(shape, ranks)]
+    flops, cores = {}, {}
+    for order in itertools.permutations(range(len(shape))):
+        with FlopCounterMode(display=False) as counter:
+            z = x
+            for m in order:
+                z = mode_product(z, factors[m].T, m)
+        flops[order], cores[order] = counter.get_total_flops(), z
+    best = tuple(cheapest_order(shape, ranks, range(len(shape))))
+    assert flops[best] == min(flops.values())
+    for core in cores.values():
+        torch.testing.assert_close(core, cores[best], atol=1e-4, rtol=1e-4)
