@@ -80,43 +80,62 @@ class RecomputeMlp(nn.Module):
         core, factors = self.fc1._compress(x)
         w1, L1, R1 = self.fc1._fn_weights()
         w2, L2, R2 = self.fc2._fn_weights()
-        return _RecomputeMlpFn.apply(x, w1, L1, R1, self.fc1.bias, w2, L2, R2, self.fc2.bias, self, core, *factors)
+        carriers = (*self.fc1._carriers(x.shape, x), *self.fc2._carriers((*x.shape[:-1], self.fc1.out_features), x))
+        replayed = self.fc2._replayed()  # fc2's compression of a checkpointed block's first forward, when recomputing
+        second = [] if replayed is None or replayed[0] is None else [replayed[0], *replayed[1]]
+        y, *compressed = _RecomputeMlpFn.apply(x, w1, L1, R1, self.fc1.bias, w2, L2, R2, self.fc2.bias, self,
+                                               *carriers, replayed is not None, len(factors), core, *factors, *second)
+        if replayed is None:  # fc2's Tucker step ran inside the Function, which returned it: its side effects here
+            a_bytes = x.numel() // x.shape[-1] * self.fc1.out_features * x.element_size()
+            self.fc2._remember(a_bytes, compressed[0] if compressed else None, compressed[1:])
+        return y
 
 
 class _RecomputeMlpFn(torch.autograd.Function):
-    """The fused MLP of RecomputeMlp. Inputs 0-8: x, then (weight, L, R, bias) of fc1 and of fc2."""
+    """The fused MLP of RecomputeMlp. Inputs 0-8: x, then (weight, L, R, bias) of fc1 and of fc2; 9: the module;
+    10-13: the factored-∇W carriers (Gᵀ, Pᵀ) of fc1 and of fc2 (wasi.functional.factored_carriers) or None;
+    14: whether fc2's compression is given (a recomputation replaying it) or taken here; 15: n, the number of
+    fc1's Tucker factors; 16: fc1's core; then fc1's n factors and, if given, fc2's core and factors.
+    Outputs: y, then fc2's core and factors when this forward took its Tucker step (non-differentiable), so
+    that the module, not the Function, keeps them (no side effect inside the Function)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, w1: Tensor | None, L1: Tensor, R1: Tensor, b1: Tensor | None,
                 w2: Tensor | None, L2: Tensor, R2: Tensor, b2: Tensor | None, mlp: RecomputeMlp,
-                core1: Tensor | None, *factors1: Tensor) -> Tensor:
-        p1 = LinearParams(w1, L1, R1, b1, mlp.fc1._sink())
-        p2 = LinearParams(w2, L2, R2, b2, mlp.fc2._sink())
+                g1: Tensor | None, p1_: Tensor | None, g2: Tensor | None, p2_: Tensor | None,
+                given2: bool, n1: int, core1: Tensor | None, *rest: Tensor) -> tuple[Tensor, ...]:
+        p1 = LinearParams(w1, L1, R1, b1)
+        p2 = LinearParams(w2, L2, R2, b2)
+        factors1 = rest[:n1]
         h, u = linear_forward(x, p1)
         with torch.autocast(x.device.type, enabled=False):
             a = _activation_(mlp.act, h)
         del h
-        core2, factors2 = mlp.fc2._compress(a)
+        if given2:
+            core2, factors2 = (rest[n1], list(rest[n1 + 1:])) if len(rest) > n1 else (None, [])
+        else:
+            core2, factors2 = mlp.fc2._tucker(a)
         y, _ = linear_forward(a, p2)
         first = [x] if core1 is None else [core1, *factors1]
         second = [] if core2 is None else [core2, *factors2]
         ctx.save_for_backward(*first, u, *second)
         ctx.layout = (core1 is not None, len(first), core2 is not None)
         ctx.mlp, ctx.params = mlp, (p1, p2)
-        return y
+        out = [] if given2 or core2 is None else [core2, *factors2]
+        ctx.mark_non_differentiable(*out)
+        return (y, *out)
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, dy: Tensor, *_: Tensor | None) -> tuple[Tensor | None, ...]:
         tucker1, n1, tucker2 = ctx.layout
         p1, p2 = ctx.params
         saved = ctx.saved_tensors
         first, u, second = saved[:n1], saved[n1], saved[n1 + 1:]
         need = ctx.needs_input_grad
-        factored1 = p1.sink is not None and (need[2] or need[3])
-        factored2 = p2.sink is not None and (need[6] or need[7])
+        factored1, factored2 = need[10] or need[11], need[12] or need[13]
         need_dh = need[0] or need[1] or need[4] or factored1
         need_w2 = need[5] or factored2
-        grads: list[Tensor | None] = [None] * (11 + (n1 - 1 if tucker1 else 0))
+        grads: list[Tensor | None] = [None] * len(ctx.needs_input_grad)
         with torch.autocast(dy.device.type, enabled=False):
             if need[8]:
                 assert p2.bias is not None
@@ -126,10 +145,11 @@ class _RecomputeMlpFn(torch.autograd.Function):
                 assert p1.L is not None
                 h = F.linear(u, p1.L.to(u.dtype), None if p1.bias is None else p1.bias.to(u.dtype))
             if tucker2:
-                grads[5] = weight_grad(dy, p2, need[5], factored2, core=second[0], factors=second[1:])
+                grads[5], grads[12], grads[13] = weight_grad(dy, p2, need[5], factored2, core=second[0],
+                                                             factors=second[1:])
             elif need_w2:
                 a = ctx.mlp.act.forward(h)  # .forward, not __call__: the module's hooks ran in the forward pass
-                grads[5] = weight_grad(dy, p2, need[5], factored2, x=a)
+                grads[5], grads[12], grads[13] = weight_grad(dy, p2, need[5], factored2, x=a)
                 del a
             if need_dh:
                 assert h is not None
@@ -141,9 +161,10 @@ class _RecomputeMlpFn(torch.autograd.Function):
                     assert p1.bias is not None
                     grads[4] = bias_grad(dh, p1.bias)
                 if tucker1:
-                    grads[1] = weight_grad(dh, p1, need[1], factored1, core=first[0], factors=first[1:])
+                    grads[1], grads[10], grads[11] = weight_grad(dh, p1, need[1], factored1, core=first[0],
+                                                                 factors=first[1:])
                 else:
-                    grads[1] = weight_grad(dh, p1, need[1], factored1, x=first[0])
+                    grads[1], grads[10], grads[11] = weight_grad(dh, p1, need[1], factored1, x=first[0])
         return tuple(grads)
 
 

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from torch.profiler import record_function
 
 __all__ = ["cheapest_order", "explained_variance_rank", "mode_cross", "mode_gram", "mode_product", "mode_view", "orth",
-           "project",
+           "project", "seeded_normal",
            "subspace_iteration", "svd", "truncated_hosvd", "tucker", "tucker_ranks", "tucker_reconstruct", "unfold"]
 
 
@@ -48,6 +48,41 @@ def explained_variance_rank(s: Tensor, eps: float) -> int:
     if energy[-1] <= 0:
         return 1
     return min(int((energy / energy[-1] < eps).sum()) + 1, s.numel())
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A bijective hash of 32-bit values held in int64: xor-shift-multiply with odd multipliers below 2³¹ (from
+    Chris Wellons' hash-prospector), so no int64 product overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
+
+
+def seeded_normal(shape: Sequence[int], seed: int | Tensor, stream: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal samples of `shape`, a pure function of (seed, stream, element index): counter-based.
+
+    Counter j hashes to a 32-bit integer (`_mix32` of j plus a key from seed and stream: integer tensor ops only),
+    whose top 23 bits give a uniform u ∈ (0, 1); pairs (u₁, u₂) give √(−2 ln u₁) (cos, sin)(2π u₂) (Box–Muller).
+    No generator object and no RNG state: the same numbers eagerly, under torch.compile (which traces it as
+    ordinary ops) and on any device, up to the last bit of log, cos and sin; the global RNG is never touched.
+    `seed` may be an int64 scalar tensor (a layer's buffer, so compiled code does not specialise on its value).
+    """
+    n = math.prod(shape)
+    half = (n + 1) // 2
+    seed_t = torch.as_tensor(seed, dtype=torch.int64, device=device)
+    key = _mix32((_mix32(seed_t & _MASK32) + 0x9E3779B9 * (stream + 1)) & _MASK32)
+    counter = torch.arange(2 * half, dtype=torch.int64, device=seed_t.device)
+    bits = _mix32((counter + key) & _MASK32) >> 9  # 23 bits: (bits + 0.5) / 2²³ is exact in float32
+    u = (bits.to(torch.float32) + 0.5) * 2.0 ** -23
+    radius, angle = torch.sqrt(-2.0 * torch.log(u[:half])), (2 * math.pi) * u[half:]
+    z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
+    return z.reshape(*shape).to(dtype)
 
 
 def subspace_iteration(m: Tensor, u_prev: Tensor) -> Tensor:
@@ -104,14 +139,16 @@ def cheapest_order(shape: Sequence[int], ranks: Sequence[int], modes: Sequence[i
     """The order of contracting `modes` of a tensor of `shape`, mode m from shape[m] to ranks[m], that takes the
     fewest multiply-adds: a contraction costs the current size times r_m (the result does not depend on order).
     At most 4! orders are tried; Python ints only, so it costs nothing at run time and traces as a constant."""
-    def cost(order: Iterable[int]) -> int:
-        size, total = math.prod(shape), 0
+    best: tuple[int, ...] = tuple(modes)
+    best_cost = -1
+    for order in itertools.permutations(modes):
+        size, cost = math.prod(shape), 0
         for m in order:
-            total += size * ranks[m]
+            cost += size * ranks[m]
             size = size // shape[m] * ranks[m]
-        return total
-
-    return list(min(itertools.permutations(modes), key=cost))
+        if best_cost < 0 or cost < best_cost:
+            best, best_cost = order, cost
+    return list(best)
 
 
 def tucker_ranks(shape: Sequence[int], ranks: Sequence[int]) -> list[int]:
@@ -127,7 +164,7 @@ def tucker_ranks(shape: Sequence[int], ranks: Sequence[int]) -> list[int]:
 
 @record_function("wasi.tucker")
 def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None,
-           generator: torch.Generator | None = None) -> tuple[Tensor, list[Tensor]]:
+           generator: torch.Generator | None = None, seed: int | Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
     """Tucker decomposition of x by one subspace-iteration step per mode.
 
     x: (n_1, …, n_d) -> core (r_1, …, r_d), factors [U_m: (n_m, r_m)], r_m from `tucker_ranks`.
@@ -136,8 +173,9 @@ def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None
     Otherwise mode m warm-starts from `prev[m]` when given with shape (n_m, r_m):
     `U_m = orth(X_(m) (X_(m)ᵀ U_m^prev))`, computed as `orth((X_(m) X_(m)ᵀ) U_m^prev)` when the Gram
     matrix is cheaper (n_m < 2 r_m, about); without a usable prev (first step, or a changed shape such as
-    a smaller last batch) it starts from a Gaussian `V: (∏_{j≠m} n_j, r_m)` drawn from `generator`:
-    `U_m = orth(X_(m) V)`. One QR per compressed mode.
+    a smaller last batch) it starts from a Gaussian `V: (∏_{j≠m} n_j, r_m)`: `U_m = orth(X_(m) V)`, V from
+    `seeded_normal(…, seed, stream=m)` when `seed` is given (what the layers use: compile-friendly, no RNG
+    state), else drawn from `generator` (torch's default generator when None). One QR per compressed mode.
     """
     shape = tuple(x.shape)
     r_all = tucker_ranks(shape, ranks)
@@ -156,9 +194,12 @@ def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None
             else:
                 factors.append(orth(mode_cross(x, mode_product(x, u_prev.T, mode), mode)))
         else:
-            device = x.device if generator is None else generator.device
-            v = torch.randn(*shape[:mode], r, *shape[mode + 1:], generator=generator, device=device,
-                            dtype=torch.float32)  # V_(m)ᵀ: the Gaussian V laid out as x with mode m of size r
+            v_shape = (*shape[:mode], r, *shape[mode + 1:])  # V_(m)ᵀ: the Gaussian V laid out as x, mode m of size r
+            if seed is not None:
+                v = seeded_normal(v_shape, seed, mode, x.device)
+            else:
+                device = x.device if generator is None else generator.device
+                v = torch.randn(*v_shape, generator=generator, device=device, dtype=torch.float32)
             factors.append(orth(mode_cross(x, v.to(x.device, x.dtype), mode)))
     return _project(x, factors, [r == n for n, r in zip(shape, r_all)]), factors
 
