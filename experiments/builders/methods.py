@@ -113,6 +113,7 @@ class Subspace(Vanilla):
             seed=seed,
         )
         self.recompute = self.config.recompute
+        self.recomputes = tuple(m for m in wasi.config.RECOMPUTE if weight or m != "mlp")  # mlp needs L, R
         self.rank_table_path = Path(rank_table) if rank_table else None
         self.budget_mib = budget_bytes / 2**20 if budget_mib is None and budget_bytes else budget_mib  # for messages
 
