@@ -121,11 +121,10 @@ def variant_specs(args: argparse.Namespace, base: list[str]) -> list[Spec]:
             for mode in requested:
                 if mode is None or mode in supported:
                     chosen.setdefault(mode, ("" if mode is None else f" [{mode}]", []))
-            for mode in requested:
-                if mode is None or mode in supported:
                     continue
                 near = nearest_recompute(mode, supported)
-                chosen.setdefault(near, (f" [{near} for {mode}]", []))[1].append(mode)
+                suffix = f" [{near}]" if near in requested else f" [{near} for {mode}]"
+                chosen.setdefault(near, (suffix, []))[1].append(mode)
             for mode, (suffix, stands_for) in chosen.items():
                 label = name + ("" if eps is None else f" ε={eps:g}") + suffix
                 notes = [f"{name} has no recompute={m}; the row {label} stands for it (its nearest mode, {mode})"

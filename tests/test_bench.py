@@ -129,6 +129,12 @@ def test_variants_sweep_epsilon_and_recompute_only_where_they_apply() -> None:
                                         "wasi ε=0.8 [none]", "wasi ε=0.8 [mlp]", "wasi ε=0.8 [block]"]
     assert [instantiate(bench.compose_cfg(s.overrides).method).recompute for s in specs] == [
         "none", "block", "none", "block", "none", "mlp", "block"]
+    args = bench.parse_args(["--methods", "vanilla", "wasi", "--eps", "0.8", "--recompute", "mlp", "attn", "block"])
+    specs = bench.variant_specs(args, bench.base_overrides(args))  # the new rung: every method has attn
+    assert [s.label for s in specs] == ["vanilla [none for mlp]", "vanilla [attn]", "vanilla [block]",
+                                        "wasi ε=0.8 [mlp]", "wasi ε=0.8 [attn]", "wasi ε=0.8 [block]"]
+    assert [instantiate(bench.compose_cfg(s.overrides).method).recompute for s in specs] == [
+        "none", "attn", "block", "mlp", "attn", "block"]
 
 
 def test_weights_line_names_a_model_configs_own_checkpoint(tmp_path: Path) -> None:
@@ -166,8 +172,9 @@ def test_speedup_over_flops_ratio_comes_from_the_table(table: pd.DataFrame) -> N
 
 
 def test_nearest_recompute_mode() -> None:
-    assert bench.nearest_recompute("mlp", ("none", "block")) == "none"
-    assert bench.nearest_recompute("block", ("none", "mlp", "block")) == "block"
+    assert bench.nearest_recompute("mlp", ("none", "attn", "block")) == "none"  # a tie goes to less recompute
+    assert bench.nearest_recompute("attn", ("none", "block")) == "block"
+    assert bench.nearest_recompute("block", ("none", "mlp", "attn", "block")) == "block"
 
 
 def test_a_method_without_a_requested_mode_is_measured_with_its_nearest(tmp_path: Path) -> None:

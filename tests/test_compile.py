@@ -28,10 +28,12 @@ def _fresh_dynamo():
     dynamo.reset()
 
 
-@pytest.mark.parametrize("recompute", ["mlp", "none"])
+@pytest.mark.parametrize("recompute", ["mlp", "none", "attn"])
 def test_a_training_step_is_one_graph(recompute):
     """After the first step (random Tucker start, first gradient carriers), the forward and loss trace as one graph
-    with no break: no generator, no side effect inside an autograd Function, no tensor made mid-graph."""
+    with no break: no generator, no side effect inside an autograd Function, no tensor made mid-graph; "attn"'s
+    checkpointed attention holds no Tucker-compressing layer, so torch.compile traces its checkpoint too. ("block"
+    breaks once per block: its checkpoint records the blocks' Tucker factors through a context_fn.)"""
     model = injected("vit", recompute=recompute)
     opt = wasi.SubspaceSGD(model, 0.05)
     x, y = batches(32, n=1)[0]
@@ -40,8 +42,11 @@ def test_a_training_step_is_one_graph(recompute):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
-def test_a_dense_model_is_one_graph():
+@pytest.mark.parametrize("recompute", [None, wasi.checkpoint_attention, wasi.checkpoint_blocks])
+def test_a_dense_model_is_one_graph(recompute):
     model = vit().train()
+    if recompute is not None:
+        recompute(model)
     x, y = batches(32, n=1)[0]
     explained = dynamo.explain(lambda x, y: F.cross_entropy(model(x), y))(x, y)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0)

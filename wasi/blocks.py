@@ -14,7 +14,8 @@ from contextlib import contextmanager
 
 from torch import Tensor, nn
 
-__all__ = ["block_grid", "block_of", "compressed_modes", "compression_views", "find_blocks", "grid_view"]
+__all__ = ["attention_of", "block_grid", "block_of", "compressed_modes", "compression_views", "find_blocks",
+           "grid_view"]
 
 _BLOCK = re.compile(r"(?:^|\.)blocks\.\d+$")
 _MLP_LINEAR = re.compile(r"^(?P<block>(?:.*\.)?blocks\.\d+)\.mlp\.fc[12]$")
@@ -29,6 +30,12 @@ def find_blocks(model: nn.Module) -> list[str]:
         if _BLOCK.search(name) and not any(name.startswith(b + ".") for b in names):
             names.append(name)
     return names
+
+
+def attention_of(block: nn.Module) -> str | None:
+    """Name, within `block`, of its attention module (timm ViT `Attention`, Swin `WindowAttention`: `attn`), whose
+    forward maps the (normalised) block input to the attention branch; None when the block has none."""
+    return "attn" if isinstance(getattr(block, "attn", None), nn.Module) else None
 
 
 def block_of(name: str) -> str | None:

@@ -8,7 +8,7 @@ from wasi.layers import WEIGHT_UPDATES
 __all__ = ["RECOMPUTE", "TARGETS", "WASIConfig"]
 
 TARGETS = ("mlp", "mlp+attn")
-RECOMPUTE = ("none", "mlp", "block")
+RECOMPUTE = ("none", "mlp", "attn", "block")  # from least to most recomputed
 
 
 @dataclass
@@ -38,6 +38,9 @@ class WASIConfig:
         and log-sum-exp, LayerNorm its input);
       "mlp": each MLP whose fc1 and fc2 are converted becomes a wasi.RecomputeMlp that saves fc1's low-rank
         x Rᵀ (…, K) instead of anything of the hidden width (…, 4D) (needs weight=True);
+      "attn": every block's attention module saves only its input and recomputes q, k, v and the attention in
+        backward (wasi.checkpoint_attention), so nothing of (B, heads, N, d) is held; with weight=True the MLPs are
+        also RecomputeMlp, as "mlp";
       "block": every transformer block saves only its input (wasi.checkpoint_blocks), recomputing the rest; with
         weight=True its MLPs are also RecomputeMlp (where the MLP has no dropout), so a block recomputed in
         backward holds nothing of the hidden width either.
@@ -107,7 +110,7 @@ def _check(c: WASIConfig) -> None:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {c.recompute!r}; set method.recompute=none")
     if c.recompute == "mlp" and not c.weight:
         raise ValueError("recompute='mlp' recomputes fc1's output from the low-rank x Rᵀ, which weight=False (ASI) "
-                         "does not have; set method.recompute=none or method.recompute=block")
+                         "does not have; set method.recompute=none or method.recompute=block (or attn)")
     if c.weight_update not in WEIGHT_UPDATES:
         raise ValueError(f"weight_update must be one of {WEIGHT_UPDATES}, got {c.weight_update!r}; "
                          "set method.weight_update=factored")

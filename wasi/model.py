@@ -15,7 +15,7 @@ from wasi.config import TARGETS, WASIConfig
 from wasi.layers import ASILinear, WASILinear, WSILinear, track_token_grid
 from wasi.mlp import RecomputeMlp
 from wasi.ranks import RankTable, build_rank_table, ranks_for, solve_budget
-from wasi.recompute import checkpoint_blocks
+from wasi.recompute import checkpoint_attention, checkpoint_blocks
 from wasi.subspace import truncated_hosvd
 from wasi.trainable import set_trainable
 
@@ -51,8 +51,8 @@ class InjectionSummary:
     """What `inject` did. trainable_params / total_params: numel of model parameters after
     injection (trainable: as `set_trainable` decided, e.g. converted layers + classifier head).
     recompute: the config's recompute mode; recomputed: the modules it applies to (RecomputeMlp
-    names for "mlp", block names for "block"). rank_table: the budget path's table, else None; save it
-    with `rank_table.to_json()` (it is not part of `to_dict`)."""
+    names for "mlp", then attention module names for "attn", then block names for "block"). rank_table: the
+    budget path's table, else None; save it with `rank_table.to_json()` (it is not part of `to_dict`)."""
 
     layers: list[LayerSummary]
     trainable_params: int
@@ -93,7 +93,8 @@ def inject(model: nn.Module, config: WASIConfig, calibration: tuple[Tensor, Tens
     initialisation with config.seed + i. Trainable parameters: `set_trainable(model, all targets,
     config.train_rest, config.last_n)`. Swin MLP inputs are compressed as (B, H, W, C): each such block gets a
     pre-hook telling its converted MLP layers (H, W). config.recompute: "mlp" turns each timm Mlp whose fc1 and
-    fc2 were converted into a RecomputeMlp (an Mlp with only fc2 converted stays as it is); "block" runs
+    fc2 were converted into a RecomputeMlp (an Mlp with only fc2 converted stays as it is); "attn" also runs
+    `checkpoint_attention(model)` (for ASI only that, as ASI has no low-rank MLP to fuse); "block" runs
     `checkpoint_blocks(model)`, and with low-rank weights (WSI/WASI) first fuses the MLPs it can as "mlp" does,
     so a block being recomputed in backward holds nothing of the hidden width either.
     calibration: (x, y) batch, needed for epsilon_act and for budget_bytes without a rank_table.
@@ -103,7 +104,7 @@ def inject(model: nn.Module, config: WASIConfig, calibration: tuple[Tensor, Tens
     names = all_names if config.last_n is None else all_names[-config.last_n:]
     if config.activation and config.ranks is not None:
         _check_fixed_ranks(names, config.ranks)
-    if config.recompute == "mlp":  # before anything changes
+    if config.recompute in ("mlp", "attn") and config.weight:  # before anything changes
         for mlp in _fused_mlps(names):
             RecomputeMlp.check(model.get_submodule(mlp))
     act_ranks, act_eps, table = _activation_ranks(model, names, config, calibration, rank_table)
@@ -125,8 +126,10 @@ def inject(model: nn.Module, config: WASIConfig, calibration: tuple[Tensor, Tens
         for block in sorted({b for b in map(block_of, names) if b is not None}):
             track_token_grid(model.get_submodule(block))
     recomputed: list[str] = []
-    if config.recompute in ("mlp", "block") and config.weight:
-        recomputed = _recompute_mlps(model, names, strict=config.recompute == "mlp")
+    if config.recompute in ("mlp", "attn", "block") and config.weight:
+        recomputed = _recompute_mlps(model, names, strict=config.recompute != "block")
+    if config.recompute == "attn":
+        recomputed += checkpoint_attention(model)
     if config.recompute == "block":
         recomputed += checkpoint_blocks(model)
     summary = InjectionSummary(layers=layers, rank_table=table, recompute=str(config.recompute), recomputed=recomputed,

@@ -1,15 +1,19 @@
-"""Block recompute: every transformer block saves only its input and recomputes the rest in backward.
+"""Block and attention recompute: a module saves only its input and recomputes the rest in backward.
 
 `checkpoint_blocks(model)` runs each block of a timm ViT / Swin under PyTorch's non-reentrant
-`torch.utils.checkpoint.checkpoint` (docs/method.md, Whole-step recompute). It works for any method (dense,
-PEFT LoRA, SVD-LLM factors, ASI/WSI/WASI). The recomputation of a block holding subspace layers must
+`torch.utils.checkpoint.checkpoint` (docs/method.md, Whole-step recompute); `checkpoint_attention(model)` does the
+same for each block's attention module only (`wasi.blocks.attention_of`). Both work for any method (dense,
+PEFT LoRA, SVD-LLM factors, ASI/WSI/WASI). The recomputation of a module holding subspace layers must
 not take a second subspace-iteration step: through `checkpoint`'s `context_fn`, a `TuckerRecord` per call
 records each layer's Tucker factors in the forward and replays them in the recomputation, so the factors,
 the warm-start state, the RNG and the gradient are those of the first forward.
 
 What a block run saves until backward: the block input (B, N, D) (ViT) or (B, H, W, C) (Swin) for each block,
 plus the recorded Tucker core and factors of its ASI/WASI layers (what those layers save anyway); nothing
-else of the block (no attention q, k, v, output or log-sum-exp, no LayerNorm or GELU input).
+else of the block (no attention q, k, v, output or log-sum-exp, no LayerNorm or GELU input). An attention run
+saves the attention's input (B, N, D) (Swin: the windows (B·nW, Wh·Ww, C)) instead of q, k, v (B, heads, N, d),
+the attention output and the log-sum-exp, and recomputes the q, k, v projection, the attention and its output
+projection in backward: a fraction of the block's forward.
 """
 from __future__ import annotations
 
@@ -23,9 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from wasi.blocks import find_blocks
+from wasi.blocks import attention_of, find_blocks
 
-__all__ = ["TuckerRecord", "active_record", "checkpoint_blocks", "is_checkpointed"]
+__all__ = ["TuckerRecord", "active_record", "checkpoint_attention", "checkpoint_blocks", "is_checkpointed"]
 
 _local = threading.local()
 
@@ -87,17 +91,27 @@ def active_record() -> tuple[TuckerRecord, bool] | None:
     return getattr(_local, "state", None)
 
 
-def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    forward = type(block).forward
-    if not (block.training and torch.is_grad_enabled()) or torch.jit.is_tracing() or torch.jit.is_scripting():
-        return forward(block, *args, **kwargs)
+def _checkpointed_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    forward = type(module).forward
+    if not (module.training and torch.is_grad_enabled()) or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return forward(module, *args, **kwargs)
+    if not any(getattr(m, "act_ranks", None) is not None for m in module.modules()):
+        # no Tucker-compressing layer inside: nothing to record, and torch.compile traces the plain checkpoint
+        return checkpoint(forward, module, *args, use_reentrant=False, **kwargs)
     record = TuckerRecord()
-    return checkpoint(forward, block, *args, use_reentrant=False, context_fn=record.contexts, **kwargs)
+    return checkpoint(forward, module, *args, use_reentrant=False,
+                      context_fn=functools.partial(TuckerRecord.contexts, record), **kwargs)
 
 
-def is_checkpointed(block: nn.Module) -> bool:
-    """True when `checkpoint_blocks` has made `block` recompute in backward."""
-    forward = block.__dict__.get("forward")
+def _checkpoint(module: nn.Module) -> None:
+    """Wrap `module`'s own forward (in place, idempotent) so that in training it recomputes in backward."""
+    if not is_checkpointed(module):
+        module.forward = functools.partial(_checkpointed_forward, module)
+
+
+def is_checkpointed(module: nn.Module) -> bool:
+    """True when `checkpoint_blocks` or `checkpoint_attention` has made `module` recompute in backward."""
+    forward = module.__dict__.get("forward")
     return isinstance(forward, functools.partial) and forward.func is _checkpointed_forward
 
 
@@ -115,7 +129,23 @@ def checkpoint_blocks(model: nn.Module) -> list[str]:
         raise ValueError(f"no transformer blocks found in {type(model).__name__}: expected timm ViT 'blocks.<i>' or "
                          "Swin 'layers.<s>.blocks.<i>' modules")
     for name in names:
-        block = model.get_submodule(name)
-        if not is_checkpointed(block):
-            block.forward = functools.partial(_checkpointed_forward, block)
+        _checkpoint(model.get_submodule(name))
+    return names
+
+
+def checkpoint_attention(model: nn.Module) -> list[str]:
+    """Make the attention module of every transformer block of `model` (`wasi.blocks.attention_of`: timm ViT and Swin
+    `<block>.attn`) save only its input in training and recompute q, k, v, the attention and its output projection
+    in backward; returns the attention modules' names. Nothing of size (B, heads, N, d) is held from forward to
+    backward. In place and idempotent, exact, as `checkpoint_blocks` (module names and state_dict unchanged)."""
+    names = []
+    for block_name in find_blocks(model):
+        block = model.get_submodule(block_name)
+        child = attention_of(block)
+        if child is not None:
+            _checkpoint(block.get_submodule(child))
+            names.append(f"{block_name}.{child}")
+    if not names:
+        raise ValueError(f"no attention modules found in the transformer blocks of {type(model).__name__}: expected "
+                         "timm ViT / Swin blocks with an 'attn' module; set recompute='none', 'mlp' or 'block'")
     return names

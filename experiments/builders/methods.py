@@ -35,11 +35,12 @@ class Vanilla:
     """Dense fine-tuning of the targets (the last `last_n` of them, or all), the head, and with `train_rest`
     (vanilla's default) everything else; `wasi.set_trainable` decides, the same rule for every method.
 
-    recompute: "none", or "block" (`wasi.checkpoint_blocks`: every block saves only its input). "mlp" needs
-    the low-rank layers of WSI/WASI.
+    recompute: "none", "attn" (`wasi.checkpoint_attention`: every block's attention saves only its input and
+    recomputes q, k, v and the attention in backward) or "block" (`wasi.checkpoint_blocks`: every block saves only
+    its input). "mlp" needs the low-rank layers of WSI/WASI.
     """
 
-    recomputes = ("none", "block")
+    recomputes: tuple[str, ...] = ("none", "attn", "block")
 
     def __init__(self, name: str = "vanilla", targets: str = "mlp", last_n: int | None = None,
                  train_rest: bool = True, recompute: str = "none"):
@@ -55,7 +56,10 @@ class Vanilla:
         return {}
 
     def checkpoint(self, model: nn.Module) -> None:
-        """recompute=block: every transformer block saves only its input (wasi.checkpoint_blocks)."""
+        """recompute=attn: every block's attention saves only its input (wasi.checkpoint_attention); recompute=block:
+        every transformer block saves only its input (wasi.checkpoint_blocks)."""
+        if self.recompute == "attn":
+            wasi.checkpoint_attention(model)
         if self.recompute == "block":
             wasi.checkpoint_blocks(model)
 
