@@ -151,9 +151,10 @@ class SubspaceSGD(torch.optim.Optimizer):
         g, p = (t.to(work) for t in layer.factored_grad)
         state = self.state[R]
         c = state.get("momentum_buffer")
-        a = (1 - lr * wd) * r0 if c is None else (1 - lr * wd) * r0 - lr * mu * c
-        new_l, ltl, ltg, cholesky = subspace_step(l0, a, g, p, lr)
-        new_r = ltl @ a
+        # A = alpha · a: without a momentum buffer, R scaled by 1 − ηλ inside the products (no (K, I) temporary)
+        a, alpha = (r0, 1 - lr * wd) if c is None else ((1 - lr * wd) * r0 - lr * mu * c, 1.0)
+        new_l, ltl, ltg, cholesky = subspace_step(l0, a, g, p, lr, alpha)
+        new_r = (alpha * ltl) @ a
         new_r.addmm_(ltg, p.T, alpha=-lr)
         buf = None
         if mu:  # C <- L'ᵀ D, D = ∇W + λ L R + μ L C
@@ -173,11 +174,12 @@ class SubspaceSGD(torch.optim.Optimizer):
         return n == DRIFT_CHECK_EVERY
 
 
-def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float) -> tuple[Tensor, Tensor, Tensor, bool]:
+def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: float = 1.0
+                  ) -> tuple[Tensor, Tensor, Tensor, bool]:
     """One warm-started subspace-iteration step for W' = L A − η G Pᵀ without any (O, I) tensor.
 
-    L: (O, K) orthonormal, A: (K, I), G: (O, r), P: (I, r) -> L' = orth(W' W'ᵀ L): (O, K), L'ᵀL: (K, K),
-    L'ᵀG: (K, r), and whether the Cholesky-QR below was used (else Householder QR).
+    L: (O, K) orthonormal, A: (K, I) given as `scale` times the tensor A, G: (O, r), P: (I, r) -> L' = orth(W' W'ᵀ L):
+    (O, K), L'ᵀL: (K, K), L'ᵀG: (K, r), and whether the Cholesky-QR below was used (else Householder QR).
 
     With Q = W'ᵀL = Aᵀ − η P Cᵀ (C = LᵀG: (K, r)), W'Q = L X − η G Y, X = A Q = A Aᵀ − η (A P) Cᵀ (K, K) and
     Y = Pᵀ Q = (A P)ᵀ − η (PᵀP) Cᵀ (r, K). For r ≤ K, orth(W'Q) is a Cholesky-QR taken in the coordinates of
@@ -194,8 +196,8 @@ def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float) -> tupl
     k, r = L.shape[1], G.shape[1]
     c = L.T @ G
     ap = A @ P
-    x = torch.addmm(A @ A.T, ap, c.T, alpha=-lr)
-    y = torch.addmm(ap.T, P.T @ P, c.T, alpha=-lr)
+    x = torch.addmm(A @ A.T, ap, c.T, beta=scale * scale, alpha=-lr * scale)
+    y = torch.addmm(ap.T, P.T @ P, c.T, beta=scale, alpha=-lr)
     if r <= k:
         xd, yd, cd, sd = x.double(), y.double(), c.double(), (G.T @ G).double()
         cross = (xd.T @ cd) @ yd
