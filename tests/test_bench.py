@@ -200,10 +200,10 @@ def test_a_method_without_a_requested_mode_is_measured_with_its_nearest(tmp_path
 
 
 def test_compiled_rows_time_the_compiled_training_step(tmp_path: Path) -> None:
-    out = bench.main([*SMALL, "--methods", "vanilla", "wasi", "--eps", "0.6", "--measure", "time", "--compile", "both",
+    out = bench.main([*SMALL, "--methods", "wasi", "--eps", "0.6", "--measure", "time", "--compile", "both",
                       "--compile-backend", "aot_eager", "--warmup", "1", "--reps", "1", "--out", str(tmp_path)])
     stats = pd.read_csv(out / "timing.csv")
-    labels = ["vanilla", "vanilla compiled", "wasi ε=0.6", "wasi ε=0.6 compiled"]
+    labels = ["wasi ε=0.6", "wasi ε=0.6 compiled"]
     assert list(pd.read_csv(out / "variants.csv").label) == labels and set(stats.label) == set(labels)
     for label in labels:
         untimed = {"inference"} if "compiled" in label else set()
