@@ -178,8 +178,9 @@ def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: 
                   ) -> tuple[Tensor, Tensor, Tensor, bool]:
     """One warm-started subspace-iteration step for W' = L A − η G Pᵀ without any (O, I) tensor.
 
-    L: (O, K) orthonormal, A: (K, I) given as `scale` times the tensor A, G: (O, r), P: (I, r) -> L' = orth(W' W'ᵀ L):
-    (O, K), L'ᵀL: (K, K), L'ᵀG: (K, r), and whether the Cholesky-QR below was used (else Householder QR).
+    L: (O, K) orthonormal, A: (K, I) (the step's A is `scale` · A, so a decayed R needs no scaled copy), G: (O, r),
+    P: (I, r) -> L' = orth(W' W'ᵀ L): (O, K), L'ᵀL: (K, K), L'ᵀG: (K, r), and whether the Cholesky-QR below was
+    used (else Householder QR).
 
     With Q = W'ᵀL = Aᵀ − η P Cᵀ (C = LᵀG: (K, r)), W'Q = L X − η G Y, X = A Q = A Aᵀ − η (A P) Cᵀ (K, K) and
     Y = Pᵀ Q = (A P)ᵀ − η (PᵀP) Cᵀ (r, K). For r ≤ K, orth(W'Q) is a Cholesky-QR taken in the coordinates of
