@@ -41,11 +41,13 @@ class Vanilla:
     """Dense fine-tuning of the targets (the last `last_n` of them, or all), the head, and with `train_rest`
     (vanilla's default) everything else; `wasi.set_trainable` decides, the same rule for every method.
 
-    recompute: "none", or "block" (`wasi.checkpoint_blocks`: every block saves only its input). "mlp" needs
-    the low-rank layers of WSI/WASI.
+    recompute: "none", "attn" (`wasi.checkpoint_attention`: every block's attention saves only its input and
+    recomputes q, k, v and the attention in backward) or "block" (`wasi.checkpoint_blocks`: every block saves only
+    its input). "mlp" needs the low-rank layers of WSI/WASI.
     """
 
     clip_grad_norm_ = staticmethod(wasi.clip_grad_norm_)  # (model, max_norm): factored gradients included
+    recomputes: tuple[str, ...] = get_args(Recompute)  # the method.recompute modes this method has
 
     def __init__(self, name: str = "vanilla", targets: str = "mlp", last_n: int | None = None,
                  train_rest: bool = True, recompute: Recompute = "none"):
@@ -61,7 +63,10 @@ class Vanilla:
         return {}
 
     def checkpoint(self, model: nn.Module) -> None:
-        """recompute=block: every transformer block saves only its input (wasi.checkpoint_blocks)."""
+        """recompute=attn: every block's attention saves only its input (wasi.checkpoint_attention); recompute=block:
+        every transformer block saves only its input (wasi.checkpoint_blocks)."""
+        if self.recompute == "attn":
+            wasi.checkpoint_attention(model)
         if self.recompute == "block":
             wasi.checkpoint_blocks(model)
 
@@ -114,6 +119,7 @@ class Subspace(Vanilla):
         self.config = wasi.WASIConfig(**options)
         self.name, self.targets, self.last_n = name, self.config.targets, self.config.last_n
         self.train_rest, self.recompute = self.config.train_rest, self.config.recompute_mode
+        self.recomputes = tuple(m for m in wasi.config.RECOMPUTE if self.config.weight or m != "mlp")  # mlp: L, R
         self.rank_table_path = Path(rank_table) if rank_table else None
         budget = self.config.budget_bytes
         self.budget_mib = budget_mib if budget_mib is not None or budget is None else budget / MIB  # for messages

@@ -9,6 +9,6 @@ Device = Literal["cpu", "cuda"]  # hardware.device
 Precision = Literal["fp32", "bf16"]  # hardware.precision
 LoggerMode = Literal["offline", "online", "disabled"]  # logger.mode
 Shuffle = Literal["per_epoch", "continued"]  # trainer.shuffle (experiments.training.distributed.EpochSampler)
-Recompute = Literal["none", "block"]  # method.recompute of vanilla, LoRA, SVD-LLM ("mlp" needs WSI/WASI)
+Recompute = Literal["none", "attn", "block"]  # method.recompute of vanilla, LoRA, SVD-LLM ("mlp" needs WSI/WASI)
 Finetune = Literal["lora", "factors"]  # method.finetune of SVD-LLM
 Spectrum = Literal["random", "pretrained"]  # the benchmark's target weights (experiments.builders.variant)

@@ -259,8 +259,8 @@ class VanillaMethod(Checked):
     targets: str = setting(TARGETS_RULE, "method.targets=mlp")
     last_n: int | None = setting(at_least(1), "method.last_n=4, or null for every block")
     train_rest: bool = MISSING
-    recompute: str = setting(one_of_literal(Recompute), "method.recompute=none, or block (recompute=mlp needs "
-                             "the low-rank layers of method=wsi or method=wasi)")
+    recompute: str = setting(one_of_literal(Recompute), "method.recompute=none, attn or block (recompute=mlp "
+                             "needs the low-rank layers of method=wsi or method=wasi)")
 
 
 @dataclass
