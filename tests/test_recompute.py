@@ -240,3 +240,42 @@ def test_attn_holds_nothing_of_heads_and_costs_a_fraction_of_block_recompute():
 def test_checkpoint_attention_needs_attention_modules():
     with pytest.raises(ValueError, match="no attention modules"):
         wasi.checkpoint_attention(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_attention_linears_lie_in_attention_modules():
+    """wasi.blocks.ATTENTION_MODULES is where a block's attention is; the "mlp+attn" preset's projections
+    (wasi.targets.ATTENTION_LINEARS) are named inside those modules."""
+    from wasi.blocks import ATTENTION_MODULES
+    from wasi.targets import ATTENTION_LINEARS
+
+    assert all(ending.split(".")[0] in ATTENTION_MODULES for ending in ATTENTION_LINEARS)
+
+
+def test_attn_recompute_rebuilds_and_merges():
+    """A Hugging Face Llama with recompute="attn": to_config() records the checkpointed attention modules, rebuild
+    re-creates them without data (strict load, same gradients), merge removes them with the fused MLPs."""
+    from tests.families import FAMILIES
+    from wasi.probe import logits_of, run_model
+
+    family = FAMILIES["hf_llama"]
+    x, y = family.batch(2, 0)
+    model = family.build()
+    summary = wasi.inject(model, wasi.WASIConfig(recompute="attn"), calibration=(x, y))
+    assert summary.checkpointed_attention == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert summary.recomputed == summary.fused_mlps + summary.checkpointed_attention
+    again = family.build()
+    rebuilt = wasi.rebuild(again, summary.to_config())
+    again.load_state_dict(model.state_dict(), strict=True)
+    assert rebuilt.checkpointed_attention == summary.checkpointed_attention
+    assert all(is_checkpointed(again.get_submodule(n)) for n in summary.checkpointed_attention)
+    def grads(net):
+        F.cross_entropy(logits_of(run_model(net, x)), y).backward()
+        out = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+        return out | {n: layer.factored_grad[0] @ layer.factored_grad[1].T for n, layer in wasi.factored_layers(net)}
+
+    expected, got = grads(model), grads(again)
+    assert got.keys() == expected.keys() and len(got) > 5
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], msg=k)
+    wasi.merge(again)
+    assert not any(is_checkpointed(m) or wasi.mlp.is_fused(m) for m in again.modules())

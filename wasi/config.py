@@ -74,7 +74,8 @@ class WASIConfig:
         (needs weight=True); an MLP the fused path cannot take is refused by `inject`, naming it;
       "attn": every transformer block's attention module saves only its input and recomputes q, k, v and the
         attention in backward (wasi.checkpoint_attention), so nothing of (B, heads, N, d) is held; with weight=True
-        the MLPs are also fused, as with "mlp" (an MLP the fused path cannot take is refused, naming it);
+        the MLPs are also fused where they can be, as with "mlp" (one the fused path cannot take is left as it is,
+        with a warning that names it);
       "block": every transformer block saves only its input (wasi.checkpoint_blocks), recomputing the rest; with
         weight=True its MLPs are also fused where they can be, so a block recomputed in backward holds nothing
         of the hidden width either.

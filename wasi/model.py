@@ -112,7 +112,7 @@ def inject(model: nn.Module, config: WASIConfig, calibration: tuple[Inputs, Tens
     models take); y the labels, needed only for a budget without a rank_table (loss: cross entropy of the logits).
     inject runs the model on x once (eval mode, no grad) and refuses, naming the modules and the fix: a target that
     never runs (its parent calls F.linear on its weight), fixed `ranks` that do not fit what the targets compress,
-    and with recompute="mlp" or "attn" an MLP the fused path cannot take (with the default recompute such an MLP is
+    and with recompute="mlp" an MLP the fused path cannot take (with the default recompute, or "attn", such an MLP is
     left as it is and named in a warning).
     Targets: `find_targets(model, config.targets, config.last_n, config.target_modules)`; layer i of them seeds its
     Tucker initialisation with config.seed + i. Trainable parameters: `set_trainable(model, every target,
@@ -129,7 +129,7 @@ def inject(model: nn.Module, config: WASIConfig, calibration: tuple[Inputs, Tens
     x, y = calibration
     all_names = find_targets(model, config.targets, target_modules=config.target_modules)
     names = tuned_targets(model, all_names, config.last_n)
-    mode, strict = config.recompute_mode, config.recompute in ("mlp", "attn")
+    mode, strict = config.recompute_mode, config.recompute == "mlp"
     blocks = find_blocks(model)
     candidates = [m for m in find_mlps(model, blocks) if set(m.linears) <= set(names)] \
         if config.weight and mode in ("mlp", "attn", "block") else []
@@ -306,8 +306,8 @@ def _check_fixed_ranks(names: list[str], ranks: list[int], seen: dict[str, Seen]
 
 def _plan_fusion(model: nn.Module, candidates: list[Mlp], computes: dict[str, bool], strict: bool,
                  mode: str) -> list[Mlp]:
-    """The MLPs to fuse; with recompute='mlp' or 'attn' set explicitly (strict) one the fused path cannot take is
-    refused, otherwise left unfused and named in a warning ("mlp" by default) or an info line ("block")."""
+    """The MLPs to fuse; with recompute='mlp' set explicitly (strict) one the fused path cannot take is refused,
+    otherwise left unfused and named in a warning ("mlp" by default, "attn") or an info line ("block")."""
     plan, skipped = [], []
     for mlp in candidates:
         module = model.get_submodule(mlp.name)
@@ -319,12 +319,12 @@ def _plan_fusion(model: nn.Module, candidates: list[Mlp], computes: dict[str, bo
         if problem is None:
             plan.append(mlp)
         elif strict:
-            raise ValueError(f"recompute={mode!r} cannot fuse the MLP {mlp.name} ({type(module).__name__}, "
+            raise ValueError(f"recompute='mlp' cannot fuse the MLP {mlp.name} ({type(module).__name__}, "
                              f"{mlp.form.label}): {problem}; set recompute='none' or recompute='block'")
         else:
             skipped.append(f"{mlp.name} ({problem})")
     if skipped:
-        log = _logger.warning if mode == "mlp" else _logger.info
+        log = _logger.warning if mode in ("mlp", "attn") else _logger.info
         log("recompute=%s leaves %d MLPs unfused, so they save their hidden activations%s: %s", mode, len(skipped),
             "" if mode == "block" else " (recompute='block' recomputes them too)", "; ".join(skipped[:3]) +
             (" …" if len(skipped) > 3 else ""))
