@@ -413,14 +413,14 @@ def _activation(act: Act, h: Tensor, inplace: bool = False) -> Tensor:
 def _activation_backward(act: Act, da: Tensor, h: Tensor) -> Tensor:
     """dh = act'(h) ⊙ da for an elementwise activation; h, da, dh: (…, H). GELU and SiLU by their backward kernels,
     which need h alone (so act(h) is never held) and write dh over da (a temporary of the caller's); any other
-    activation through autograd."""
+    activation (Hugging Face's activation modules, a plain function) by its vector-Jacobian product
+    (`torch.func.vjp`, which torch.compile traces inside a backward, where `torch.autograd.grad` breaks the graph)."""
     if type(act) is nn.GELU:
         return torch.ops.aten.gelu_backward.grad_input(da, h, approximate=act.approximate, grad_input=da)
     if type(act) is nn.SiLU:
         return torch.ops.aten.silu_backward.grad_input(da, h, grad_input=da)
-    with torch.enable_grad():
-        h = h.detach().requires_grad_()
-        (dh,) = torch.autograd.grad(_activation(act, h), h, da)
+    vjp = torch.func.vjp(lambda t: _activation(act, t), h)[1]  # (act(h), its vector-Jacobian product)
+    (dh,) = vjp(da)
     return dh
 
 
