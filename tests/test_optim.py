@@ -361,3 +361,30 @@ def test_optimizer_re_orthonormalises_drifted_factors(monkeypatch):
     L = model.fc1.L.detach()
     torch.testing.assert_close(L.T @ L, torch.eye(model.fc1.rank), atol=1e-6, rtol=0)
     torch.testing.assert_close(L @ model.fc1.R, twin.fc1.L @ twin.fc1.R, atol=1e-4, rtol=1e-3)
+
+
+def test_drift_checks_follow_a_resumed_optimizer(monkeypatch):
+    """The Cholesky-QR steps counted towards the next drift check are optimizer state: an optimizer loaded from
+    another's state_dict after 2 steps checks at the same step (the 3rd) as the one that took them."""
+    import wasi.optim
+    monkeypatch.setattr(wasi.optim, "DRIFT_CHECK_EVERY", 3)
+    checks: list[str] = []
+    check = wasi.optim.reorthonormalise
+    monkeypatch.setattr(wasi.optim, "reorthonormalise", lambda *a, **k: checks.append("check") or check(*a, **k))
+    model = _wasi_net()
+    opt = SubspaceSGD(model, 0.05, momentum=0.9)
+    data = _batches(3)
+
+    def step(m, o, batch):
+        o.zero_grad()
+        F.cross_entropy(m(batch[0]), batch[1]).backward()
+        o.step()
+
+    for batch in data[:2]:
+        step(model, opt, batch)
+    assert not checks
+    resumed = copy.deepcopy(model)
+    resumed_opt = SubspaceSGD(resumed, 0.05, momentum=0.9)
+    resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    step(resumed, resumed_opt, data[2])
+    assert checks == ["check"] * len(wasi.factored_layers(model))

@@ -116,7 +116,6 @@ class SubspaceSGD(torch.optim.Optimizer):
         groups = ([{"params": plain}] if plain else []) + [
             {"params": [l.L, l.R], "layer": i} for i, l in enumerate(self._factored)]
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "layer": None})
-        self._cholesky_steps: dict[int, int] = {}  # per layer: Cholesky-QR steps since its last drift check
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -176,7 +175,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         if mu:  # C <- L'ᵀ D, D = ∇W + λ L R + μ L C
             buf = ltl @ (wd * r0 if c is None else wd * r0 + mu * c)
             buf.addmm_(ltg, p.T)
-        if cholesky and self._drift_check_due(layer):
+        if cholesky and self._drift_check_due(group):
             new_l, new_r, buf = reorthonormalise(new_l, new_r, buf)
         if buf is not None:
             state["momentum_buffer"] = buf
@@ -184,10 +183,13 @@ class SubspaceSGD(torch.optim.Optimizer):
         L.copy_(new_l)
         layer.factored_grad_stale = True
 
-    def _drift_check_due(self, layer: WSILinear) -> bool:
-        """True every DRIFT_CHECK_EVERY-th Cholesky-QR step of `layer` (a counter outside the optimizer state)."""
-        n = self._cholesky_steps.get(id(layer), 0) + 1
-        self._cholesky_steps[id(layer)] = n % DRIFT_CHECK_EVERY
+    @staticmethod
+    def _drift_check_due(group: dict) -> bool:
+        """True every DRIFT_CHECK_EVERY-th Cholesky-QR step of the layer of `group`. The count since the last check
+        is kept in the layer's param group (`cholesky_steps`), so a run resumed from `state_dict()` checks at the
+        same steps."""
+        n = group.get("cholesky_steps", 0) + 1
+        group["cholesky_steps"] = n % DRIFT_CHECK_EVERY
         return n == DRIFT_CHECK_EVERY
 
 
