@@ -332,6 +332,10 @@ def test_exported_weights_and_best_weights_have_the_usual_file_mode(exported, tm
     (["--batch", "100", "--set", "dataset.source.train_size=50"], "error: --batch 100 is larger than the 40 training "
      "images of --data shapes. Fix: --batch 40 or less"),
     (["--set", "trainer.epoch=3"], "error: trainer.epoch is not a setting. Fix: did you mean trainer.epochs?"),
+    (["--measure", "profile", "--profile-baseline", "nowhere/profile.csv"], "error: --profile-baseline "
+     "nowhere/profile.csv: there is no such file. Fix: the profile.csv of an earlier --measure profile run"),
+    (["--profile-baseline", __file__], "error: --profile-baseline compares profiles, and --measure has no profile. "
+     "Fix: add --measure profile"),
 ])
 def test_bench_refuses_a_wrong_argument_in_one_line_before_building_anything(tmp_path, capsys, monkeypatch, argv,
                                                                               line):
