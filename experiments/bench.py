@@ -74,7 +74,7 @@ COST = ("memory/activation_bytes", "memory/peak_bytes", "memory/weight_bytes", "
 Batch = tuple[torch.Tensor, torch.Tensor]
 #: Named sets of defaults (`--preset NAME`); flags after them override them. "pi": the Raspberry Pi 5 profile
 #: of `make pi-latency` (device/README.md): conf/hardware/cpu_pi.yaml (4 threads, fp32), timing.
-PRESETS = {"pi": ["--hardware", "cpu_pi", "--measure", "time", "--out-root", "results/pi_latency"]}
+PRESETS = {"pi": ["--hardware", "cpu_pi", "--measure", "time", "--out-root", "outputs/pi_latency"]}
 
 
 class BenchArgumentError(ConfigError):
@@ -480,7 +480,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=10, help="timed rounds")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant")
     p.add_argument("--out", type=Path, default=None, help="default: <--out-root>/<--tag or timestamp>")
-    p.add_argument("--out-root", type=Path, default=Path("results/bench"))
+    p.add_argument("--out-root", type=Path, default=Path("outputs/bench"))
     p.add_argument("--tag", default=None)
     return p.parse_args(argv)
 

@@ -281,6 +281,11 @@ def _looks_numeric(cell: str) -> bool:
 
 
 def summary_table(runs: list[Run]) -> str:
+    """`summary_frame` as Markdown."""
+    return summary_frame(runs).to_markdown(index=False, disable_numparse=True)
+
+
+def summary_frame(runs: list[Run]) -> pd.DataFrame:
     """One row per configuration (the GROUP_KEYS whose values differ across runs), in the metrics' units:
     the number of runs (seeds), test accuracy as mean ± standard deviation over them, and the mean of the
     other SUMMARY metrics (deterministic ones are equal across seeds)."""
@@ -301,7 +306,7 @@ def summary_table(runs: list[Run]) -> str:
             counted = key.startswith("params/") and mean is not None
             row[header(key, u)] = f"{mean:,.0f}" if counted else format_cell(mean, u)
         rows.append(row)
-    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
+    return pd.DataFrame(rows).fillna("")  # a column another configuration has: blank
 
 
 def failed_table(failed: list[dict[str, str]]) -> str:
@@ -471,6 +476,9 @@ def write_report(runs: list[Run], out: Path, latency: Path | None = None,
     if latency is not None:
         sections.append(f"Latency summary: `{latency}`\n")
     (out / "report.md").write_text("\n".join(sections))
+    if runs:  # the summary as cells, for the tables of README and docs (experiments.tables)
+        summary_frame(runs).to_csv(out / "summary.csv", index=False)
+        written.append(out / "summary.csv")
     return [out / "report.md", *written]
 
 

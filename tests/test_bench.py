@@ -158,7 +158,7 @@ def test_weights_line_names_a_model_configs_own_checkpoint(tmp_path: Path) -> No
 
 def test_pi_preset_sets_defaults_that_later_flags_override() -> None:
     args = bench.parse_args(["--preset", "pi", "--hardware", "cpu", "--batch", "8"])
-    assert (args.hardware, args.measure, args.batch, str(args.out_root)) == ("cpu", ["time"], 8, "results/pi_latency")
+    assert (args.hardware, args.measure, args.batch, str(args.out_root)) == ("cpu", ["time"], 8, "outputs/pi_latency")
     assert bench.parse_args(["--preset", "pi"]).hardware == "cpu_pi"
     assert bench.parse_args([]).hardware == "cpu" and bench.parse_args([]).measure == ["cost"]
 
