@@ -23,7 +23,7 @@ from tqdm import tqdm
 from experiments.builders.variant import build_variant, train_step
 from experiments.configuration.schema import validate
 from experiments.data.loaders import build_loaders, to_device
-from experiments.measurement.results import assemble_results, write_results
+from experiments.measurement.results import assemble_results
 from experiments.training import distributed
 from experiments.training.checkpoint import Checkpointing
 from experiments.training.hardware import autocast, seed_everything, setup_hardware
@@ -102,9 +102,9 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
     # Test the best model, then measure cost on it (this mutates its weights, so it comes last).
     ckpt.load_best(model)
     test_acc = evaluate(model, loaders.test, device, amp, tc.eval_batches, ctx)
-    results = assemble_results(cfg, ckpt.config, variant, p, test_acc, loaders, amp)
+    results = assemble_results(cfg, ckpt.config, variant, p, test_acc, loaders, amp,
+                               write_to=ckpt.run_dir / "results.json" if ctx.is_main else None)
     if ctx.is_main:
-        write_results(ckpt.run_dir / "results.json", results)
         logger.finish(results)
         log.info("test/acc %.4f  (results: %s)", test_acc, ckpt.run_dir / "results.json")
     return results
