@@ -17,6 +17,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from experiments import run as run_module
+from experiments.configuration.overrides import flatten
 from experiments.training import checkpoint, errors, run_folder
 from experiments.training.checkpoint import Checkpointing
 from tests.helpers import METHODS, QUICK, ROOT, SHAPES, compose
@@ -162,6 +164,28 @@ def test_the_lock_is_held_for_as_long_as_the_run_and_released_after(tmp_path):
 # 7. A preempted sweep, continued with one command
 # ---------------------------------------------------------------------------------------------
 
+def test_resume_auto_continues_a_checkpoint_leaves_a_finished_run_and_refuses_another_configs(tmp_path, monkeypatch):
+    """What each job of `-m ... resume=auto` decides, in process (a job that never started: the test of resume and
+    overwrite above; all three in a real preempted sweep: the slow test below)."""
+    run_dir = tmp_path / "run"
+    make = lambda *overrides: compose(*QUICK, "logger.mode=disabled", "resume=auto", *overrides, run_dir=run_dir)
+    run_dir.mkdir()
+    (run_dir / "last.ckpt").write_bytes(b"an interrupted run's checkpoint")
+    assert Checkpointing(make()).resume_from == run_dir / "last.ckpt" and Checkpointing(make()).finished is None
+    measured = {"test/acc": 0.5, "train/steps": 6, "flops/train_step": 1e6,
+                **{f"config/{k}": v for k, v in flatten(OmegaConf.to_container(make(), resolve=True)).items()}}
+    (run_dir / "results.json").write_text(json.dumps({k: v for k, v in measured.items() if k != "flops/train_step"}))
+    assert Checkpointing(make()).finished is None  # stopped while measuring the cost: resume it
+    (run_dir / "results.json").write_text(json.dumps(measured))
+    monkeypatch.setattr("experiments.run.build_loaders", lambda *a: pytest.fail("built the loaders"))
+    assert run_module.run(make()) == measured  # finished: its results, nothing trained or written
+    with pytest.raises(checkpoint.CheckpointError, match=r"results.json is of another run: config seed: "
+                       r"results.json 233, this run 1\. Fix: resume=auto with the overrides"):
+        Checkpointing(make("seed=1"))
+    assert json.loads((run_dir / "results.json").read_text()) == measured
+
+
+@pytest.mark.slow
 def test_a_preempted_sweep_is_continued_with_resume_auto(tmp_path):
     """Three jobs that train alike (they differ in a W&B tag only): SIGTERM while job 1 trains, so job 0 has
     finished, job 1 holds a mid-training checkpoint and job 2 never started. The same command plus resume=auto
