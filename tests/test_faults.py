@@ -123,7 +123,7 @@ def test_train_py_on_a_full_disk_ends_with_one_line_and_keeps_the_best_weights(t
     line = one_line(proc.stderr)
     assert line.startswith(f"error: DiskFullError: the disk holding {run_dir.resolve()} is full (")
     assert f"{run_dir}/last.ckpt could not be written; there was no earlier last.ckpt. Fix: free space" in line
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "best.safetensors", "train.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "best.safetensors", "metrics.jsonl", "train.log"]
     assert load_file(str(run_dir / "best.safetensors"))  # intact and readable
 
 
