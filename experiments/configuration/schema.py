@@ -409,6 +409,7 @@ class Config(Checked):
 
     seed: int = setting(SEED, "seed=233")
     resume: Any = MISSING
+    overwrite: bool = MISSING
     trainer: Trainer = MISSING
     paths: Paths = MISSING
     model: Model = MISSING
@@ -422,8 +423,13 @@ class Config(Checked):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (self.resume is None or isinstance(self.resume, (bool, str))):
-            raise invalid("resume", self.resume, "must be true, false, null or a path to a last.ckpt",
+            raise invalid("resume", self.resume, "must be true, false, null, auto or a path to a last.ckpt",
                           "resume=true with hydra.run.dir=<the interrupted run's folder>")
+        if self.overwrite and self.resume not in (None, False):
+            raise invalid("overwrite", True, "replaces the run in the run folder, while "
+                          f"resume={as_override(self.resume)} continues one",
+                          "keep one of them: overwrite=true to start over, or resume to continue")
+        self.check_method()
         target = self.optimizer.get("_target_") if isinstance(self.optimizer, dict) else self.optimizer._target_
         if getattr(self.method, "weight", False) and target != "torch.optim.SGD":
             raise invalid("optimizer._target_", target, f"method={self.method.name} updates its weight factors with "
@@ -432,6 +438,23 @@ class Config(Checked):
         if need is not None and target != need.target:
             raise invalid("optimizer._target_", target, f"method={self.method.name} trains with {need.builds}, "
                           f"built from the {need.choice} settings", f"optimizer={need.choice}")
+
+    def check_method(self) -> None:
+        """The method is what its `_target_` class trains with these settings (its `identity`, one place): a
+        `method.name` that says otherwise (an override of it, or of what decides it, e.g. method.weight) would
+        label one method's results with another's name."""
+        from hydra.utils import get_class  # the builders import this module
+
+        target = getattr(self.method, "_target_", None)
+        try:
+            identity = getattr(get_class(str(target)), "identity")  # noqa: B009  (a class of unknown kind)
+        except Exception:  # not a method class of the suite's kind: building it reports what is wrong
+            return
+        trains, because = identity(self.method)
+        if trains != self.method.name:
+            raise invalid("method.name", self.method.name, f"{target}{because} trains {trains}, so its results "
+                          f"would be labelled {self.method.name}", "choose the method by its config file, "
+                          f"method=<name>, which sets method.name (method={trains} is what these settings train)")
 
 
 SCHEMAS = {"config_schema": Config, "dataset_schema": Dataset, "vanilla_method_schema": VanillaMethod,
