@@ -22,9 +22,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 setup: $(VENV)/.installed
 
-run: setup  ## the main job: vanilla and WASI fine-tuning of the shipped pretrained model on digits, offline
+run: setup  ## the main job: vanilla, WASI as the paper ran it and WASI alone fine-tuning the shipped model on digits, offline
 	$(PY) train.py -m experiment=demo hydra.sweep.dir=$(RUN_DIR) $(RUN_ARGS)
-	$(PY) -m experiments.report $(RUN_DIR)
+	$(PY) -m experiments.report $(RUN_DIR) --out $(or $(REPORT_OUT),$(RUN_DIR)/report)
 
 test: setup lint  ## lint, then the default (fast) test suite
 	$(PY) -m pytest -q -m "not slow"

@@ -4,7 +4,7 @@ Entry points sit at this level (`python -m experiments.<name>`): run (the traini
 calls), bench, report, export, inference, pretrain. The rest is in packages named by role:
 
     training/       the loop's infrastructure: checkpoints, stop signals, LR schedules, processes, hardware,
-                    logging, errors, writing files (storage), the run folder's setting
+                    logging, errors, writing files (storage), the run folder (its setting, owner, lock)
     builders/       model, method and variant construction; factor linears; the pretrained-like spectrum
     data/           datasets (their loaders, generated shapes and fractals) and the batches the loop reads
     measurement/    cost metrics (FLOPs, memory, time), energy, a run's results, the environment, memory units

@@ -18,10 +18,14 @@ variant, starting one variant later each round), so a slow spell of the machine 
 Jetson's rails) around the same training steps and inferences of the same rounds (joules per training step
 and per inference: means over the timed rounds), or says in one line that there is none.
 Ratios `×` are the reference's value over the variant's (reference: vanilla without recompute, else
-the first variant), from medians. Writes under --out: variants.csv (one row per variant),
-summary.md, saved_tensors.csv (cost), timing.csv, timing_raw.csv, latency.png (time), energy.csv (energy), profile.csv
-(profile: torch.profiler's time in the library's Tucker step, compressed gradient and factored update) and
-run.json.
+the first variant), from medians; with cost and time measured together, `step × / FLOPs ×` is how much of
+its FLOPs ratio a variant's measured speed-up achieves. A method that lacks a requested recompute mode
+(vanilla has no `mlp`) is measured with its nearest one, and the table says so. `--compile on|both` times
+the training step under torch.compile (both: eager and compiled rows side by side); `--profile-baseline`
+puts another run's profile.csv (the same command on the code before a change) next to this one's.
+Writes under --out: variants.csv (one row per variant), summary.md, saved_tensors.csv (cost), timing.csv,
+timing_raw.csv, latency.png (time), energy.csv (energy), profile.csv (profile: torch.profiler's time in the
+library's Tucker step, compressed gradient and factored update) and run.json.
 """
 from __future__ import annotations
 
@@ -33,7 +37,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, get_args
@@ -42,12 +46,13 @@ import matplotlib
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.utils.data import default_collate
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import default_collate
 
 import experiments.configuration.schema  # noqa: F401  (registers the config schemas that conf/ extends)
+import wasi.config
 from experiments import CONF_DIR
 from experiments.builders.inputs import Inputs, data_arguments, logits
 from experiments.builders.variant import Variant, build_variant, train_step
@@ -74,7 +79,7 @@ COST = ("memory/activation_bytes", "memory/peak_bytes", "memory/weight_bytes", "
         "memory/layers_weight_bytes", "flops/layers_train_step", "flops/layers_inference")
 #: Named sets of defaults (`--preset NAME`); flags after them override them. "pi": the Raspberry Pi 5 profile
 #: of `make pi-latency` (device/README.md): conf/hardware/cpu_pi.yaml (4 threads, fp32), timing.
-PRESETS = {"pi": ["--hardware", "cpu_pi", "--measure", "time", "--out-root", "results/pi_latency"]}
+PRESETS = {"pi": ["--hardware", "cpu_pi", "--measure", "time", "--out-root", "outputs/pi_latency"]}
 
 
 class BenchArgumentError(ConfigError):
@@ -83,13 +88,16 @@ class BenchArgumentError(ConfigError):
 
 @dataclass
 class Spec:
-    """One variant to build: its label, what it is, and the Hydra overrides that compose it."""
+    """One variant to build: its label, what it is, the Hydra overrides that compose it, and whether it is built
+    compiled (`torch.compile` of the model for timing and profiling)."""
 
     label: str
     method: str
     epsilon: float | None
     recompute: str | None
     overrides: list[str]
+    compiled: bool = False
+    notes: list[str] = field(default_factory=list)  # e.g. which requested recompute mode this row stands for
 
 
 def compose_cfg(overrides: Sequence[str]) -> DictConfig:
@@ -107,27 +115,49 @@ def base_overrides(args: argparse.Namespace) -> list[str]:
     return [*out, *args.set]
 
 
+def nearest_recompute(mode: str, supported: Sequence[str]) -> str:
+    """The recompute mode of `supported` closest to `mode` on the ladder none < mlp < attn < block
+    (wasi.config.RECOMPUTE), the one recomputing less on a tie: vanilla's for mlp is none."""
+    rung = wasi.config.RECOMPUTE.index
+    return min(supported, key=lambda m: (abs(rung(m) - rung(mode)), rung(m)))
+
+
 def variant_specs(args: argparse.Namespace, base: list[str]) -> list[Spec]:
     """Every method of --methods, once per --eps value where ε matters to it (a weight rank K, or activation
-    ranks from epsilon_act, which follows ε unless set), once per --recompute mode it supports ("mlp" needs
-    WSI/WASI). A method that builds its optimizer from one optimizer group (its schema's `optimizer_need`:
-    LoRA-FA, GaLore from optimizer=adamw) gets that group, unless --set chooses one."""
-    specs = []
+    ranks from epsilon_act, which follows ε unless set), once per --recompute mode, and with --compile both,
+    eagerly and compiled. A method without a requested mode (mlp needs the low-rank layers of WSI/WASI) is
+    measured with its nearest mode (`nearest_recompute`), labelled "[none for mlp]" unless that mode is among
+    its rows anyway; never dropped: the row's `notes` say what it stands for. A method that builds its optimizer
+    from one optimizer group (its schema's `optimizer_need`: LoRA-FA, GaLore from optimizer=adamw) gets that
+    group, unless --set chooses one."""
+    specs: list[Spec] = []
     chosen_optimizer = any(o.startswith(("optimizer=", "+optimizer=")) for o in args.set)
     for name in args.methods:
         method = compose_cfg([*base, f"method={name}"]).method
+        supported = instantiate(method).recomputes
         need = getattr(OmegaConf.get_type(method), "optimizer_need", None)  # e.g. GaLore: optimizer=adamw
         own = [] if need is None or chosen_optimizer else [f"optimizer={need.choice}"]
         activation_from_eps = method.get("ranks") is None and method.get("budget_mib") is None  # epsilon_act = ε
         uses_eps = "epsilon" in method and (method.get("weight", True) or activation_from_eps)
+        requested = args.recompute or [None]
         for eps in args.eps if uses_eps else [None]:
-            for mode in args.recompute or [None]:
-                if mode == "mlp" and not method.get("weight", False):
+            chosen: dict[str | None, tuple[str, list[str]]] = {}  # mode to build -> (label suffix, modes it stands for)
+            for mode in requested:
+                if mode is None or mode in supported:
+                    chosen.setdefault(mode, ("" if mode is None else f" [{mode}]", []))
                     continue
-                label = name + ("" if eps is None else f" ε={eps:g}") + ("" if mode is None else f" [{mode}]")
+                near = nearest_recompute(mode, supported)
+                suffix = f" [{near}]" if near in requested else f" [{near} for {mode}]"
+                chosen.setdefault(near, (suffix, []))[1].append(mode)
+            for mode, (suffix, stands_for) in chosen.items():
+                label = name + ("" if eps is None else f" ε={eps:g}") + suffix
+                notes = [f"{name} has no recompute={m}; the row {label} stands for it (its nearest mode, {mode})"
+                         for m in stands_for]
                 overrides = [*base, f"method={name}", *own] + ([] if eps is None else [f"method.epsilon={eps}"])
                 overrides += [] if mode is None else [f"method.recompute={mode}"]
-                specs.append(Spec(label, name, eps, mode, overrides))
+                for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+                    specs.append(Spec(label + (" compiled" if compiled and args.compile == "both" else ""), name,
+                                      eps, mode, overrides, compiled, list(notes)))
     return specs
 
 
@@ -215,20 +245,22 @@ def time_round_robin(built: list[tuple[Spec, Variant, DictConfig]], x: Inputs, y
             clock()
             train_step(variant.model, variant.optimizer, x, y, cfg.trainer.grad_clip, amp, clock)
             step_end = energy()
-            deployed = variant.method.inference_model(variant.model).eval()
-            with torch.no_grad(), amp:
-                inference_start = energy()
-                clock()
-                logits(deployed, x)
-                clock()
-                inference_end = energy()
+            joules = {"train_step": used(step_start, step_end)}
+            if not spec.compiled:  # a compiled row compares the training step; its inference is not timed
+                deployed = variant.method.inference_model(variant.model).eval()
+                with torch.no_grad(), amp:
+                    inference_start = energy()
+                    clock()
+                    logits(deployed, x)
+                    clock()
+                    inference_end = energy()
+                joules["inference"] = used(inference_start, inference_end)
             t = [b - a for a, b in zip(marks, marks[1:])]
-            seconds = {"forward": t[0], "backward": t[1], "optimizer": t[2], "train_step": sum(t[:3]),
-                       "inference": t[4]}
-            joules = {"train_step": used(step_start, step_end), "inference": used(inference_start, inference_end)}
+            seconds = {"forward": t[0], "backward": t[1], "optimizer": t[2], "train_step": sum(t[:3])}
+            seconds.update({} if spec.compiled else {"inference": t[4]})
             if r >= warmup:
                 rows += [{"label": spec.label, "rep": r - warmup, "phase": p, "seconds": seconds[p],
-                          **joules.get(p, {})} for p in PHASES]
+                          **joules.get(p, {})} for p in PHASES if p in seconds]
         log.info("timing round %d/%d (%s)", r + 1, warmup + reps, "warm-up" if r < warmup else "timed")
     return pd.DataFrame(rows)
 
@@ -300,7 +332,8 @@ def add_ratios(table: pd.DataFrame, reference: str) -> pd.DataFrame:
         table["layers ×"] = table["memory/compressed_layers_vanilla_bytes"] / table["memory/compressed_layers_bytes"]
     for part in ("activation", "weight"):  # the same layers dense / as the row keeps them (the paper's figures)
         if f"memory/layers_{part}_bytes" in table:
-            table[f"layers {part} ×"] = table[f"memory/layers_{part}_dense_bytes"] / table[f"memory/layers_{part}_bytes"]
+            dense, held = table[f"memory/layers_{part}_dense_bytes"], table[f"memory/layers_{part}_bytes"]
+            table[f"layers {part} ×"] = dense / held
     if reference in set(table.label):
         ref = table.set_index("label").loc[reference]
         for key in COST:
@@ -309,8 +342,32 @@ def add_ratios(table: pd.DataFrame, reference: str) -> pd.DataFrame:
     return table
 
 
+def add_efficiency(table: pd.DataFrame) -> pd.DataFrame:
+    """`step × / FLOPs ×`: the measured train-step speed-up over the reference divided by its train-FLOPs ratio,
+    how much of what its arithmetic allows a variant's step achieves (1: time scales with FLOPs)."""
+    if "time/train_step_s ×" in table and "flops/train_step ×" in table:
+        table["time/train_step_s × / flops ×"] = table["time/train_step_s ×"] / table["flops/train_step ×"]
+    return table
+
+
+def profile_table(profiled: pd.DataFrame, baseline: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per label, `ms (% of the step)` in each region (REGIONS); with a baseline profile.csv (the same command
+    run on other code, e.g. before a change), `before → after` in each cell, for the labels both runs have."""
+    def cells(frame: pd.DataFrame) -> pd.Series:
+        text = [f"{1e3 * t:.0f} ms ({100 * f:.1f}%)" for t, f in zip(frame.seconds, frame.share)]
+        return pd.Series(text, index=pd.MultiIndex.from_arrays([frame.label, frame.region]))
+
+    after = cells(profiled)
+    if baseline is not None:
+        before = cells(baseline)
+        after = pd.Series({k: f"{before[k]} → {v}" if k in before.index else v for k, v in after.items()})
+        after.index = pd.MultiIndex.from_tuples(after.index)
+    table = after.unstack()
+    return table.loc[list(dict.fromkeys(profiled.label)), ["step", *REGIONS]]
+
+
 def markdown(table: pd.DataFrame, breakdown: dict[str, dict[str, int]], header: str,
-             profiled: pd.DataFrame | None = None) -> str:
+             profiled: pd.DataFrame | None = None, baseline: pd.DataFrame | None = None) -> str:
     """summary.md: the main table (MiB, GFLOPs, ms, × vs the reference), ranks, saved-tensor sources,
     profiled regions."""
     mib, g = 2.0**20, 1e9
@@ -319,14 +376,15 @@ def markdown(table: pd.DataFrame, breakdown: dict[str, dict[str, int]], header: 
             "memory/activation_bytes ×": ("act ×", 1), "memory/peak_bytes": ("peak MiB", mib),
             "memory/peak_bytes ×": ("peak ×", 1), "memory/weight_bytes": ("weights MiB", mib),
             "flops/train_step": ("train GFLOPs", g), "flops/train_step ×": ("train FLOPs ×", 1),
-            "flops/inference_per_image": ("infer GFLOPs/img", g), "flops/inference_per_sequence": ("infer GFLOPs/seq", g),
+            "flops/inference_per_image": ("infer GFLOPs/img", g),
+            "flops/inference_per_sequence": ("infer GFLOPs/seq", g),
             "memory/layers_activation_bytes": ("tuned act MiB", mib), "layers activation ×": ("tuned act × dense", 1),
             "memory/layers_weight_bytes": ("tuned weights MiB", mib), "layers weight ×": ("tuned weights × dense", 1),
             "flops/layers_train_step": ("tuned train GFLOPs", g), "flops/layers_train_step ×": ("tuned train ×", 1),
             "flops/layers_inference": ("tuned infer GFLOPs", g), "flops/layers_inference ×": ("tuned infer ×", 1),
             "time/train_step_s": ("step ms", 1e-3),
-            "time/train_step_s ×": ("step ×", 1), "time/inference_s": ("infer ms", 1e-3),
-            "time/inference_s ×": ("infer ×", 1)}
+            "time/train_step_s ×": ("step ×", 1), "time/train_step_s × / flops ×": ("step × / FLOPs ×", 1),
+            "time/inference_s": ("infer ms", 1e-3), "time/inference_s ×": ("infer ×", 1)}
     cols.update({key: (f"{phase} J {key.split('/')[1]}", 1) for key in table if key.startswith("energy/")
                  for phase in ["step" if key.endswith("/train_step_j") else "infer"]})
     cols = {"label": cols.pop("label"), "optimizer": ("optimizer", None), **cols}
@@ -344,11 +402,9 @@ def markdown(table: pd.DataFrame, breakdown: dict[str, dict[str, int]], header: 
         lines += ["", "Memory held from forward to backward by the module and op that created it (MiB, all "
                   "blocks summed; `metrics.held_activations`):", "", sources.round(1).to_markdown(floatfmt="g")]
     if profiled is not None:
-        shares = profiled.assign(cell=[f"{1e3 * s:.0f} ms ({100 * f:.1f}%)" for s, f in
-                                       zip(profiled.seconds, profiled.share)])
-        lines += ["", "Time per step in the library's labelled regions (torch.profiler; % of the step):", "",
-                  shares.pivot(index="label", columns="region", values="cell").loc[
-                      list(dict.fromkeys(profiled.label)), ["step", *REGIONS]].to_markdown()]
+        what = "; before → after, before from --profile-baseline" if baseline is not None else ""
+        lines += ["", f"Time per step in the library's labelled regions (torch.profiler; % of the step{what}):", "",
+                  profile_table(profiled, baseline).to_markdown()]
     return "\n".join(lines) + "\n"
 
 
@@ -399,6 +455,12 @@ def check_args(args: argparse.Namespace) -> None:
     if args.checkpoint and not Path(args.checkpoint).is_file():
         raise BenchArgumentError(f"--checkpoint {args.checkpoint}: there is no such file. Fix: --checkpoint "
                                  "/path/to/weights.safetensors, or leave it out")
+    if args.profile_baseline is not None and not args.profile_baseline.is_file():
+        raise BenchArgumentError(f"--profile-baseline {args.profile_baseline}: there is no such file. Fix: the "
+                                 "profile.csv of an earlier --measure profile run, or leave it out")
+    if args.profile_baseline is not None and "profile" not in args.measure:
+        raise BenchArgumentError("--profile-baseline compares profiles, and --measure has no profile. Fix: add "
+                                 "--measure profile, or leave --profile-baseline out")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -413,8 +475,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=["vanilla", "wasi"], help="conf/method choices")
     p.add_argument("--eps", nargs="+", type=float, default=list(EPS_SET),
                    help="method.epsilon of the methods it matters to (epsilon_act follows it unless --set)")
-    p.add_argument("--recompute", nargs="+", choices=["none", "mlp", "block"], default=None,
-                   help="method.recompute modes to compare (default: each method's own)")
+    p.add_argument("--recompute", nargs="+", choices=list(wasi.config.RECOMPUTE), default=None,
+                   help="method.recompute modes to compare (default: each method's own); a method without one is "
+                   "measured with its nearest mode, and the table says so")
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--data", default="shapes", help="conf/dataset choice for the batch, or 'noise' (Gaussian)")
     p.add_argument("--spectrum", choices=get_args(Spectrum), default="random",
@@ -428,11 +491,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="profile: the share of a step in the library's Tucker step, compressed gradient and "
                    "factored update; energy: joules per training step and per inference, read around the timed "
                    "calls of --measure time's rounds (NVML, RAPL or a Jetson's rails; one line if none is readable)")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                   help="torch.compile the training model of every variant for time/profile (on), or measure each "
+                   "variant eagerly and compiled side by side, interleaved (both)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
+    p.add_argument("--profile-baseline", type=Path, default=None,
+                   help="profile.csv of the same command run on other code (e.g. before a change): the summary's "
+                   "profile table shows before → after")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds")
     p.add_argument("--reps", type=int, default=10, help="timed rounds")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Hydra overrides for every variant")
     p.add_argument("--out", type=Path, default=None, help="default: <--out-root>/<--tag or timestamp>")
-    p.add_argument("--out-root", type=Path, default=Path("results/bench"))
+    p.add_argument("--out-root", type=Path, default=Path("outputs/bench"))
     p.add_argument("--tag", default=None)
     return p.parse_args(argv)
 
@@ -455,6 +525,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     x, y = to_device((x, y), device)
     specs = variant_specs(args, base)
     out.mkdir(parents=True, exist_ok=True)
+    notes = list(dict.fromkeys(n for spec in specs for n in spec.notes))
     vanilla = [s.label for s in specs if s.method == "vanilla" and s.recompute in (None, "none")]
     reference = (vanilla or [specs[0].label])[0]
     weights = (f"checkpoint {checkpoint}" if checkpoint else "pretrained (hub)" if args.hub else
@@ -478,6 +549,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
             log.warning("energy: %s; energy is not measured, the other measures still run", err)
             header += f"\n\nEnergy: not measured ({err})."
             timed = timed - {"energy"}
+    if any(spec.compiled for spec in specs):
+        header += (f" Compiled rows: the training model under torch.compile (backend {args.compile_backend}), after "
+                   "one eager step and the warm-up rounds; their inference is not timed.")
+    header += "".join(f"\n\nNote: {note}." for note in notes)
     rows, breakdown, built = [], {}, []
     for spec in specs:
         cfg = compose_cfg(spec.overrides)
@@ -488,6 +563,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         if "cost" in args.measure:
             cost, breakdown[spec.label] = measure_cost(variant, cfg, x, y, device)
             rows[-1].update(cost)
+        if spec.compiled:  # one eager step first: warm-start factors and gradient carriers exist, one graph to build
+            train_step(variant.model.train(), variant.optimizer, x, y, cfg.trainer.grad_clip,
+                       autocast(cfg.hardware, device))
+            variant.model = torch.compile(variant.model, backend=args.compile_backend)
         if {"profile"} & set(args.measure) or timed:
             built.append((spec, variant, cfg))
         del variant
@@ -497,6 +576,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if breakdown:
         pd.DataFrame(breakdown).fillna(0).astype(int).rename_axis("source").to_csv(out / "saved_tensors.csv")
     profiled = None
+    baseline = None if args.profile_baseline is None else pd.read_csv(args.profile_baseline)
     if "profile" in args.measure:
         profiled = profile_regions(built, x, y, device, args.warmup, args.reps)
         profiled.to_csv(out / "profile.csv", index=False)
@@ -514,11 +594,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
             joules.to_csv(out / "energy.csv", index=False)
             for (phase, domain), group in joules.groupby(["phase", "domain"], sort=False):
                 table[f"energy/{domain}/{phase}_j"] = table.label.map(group.set_index("label").mean_j)
+        table = add_efficiency(table)
         table.to_csv(out / "variants.csv", index=False)
-    (out / "summary.md").write_text(markdown(table, breakdown, header, profiled))
+    (out / "summary.md").write_text(markdown(table, breakdown, header, profiled, baseline))
     (out / "run.json").write_text(json.dumps({"argv": list(sys.argv[1:] if argv is None else argv),
                                               "environment": environment(device), "reference": reference,
-                                              "weights": weights, "inputs": inputs}, indent=2))
+                                              "weights": weights, "inputs": inputs, "notes": notes}, indent=2))
     log.info("wrote %s", out)
     return out
 

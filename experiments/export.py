@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from experiments.builders.factors import factor_linear
+from experiments.builders.hub import load_tokenizer
 from experiments.builders.inputs import Inputs, logits
 from experiments.builders.methods import Lora
 from experiments.builders.models import build_model as build_any_model
@@ -45,7 +46,6 @@ from experiments.deployment.exported import (
     low_rank_linear,
 )
 from experiments.deployment.exported import load_tokenizer as load_tokenizer_of
-from experiments.builders.hub import load_tokenizer
 from experiments.training.storage import DiskFullError, atomic
 from wasi import WSILinear, replace_module
 

@@ -13,7 +13,8 @@ downloaded offline, so this makes one. Writes
   sha256, generated from the run, then the hand-written `<out stem>.notes.md` (if present) included
   verbatim at its end; generation reads that file and never writes it;
 - the run folder `--run-dir` (default outputs/pretrain/<out stem>): best.safetensors (with the fractal
-  head), last.ckpt, results.json and metrics.jsonl, as any run.
+  head), last.ckpt, results.json and metrics.jsonl, as any run; a folder that holds an earlier run is
+  refused as train.py refuses it (the override overwrite=true regenerates into it, resume=true continues it).
 
 OMP_WAIT_POLICY=PASSIVE changes no number, only how idle OpenMP threads wait: on a machine whose
 cores are shared with other jobs, the default busy-waiting made 2 threads 2.3x slower (measured).

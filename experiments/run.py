@@ -24,7 +24,7 @@ from experiments.builders.inputs import data_arguments, logits
 from experiments.builders.variant import build_variant, train_step
 from experiments.configuration.schema import validate
 from experiments.data.loaders import build_loaders, to_device
-from experiments.measurement.results import assemble_results, write_results
+from experiments.measurement.results import assemble_results
 from experiments.training import distributed
 from experiments.training.checkpoint import Checkpointing
 from experiments.training.hardware import autocast, seed_everything, setup_hardware
@@ -51,6 +51,8 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
     """The body of `run` for this process (rank ctx.rank of ctx.world_size)."""
     device = setup_hardware(cfg.hardware, ctx.local_rank)
     ckpt = Checkpointing(cfg, ctx)  # the run folder; refuses resume=true without a checkpoint, before any build
+    if ckpt.finished is not None:  # resume=auto, and this run has finished already
+        return ckpt.finished
     seed_everything(cfg.seed)  # the same on every rank: identical models and random streams
     tc = cfg.trainer
 
@@ -63,7 +65,11 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
     scheduler = hydra.utils.instantiate(cfg.scheduler)(optimizer, steps_per_epoch=len(loaders.train))
     amp = autocast(cfg.hardware, device)
     p = ckpt.restore(model, optimizer, scheduler)  # where training stands: a fresh start, or last.ckpt's
-    logger = WandbLogger(cfg, ckpt.run_dir, ckpt.config, run_id=p.wandb_run_id, step=p.step, enabled=ctx.is_main)
+    if ckpt.best_lost:  # best.safetensors was deleted: the restored weights become the best so far
+        p.best_acc = evaluate(model, loaders.val, device, amp, tc.eval_batches, ctx)
+        ckpt.save_best()
+    with stop.at_once():  # nothing to checkpoint while W&B starts: Ctrl-C stops there and then
+        logger = WandbLogger(cfg, ckpt.run_dir, ckpt.config, run_id=p.wandb_run_id, step=p.step, enabled=ctx.is_main)
     p.wandb_run_id = logger.run_id
     ddp_model = distributed.wrap(model, ctx)
     step = functools.partial(train_step, ddp_model, optimizer, grad_clip=tc.grad_clip, amp=amp, scheduler=scheduler,
@@ -80,14 +86,16 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
             if stop.stopping or ckpt.due(p.step):
                 ckpt.save(p)
             stop.raise_if_stopping(p.step, ckpt.how_to_resume)  # TrainingInterrupted
-        if (epoch + 1) % tc.eval_interval == 0 or epoch + 1 == loaders.epochs:
+        if ((epoch + 1) % tc.eval_interval == 0 or epoch + 1 == loaders.epochs) and p.evaluated < p.step:
             val_acc = evaluate(model, loaders.val, device, amp, tc.eval_batches, ctx)
             log.info("epoch %d step %d loss %.4f val/acc %.4f", epoch + 1, p.step, p.loss, val_acc)
             logger.log({"val/acc": val_acc, "epoch": epoch}, p.step)
+            p.evaluated = p.step
             if val_acc > p.best_acc:
                 p.best_acc = val_acc
                 ckpt.save_best()
-        p.finish_epoch()
+        if p.batch == len(loaders.train):  # cut by trainer.max_steps, the epoch stays open: a resume continues it
+            p.finish_epoch()
         ckpt.save(p)
     stop.release()  # from here on SIGINT/SIGTERM act as usual: last.ckpt holds the finished training
     distributed.check_replicas_equal(model, ctx)
@@ -95,9 +103,9 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
     # Test the best model, then measure cost on it (this mutates its weights, so it comes last).
     ckpt.load_best(model)
     test_acc = evaluate(model, loaders.test, device, amp, tc.eval_batches, ctx)
-    results = assemble_results(cfg, ckpt.config, variant, p, test_acc, loaders, amp)
+    results = assemble_results(cfg, ckpt.config, variant, p, test_acc, loaders, amp,
+                               write_to=ckpt.run_dir / "results.json" if ctx.is_main else None)
     if ctx.is_main:
-        write_results(ckpt.run_dir / "results.json", results)
         logger.finish(results)
         log.info("test/acc %.4f  (results: %s)", test_acc, ckpt.run_dir / "results.json")
     return results
@@ -116,7 +124,7 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: co
         x, y = to_device(batch, device)
         with amp:
             pred = logits(model, x).argmax(-1)
-        correct += (pred == y).sum().item()
+        correct += int((pred == y).sum())
         total += y.numel()
     model.train()
     right, seen = distributed.all_sum([correct, total], ctx, device)

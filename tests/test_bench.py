@@ -135,6 +135,12 @@ def test_variants_sweep_epsilon_and_recompute_only_where_they_apply() -> None:
                                         "wasi ε=0.8 [none]", "wasi ε=0.8 [mlp]", "wasi ε=0.8 [block]"]
     assert [instantiate(bench.compose_cfg(s.overrides).method).recompute for s in specs] == [
         "none", "block", "none", "block", "none", "mlp", "block"]
+    args = bench.parse_args(["--methods", "vanilla", "wasi", "--eps", "0.8", "--recompute", "mlp", "attn", "block"])
+    specs = bench.variant_specs(args, bench.base_overrides(args))  # the new rung: every method has attn
+    assert [s.label for s in specs] == ["vanilla [none for mlp]", "vanilla [attn]", "vanilla [block]",
+                                        "wasi ε=0.8 [mlp]", "wasi ε=0.8 [attn]", "wasi ε=0.8 [block]"]
+    assert [instantiate(bench.compose_cfg(s.overrides).method).recompute for s in specs] == [
+        "none", "attn", "block", "mlp", "attn", "block"]
 
 
 def test_weights_line_names_a_model_configs_own_checkpoint(tmp_path: Path) -> None:
@@ -152,7 +158,7 @@ def test_weights_line_names_a_model_configs_own_checkpoint(tmp_path: Path) -> No
 
 def test_pi_preset_sets_defaults_that_later_flags_override() -> None:
     args = bench.parse_args(["--preset", "pi", "--hardware", "cpu", "--batch", "8"])
-    assert (args.hardware, args.measure, args.batch, str(args.out_root)) == ("cpu", ["time"], 8, "results/pi_latency")
+    assert (args.hardware, args.measure, args.batch, str(args.out_root)) == ("cpu", ["time"], 8, "outputs/pi_latency")
     assert bench.parse_args(["--preset", "pi"]).hardware == "cpu_pi"
     assert bench.parse_args([]).hardware == "cpu" and bench.parse_args([]).measure == ["cost"]
 
@@ -162,3 +168,62 @@ def test_the_tool_composes_configs_on_its_own() -> None:
     probe = "from experiments import bench; print(bench.compose_cfg(['method=wasi', 'model=vit_b32']).method.name)"
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.split() == ["wasi"], done.stderr[-2000:]
+
+
+def test_speedup_over_flops_ratio_comes_from_the_table(table: pd.DataFrame) -> None:
+    for row in table.itertuples():
+        row = table.loc[row.Index]
+        assert row["time/train_step_s × / flops ×"] == pytest.approx(
+            row["time/train_step_s ×"] / row["flops/train_step ×"], rel=1e-12)
+    assert table.loc["vanilla", "time/train_step_s × / flops ×"] == 1.0
+
+
+def test_nearest_recompute_mode() -> None:
+    assert bench.nearest_recompute("mlp", ("none", "attn", "block")) == "none"  # a tie goes to less recompute
+    assert bench.nearest_recompute("attn", ("none", "block")) == "block"
+    assert bench.nearest_recompute("block", ("none", "mlp", "attn", "block")) == "block"
+
+
+def test_a_method_without_a_requested_mode_is_measured_with_its_nearest(tmp_path: Path) -> None:
+    """`--methods vanilla wasi --recompute mlp` measured WASI alone: vanilla has no mlp. Now vanilla is measured
+    with its nearest mode, none, labelled so, it is the reference, and the summary says what the row stands for."""
+    args = bench.parse_args(["--model", "vit_tiny_cpu", "--methods", "vanilla", "wasi", "--eps", "0.6",
+                             "--recompute", "mlp"])
+    specs = bench.variant_specs(args, bench.base_overrides(args))
+    assert [(s.label, s.recompute) for s in specs] == [("vanilla [none for mlp]", "none"), ("wasi ε=0.6 [mlp]", "mlp")]
+    assert instantiate(bench.compose_cfg(specs[0].overrides).method).recompute == "none"
+    out = bench.main([*SMALL, "--methods", "vanilla", "wasi", "--eps", "0.6", "--recompute", "mlp", "--out",
+                      str(tmp_path)])
+    table = pd.read_csv(out / "variants.csv").set_index("label")
+    assert list(table.index) == ["vanilla [none for mlp]", "wasi ε=0.6 [mlp]"]
+    assert table.loc["vanilla [none for mlp]", "flops/train_step ×"] == 1.0  # the reference
+    text = (out / "summary.md").read_text()
+    assert "Note: vanilla has no recompute=mlp; the row vanilla [none for mlp] stands for it" in text
+    assert json.loads((out / "run.json").read_text())["notes"] == [
+        "vanilla has no recompute=mlp; the row vanilla [none for mlp] stands for it (its nearest mode, none)"]
+    args = bench.parse_args(["--model", "vit_tiny_cpu", "--methods", "vanilla", "--recompute", "none", "mlp"])
+    (spec,) = bench.variant_specs(args, bench.base_overrides(args))  # its nearest mode is a row anyway
+    assert spec.label == "vanilla [none]" and "stands for it" in spec.notes[0]
+
+
+def test_compiled_rows_time_the_compiled_training_step(tmp_path: Path) -> None:
+    args = bench.parse_args(["--model", "vit_tiny_cpu", "--methods", "vanilla", "wasi", "--eps", "0.6",
+                             "--compile", "both"])
+    specs = bench.variant_specs(args, bench.base_overrides(args))
+    assert [(s.label, s.compiled) for s in specs] == [("vanilla", False), ("vanilla compiled", True),
+                                                      ("wasi ε=0.6", False), ("wasi ε=0.6 compiled", True)]
+    out = bench.main([*SMALL, "--methods", "wasi", "--eps", "0.6", "--measure", "time", "--compile", "on",
+                      "--compile-backend", "eager", "--warmup", "1", "--reps", "1", "--out", str(tmp_path)])
+    stats = pd.read_csv(out / "timing.csv")
+    assert set(stats.label) == {"wasi ε=0.6"} and set(stats.phase) == set(bench.PHASES) - {"inference"}
+    text = (out / "summary.md").read_text()
+    assert "Compiled rows: the training model under torch.compile (backend eager)" in text
+
+
+def test_profile_baseline_shows_before_and_after() -> None:
+    rows = [{"label": "wasi", "region": r, "seconds": s, "calls": 1, "share": s / 2.0}
+            for r, s in zip(("step", *bench.REGIONS), (2.0, 0.2, 0.02, 0.5))]
+    after = pd.DataFrame(rows).assign(seconds=lambda d: d.seconds / 2, share=lambda d: d.share)
+    cells = bench.profile_table(after, pd.DataFrame(rows))
+    assert cells.loc["wasi", "wasi.factored_update"] == "500 ms (25.0%) → 250 ms (25.0%)"
+    assert bench.profile_table(after).loc["wasi", "step"] == "1000 ms (100.0%)"

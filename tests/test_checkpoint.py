@@ -3,6 +3,7 @@ uninterrupted run ends, in the same W&B run and with the same metrics.jsonl; dam
 are refused with the reason and the fix (those of another config or process count before anything is
 loaded); a NaN stops the run, leaves the last checkpoint intact and says which files exist and which fixes
 apply."""
+import json
 import math
 import os
 import shutil
@@ -143,6 +144,49 @@ def test_sigterm_checkpoints_at_a_step_boundary_then_resume_is_exact(uninterrupt
     assert_same_run(*uninterrupted, run_dir, resumed)
 
 
+def test_a_run_cut_by_max_steps_then_resumed_for_the_whole_run_ends_as_the_uninterrupted_one(uninterrupted,
+                                                                                              tmp_path):
+    """Stopped by trainer.max_steps=5 in the first epoch (of 8 steps), then resumed without it: the rest of that
+    epoch is trained, not skipped. The evaluation at the cut draws nothing from the random streams, so the steps
+    after it are those of the uninterrupted run, dropout and random flips included."""
+    run_dir = tmp_path / "run"
+    cut = run_module.run(make_cfg(run_dir, "trainer.max_steps=5"))
+    assert cut["train/steps"] == 5
+    assert checkpoint.read(run_dir / "last.ckpt")["progress"] == {
+        **checkpoint.read(run_dir / "last.ckpt")["progress"], "epoch": 0, "batch": 5, "step": 5, "evaluated": 5}
+    resumed = run_module.run(make_cfg(run_dir, "resume=true"))
+    assert resumed["train/steps"] == 16
+    last_a, last_b = checkpoint.read(uninterrupted[0] / "last.ckpt"), checkpoint.read(run_dir / "last.ckpt")
+    position = [{k: v for k, v in last["progress"].items() if k in ("epoch", "batch", "step", "loss")}
+                for last in (last_a, last_b)]
+    assert position[0] == position[1] == {**position[0], "epoch": 2, "batch": 0, "step": 16}
+    assert all(torch.equal(last_a["model"][k], last_b["model"][k]) for k in last_a["model"])
+    state_a, state_b = last_a["optimizer"]["state"], last_b["optimizer"]["state"]
+    assert all(torch.equal(state_a[i]["momentum_buffer"], state_b[i]["momentum_buffer"]) for i in state_a)
+    assert last_a["scheduler"] == last_b["scheduler"]
+
+
+def test_resume_after_best_weights_were_deleted_evaluates_the_restored_weights_instead(uninterrupted, tmp_path,
+                                                                                       caplog):
+    """A finished training (e.g. stopped during the cost measurement) whose best.safetensors is gone: resume=true
+    no longer fails at the test step, every time. The restored weights are evaluated, kept as the best, tested."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted[0], run_dir)
+    (run_dir / "best.safetensors").unlink()
+    (run_dir / "results.json").unlink()
+    with caplog.at_level("WARNING", logger="experiments.training.checkpoint"):
+        resumed = run_module.run(make_cfg(run_dir, "resume=true"))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{run_dir / 'best.safetensors'} is missing, so the best-validation weights behind the checkpoint's val/acc "
+        f"{uninterrupted[1]['val/acc']:.4f} are lost: the restored weights (step 16) are evaluated and stand in as "
+        "the best so far"]
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [e["val/acc"] for e in logged if "val/acc" in e][-1]  # the final weights' val/acc, at step 16
+    assert resumed["val/acc"] == last_eval and resumed["train/steps"] == 16
+    best, final = load_file(str(run_dir / "best.safetensors")), checkpoint.read(run_dir / "last.ckpt")["model"]
+    assert best.keys() == final.keys() and all(torch.equal(best[k], final[k]) for k in best)
+
+
 def test_a_stop_request_is_agreed_then_raises_its_interrupt_and_restores_the_handlers():
     previous = signal.getsignal(signal.SIGTERM)
     with StopRequest() as stop:
@@ -155,6 +199,25 @@ def test_a_stop_request_is_agreed_then_raises_its_interrupt_and_restores_the_han
             stop.raise_if_stopping(4, "checkpoint here")
         assert info.value.code == 143
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_a_signal_inside_at_once_stops_there_and_then():
+    """While W&B starts there is nothing new to checkpoint: SIGINT raises KeyboardInterrupt inside the wait,
+    SIGTERM ends it with status 143, and a signal that came before (while building) stops the run on entry."""
+    with StopRequest() as stop:
+        with pytest.raises(KeyboardInterrupt), stop.at_once():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # a wait W&B would otherwise finish first
+            pytest.fail("the wait went on")
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)  # before: only recorded
+        assert stop.requested
+        with pytest.raises(TrainingInterrupted) as info, stop.at_once():
+            pytest.fail("entered")
+        assert info.value.code == 143
+    with StopRequest() as stop, stop.at_once():
+        pass  # no signal: nothing happens
+    assert not stop.requested
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):

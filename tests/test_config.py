@@ -99,7 +99,7 @@ def test_methods_instantiate(make_cfg, method):
     (["optimizer.momentum=1"], "optimizer.momentum=1.0: must be in [0, 1)"),
     (["optimizer=adamw", "optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1: must be a number >= 0"),
     (["seed=-1"], "seed=-1: must be an int in [0, 2**32 - 1]"),
-    (["resume=5"], "resume=5: must be true, false, null or a path to a last.ckpt"),
+    (["resume=5"], "resume=5: must be true, false, null, auto or a path to a last.ckpt"),
     (["hardware.precision=fp16"], "hardware.precision=fp16: must be one of fp32, bf16. Fix: hardware.precision=fp32"),
     (["hardware.threads=0"], "hardware.threads=0: must be an int >= 1"),
     (["logger.mode=on"], "logger.mode=on: must be one of offline, online, disabled"),
@@ -113,7 +113,7 @@ def test_methods_instantiate(make_cfg, method):
      "Fix: method.eps_set=[0.4,0.5,0.6,0.7,0.8,0.9]"),
     (["method=wasi", "method.targets=all"], "method.targets=all: must be one of mlp, mlp+attn. "
      "Fix: method.targets=mlp"),
-    (["method=wasi", "method.recompute=all"], "method.recompute=all: must be one of none, mlp, block"),
+    (["method=wasi", "method.recompute=all"], "method.recompute=all: must be one of none, mlp, attn, block"),
     (["method=asi", "method.recompute=mlp"], "method.recompute=mlp: recomputes fc1's output from the low-rank x Rᵀ"),
     (["method=wasi", "method.target_modules=[]"], "method.target_modules=[]: names no module"),
     (["method=wasi", "method.budget_mib=-4"], "method.budget_mib=-4.0: must be a number > 0"),
@@ -125,6 +125,16 @@ def test_methods_instantiate(make_cfg, method):
     (["method=wasi", "method.budget_bytes=1048576"], "method.budget_bytes=1048576: the budget is set in MiB. "
      "Fix: method.budget_mib=1 and method.budget_bytes=null"),
     (["method=asi", "optimizer=adamw"], None),  # ASI keeps dense weights: any optimizer
+    # The method is what its file's _target_ trains: a name that says otherwise would mislabel the results.
+    (["method.name=wasi"], "method.name=wasi: experiments.builders.methods.Vanilla trains vanilla, so its results "
+     "would be labelled wasi. Fix: choose the method by its config file, method=<name>"),
+    (["method={name:wasi}"], "method.name=wasi: experiments.builders.methods.Vanilla trains vanilla"),
+    (["method=wasi", "method.weight=false"], "method.name=wasi: experiments.builders.methods.Subspace with "
+     "method.weight=false and method.activation=true trains asi"),
+    (["method=lora", "method.name=lora_fa"], "method.name=lora_fa: experiments.builders.methods.Lora trains lora"),
+    (["overwrite=true", "resume=true"], "overwrite=true: replaces the run in the run folder, while resume=true "
+     "continues one"),
+    (["overwrite=true", "resume=auto"], "overwrite=true: replaces the run in the run folder, while resume=auto"),
     (["method=wsi", "optimizer=adamw"], "optimizer._target_=torch.optim.AdamW: method=wsi updates its weight factors"),
 ])
 def test_validate_names_the_setting_its_value_and_a_fix(make_cfg, overrides, message):

@@ -329,3 +329,37 @@ def test_split_indices_partition_and_bounds():
     assert len(val) == 2 and sorted(train + val) == list(range(11))
     with pytest.raises(ValueError, match="val_fraction"):
         data.split_indices(10, 1.0, seed=0)
+
+
+@pytest.mark.parametrize("overrides, line", [
+    (["dataset.val_fraction=0"], "dataset.val_fraction=0.0: leaves no validation images (of the 40 training images of "
+     "shapes), so no weights can be chosen as the best. Fix: dataset.val_fraction=0.2"),
+    (["dataset.val_fraction=0.01"], "dataset.val_fraction=0.01: leaves no validation images (of the 40 training"),
+    (["dataset.source.train_size=2", "dataset.val_fraction=0.2"], "dataset.val_fraction=0.2: leaves no validation "
+     "images (of the 2 training images of shapes), so no weights can be chosen as the best. Fix: "
+     "dataset.val_fraction=0.5"),
+    (["dataset.val_fraction=0.9999"], "dataset.val_fraction=0.9999: leaves none of the 40 training images of shapes "
+     "to train on. Fix: dataset.val_fraction=0.2"),
+    (["dataset.source.train_size=0"], "dataset.source.train_size=0: leaves the train split of shapes empty. Fix: "
+     "dataset.source.train_size=<a number of images >= 1>"),
+    (["dataset.source.test_size=0"], "dataset.source.test_size=0: leaves the test split of shapes empty."),
+])
+def test_splits_that_leave_nothing_to_train_on_validate_or_test_with_are_refused(overrides, line):
+    """val/acc would stay 0.0 and "best" never update (test/acc then of the first evaluated weights), or the run
+    would end after 0 steps with exit status 0."""
+    from experiments.configuration.schema import ConfigError
+    from experiments.training import errors
+
+    cfg = compose("dataset.source.train_size=40", "dataset.source.test_size=20", "dataset.source.resolution=16",
+                  *overrides).dataset
+    with pytest.raises(ConfigError) as info:
+        instantiate(cfg)(image_size=8, seed=0)
+    assert errors.one_line(info.value).startswith(line) and errors.status(info.value) == errors.SETTING
+
+
+def test_a_split_without_images_from_files_names_the_source():
+    empty = data.RawSplits(train=data.ArrayImages(np.zeros((0, 4, 4, 3), np.uint8), np.zeros(0, np.int64)),
+                           test=data.ArrayImages(np.zeros((2, 4, 4, 3), np.uint8), np.zeros(2, np.int64)))
+    with pytest.raises(ValueError, match=r"^the train split of files has no images, so there is nothing to train on\. "
+                       r"Fix: check dataset.source \(its root folder and files\)$"):
+        data.build_datasets(lambda: empty, "files", 2, [0.5] * 3, [0.5] * 3, 0.2, image_size=4, seed=0)

@@ -15,12 +15,16 @@ from wasi import WASIConfig, inject, merge, rebuild
 from wasi.adapters import adapter_for
 from wasi.mlp import is_fused
 from wasi.probe import logits_of, run_model
+from wasi.recompute import is_checkpointed
 
 #: Families the fast tier checks for every method and recompute mode (each kind of layout once); the slow tier: all.
 CORE = ["vit", "swin", "maxvit", "eva02", "hf_vit", "hf_bert", "hf_gpt2", "hf_llama"]
 METHODS = {"wasi": {}, "wsi": {"activation": False}, "asi": {"weight": False}}
 #: Families whose MLPs the fused path does not take (the first one, as the refusal names it).
 UNFUSED = {"hf_bert": "bert.encoder.layer.0", "pvt_v2": "stages.0.blocks.0.mlp", "tiny_vit": "stages.1.blocks.0.mlp"}
+#: Where each family's blocks keep their attention (recompute="attn" checkpoints these); the others: `attn`.
+ATTENTION = {"maxvit": ["attn_block.attn", "attn_grid.attn"], "hf_vit": ["attention"],
+             "hf_dinov2_swiglu": ["attention"], "hf_bert": ["attention"], "hf_llama": ["self_attn"]}
 
 
 def _tiers(names: list[str]) -> list:
@@ -111,13 +115,14 @@ def _gradients(model: nn.Module, x, y) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("mode", ["mlp", "block"])
+@pytest.mark.parametrize("mode", ["mlp", "attn", "block"])
 @pytest.mark.parametrize("method", ["wasi", "wsi"])
 @pytest.mark.parametrize("name", _tiers(["vit", "swin", "eva02", "maxvit", "hf_vit", "hf_dinov2_swiglu", "hf_gpt2",
                                          "hf_llama", "hf_bert", "cait", "hiera", "pvt_v2", "tiny_vit", "davit"]))
 def test_recompute_gives_the_gradients_of_none(name, method, mode):
-    """Fused MLPs (plain, GLU-chunked, gated) and block recompute (Hugging Face blocks take masks and position
-    embeddings as keyword arguments) against recompute="none", with the rest of the model training too."""
+    """Fused MLPs (plain, GLU-chunked, gated), attention recompute (with the MLPs fused where they can be) and block
+    recompute (Hugging Face blocks and attention modules take masks and position embeddings as keyword arguments)
+    against recompute="none", with the rest of the model training too."""
     family = FAMILIES[name]
     x, y = family.batch(2, 3)
     if mode == "mlp" and name in UNFUSED:
@@ -131,9 +136,15 @@ def test_recompute_gives_the_gradients_of_none(name, method, mode):
         summary = inject(model, WASIConfig(epsilon=0.9, train_rest=True, recompute=recompute, **METHODS[method]),
                          calibration=(x, y))
         models.append(model)
-    if mode == "mlp":
-        assert summary.fused_mlps == [m.name for m in wasi.targets.find_mlps(models[1])]
-    else:
+    if mode in ("mlp", "attn"):
+        fused = [] if name in UNFUSED else [m.name for m in wasi.targets.find_mlps(models[1])]
+        assert summary.fused_mlps == fused and all(is_fused(models[1].get_submodule(m)) for m in fused)
+    if mode == "attn":
+        assert summary.checkpointed_attention == [f"{b}.{a}" for b in wasi.find_blocks(models[1])
+                                                  for a in ATTENTION.get(name, ["attn"])]
+        assert all(is_checkpointed(models[1].get_submodule(a)) for a in summary.checkpointed_attention)
+        assert not summary.checkpointed_blocks
+    if mode == "block":
         assert summary.checkpointed_blocks == wasi.find_blocks(models[1])
     expected, got = _gradients(models[0], x, y), _gradients(models[1], x, y)
     assert got.keys() == expected.keys() and len(got) > 5

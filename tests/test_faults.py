@@ -123,7 +123,7 @@ def test_train_py_on_a_full_disk_ends_with_one_line_and_keeps_the_best_weights(t
     line = one_line(proc.stderr)
     assert line.startswith(f"error: DiskFullError: the disk holding {run_dir.resolve()} is full (")
     assert f"{run_dir}/last.ckpt could not be written; there was no earlier last.ckpt. Fix: free space" in line
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "best.safetensors", "train.log"]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "best.safetensors", "metrics.jsonl", "train.log"]
     assert load_file(str(run_dir / "best.safetensors"))  # intact and readable
 
 
@@ -138,32 +138,44 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_online_wandb_without_a_network_logs_offline_in_seconds_and_answers_ctrl_c(tmp_path):
+def test_online_wandb_without_a_network_logs_offline_in_seconds_and_a_ctrl_c_while_it_waits_stops_the_run(tmp_path):
+    """Two runs at once (their waits overlap): one left alone falls back to an offline W&B run and finishes; the
+    other gets Ctrl-C while W&B waits for the network, and stops there, without starting the offline run or
+    training a step. What is left of the wait is W&B's own service ending its request (logger.init_timeout)."""
     env = {**ENV, "WANDB_BASE_URL": f"http://127.0.0.1:{closed_port()}", "WANDB_API_KEY": "a" * 40,
            "PYTHONUNBUFFERED": "1"}
     env.pop("WANDB_MODE", None)
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", *SMALL, "trainer.max_steps=null", "logger.mode=online",
-                             f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    lines, interrupted = [], None
+    start = lambda run_dir: subprocess.Popen([sys.executable, "train.py", *SMALL, "logger.mode=online",
+                                              f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    alone, stopped = tmp_path / "alone", tmp_path / "stopped"
+    runs = {alone: start(alone), stopped: start(stopped)}
     try:
-        for line in proc.stdout:
-            lines.append(line)
-            if interrupted is None and "dataset shapes:" in line:  # right before W&B starts
-                proc.send_signal(signal.SIGINT)
-                interrupted = time.monotonic()
-        proc.wait(timeout=60)
+        started = time.monotonic()
+        while not (stopped / "wandb").exists() and runs[stopped].poll() is None:  # wandb.init has begun
+            time.sleep(0.01)
+        time.sleep(0.5)  # into its wait for the network
+        runs[stopped].send_signal(signal.SIGINT)
+        interrupted = time.monotonic()
+        out = {stopped: runs[stopped].communicate(timeout=120)}
+        took = time.monotonic() - interrupted
+        out[alone] = runs[alone].communicate(timeout=120)
     finally:
-        proc.kill()
-    took = time.monotonic() - interrupted
-    output = "".join(lines)
-    assert proc.returncode == 130, output[-3000:]
-    assert took < 30, f"Ctrl-C took {took:.0f} s to stop the run"  # W&B's default would wait 90 s first
-    fallback = [line for line in lines if "W&B online did not start the run" in line]
+        for proc in runs.values():
+            proc.kill()
+    assert runs[alone].returncode == 0, out[alone][1][-3000:]
+    assert time.monotonic() - started < 60  # W&B's default would wait 90 s before the fallback
+    fallback = [line for line in out[alone][0].splitlines() if "W&B online did not start the run" in line]
     assert len(fallback) == 1 and "logger.init_timeout=5 s" in fallback[0] and "logging offline instead" in fallback[0]
     assert "connection refused" in fallback[0] and "wandb sync" in fallback[0]
-    assert (run_dir / "last.ckpt").is_file() and list((run_dir / "wandb").glob("offline-run-*"))
+    assert (alone / "results.json").is_file() and list((alone / "wandb").glob("offline-run-*"))
+
+    assert runs[stopped].returncode == 130, out[stopped][1][-3000:]
+    assert took < 15, f"Ctrl-C took {took:.0f} s to stop the run"
+    assert one_line(out[stopped][1]) == (f"error: interrupted by Ctrl-C (SIGINT) before the first checkpoint of "
+                                         f"{stopped}: nothing to resume; run again to start over")
+    assert "W&B online did not start the run" not in out[stopped][0]  # no offline run started after the Ctrl-C
+    assert not list((stopped / "wandb").glob("offline-run-*")) and not (stopped / "last.ckpt").exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +344,10 @@ def test_exported_weights_and_best_weights_have_the_usual_file_mode(exported, tm
     (["--batch", "100", "--set", "dataset.source.train_size=50"], "error: --batch 100 is larger than the 40 training "
      "images of --data shapes. Fix: --batch 40 or less"),
     (["--set", "trainer.epoch=3"], "error: trainer.epoch is not a setting. Fix: did you mean trainer.epochs?"),
+    (["--measure", "profile", "--profile-baseline", "nowhere/profile.csv"], "error: --profile-baseline "
+     "nowhere/profile.csv: there is no such file. Fix: the profile.csv of an earlier --measure profile run"),
+    (["--profile-baseline", __file__], "error: --profile-baseline compares profiles, and --measure has no profile. "
+     "Fix: add --measure profile"),
 ])
 def test_bench_refuses_a_wrong_argument_in_one_line_before_building_anything(tmp_path, capsys, monkeypatch, argv,
                                                                               line):
@@ -369,7 +385,7 @@ def test_ctrl_c_during_the_cost_measurement_exits_130_and_resume_writes_the_resu
                                 env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=err, text=True)
         try:
             for line in proc.stdout:
-                if "checkpoint: " in line and "(epoch 1, step 2)" in line:  # training is over: test, then measure
+                if "checkpoint: " in line and "step 2)" in line:  # training is over: test, then measure
                     time.sleep(2)
                     proc.send_signal(signal.SIGINT)
                     break
@@ -378,13 +394,37 @@ def test_ctrl_c_during_the_cost_measurement_exits_130_and_resume_writes_the_resu
             proc.kill()
     stderr = (tmp_path / "stderr").read_text()
     assert proc.returncode == 130, stderr[-3000:]
-    assert one_line(stderr) == (f"error: interrupted by Ctrl-C (SIGINT): {run_dir}/last.ckpt holds the last checkpoint "
-                                f"(all of training, if it had ended) and {run_dir}/results.json was not written. "
-                                f"Continue with the same overrides plus hydra.run.dir={run_dir} resume=true")
-    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "best.safetensors", "last.ckpt", "train.log"]
+    assert one_line(stderr) == (f"error: interrupted by Ctrl-C (SIGINT) during the cost measurement: {run_dir}/"
+                                "results.json holds the accuracy, not yet the cost. Measure it with the same overrides "
+                                f"plus hydra.run.dir={run_dir} resume=true (nothing is trained again)")
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", "best.safetensors", "last.ckpt", "metrics.jsonl",
+                                                         "results.json", "train.log"]
+    tested = json.loads((run_dir / "results.json").read_text())
+    assert "test/acc" in tested and "flops/train_step" not in tested
     train(*SMALL, "trainer.measure=true", "trainer.timing_repeats=1", f"hydra.run.dir={run_dir}", "resume=true")
     results = json.loads((run_dir / "results.json").read_text())
     assert results["train/steps"] == 2 and results["flops/train_step"] > 0  # no step trained again
+    assert results["test/acc"] == tested["test/acc"]
+
+
+def test_results_json_holds_the_accuracy_before_the_cost_is_measured(tmp_path, monkeypatch):
+    """A Ctrl-C (here: the measurement raising KeyboardInterrupt) keeps the tested accuracy on disk, and the
+    line on the terminal says what is missing and how to get it without training again."""
+    from experiments import run as run_module
+    from experiments.measurement import metrics
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(metrics, "measure", interrupted)
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_module.run(compose(*SMALL, "trainer.measure=true", run_dir=run_dir))
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["train/steps"] == 2 and 0 <= results["test/acc"] <= 1 and "flops/train_step" not in results
+    assert not run_folder.finished(results)
+    assert errors.interrupted(run_dir).startswith(f"interrupted by Ctrl-C (SIGINT) during the cost measurement: "
+                                                  f"{run_dir}/results.json holds the accuracy, not yet the cost.")
 
 
 # ---------------------------------------------------------------------------------------------

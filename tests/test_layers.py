@@ -182,3 +182,52 @@ def test_layer_argument_errors():
     layer = _make("wasi", _linear(), [2, 2], epsilon=0.8)
     with pytest.raises(ValueError, match="one rank per mode"):
         layer(torch.randn(*SHAPES[3], requires_grad=True))
+
+
+@pytest.mark.parametrize("kind", ["wasi", "wsi"])
+def test_two_forwards_then_one_backward_pair_each_gradient_with_its_input(kind):
+    """Every training forward hands its ∇W = G Pᵀ over through its own carriers, so two forwards whose losses are
+    summed into one backward give Σ_i dy_iᵀ x̂_i (x̂ the Tucker reconstruction, or x for WSI), not a mix of them."""
+    layer = _make(kind, _linear(), [2, 2, 3], epsilon=0.7)
+    outs, inputs = [], []
+    for _ in range(2):
+        x = torch.randn(*SHAPES[3])
+        y, saved = saved_tensors(lambda x=x: layer(x))
+        outs.append(y)
+        inputs.append(x if kind == "wsi" else tucker_reconstruct(saved[0], saved[1:]))
+    dys = [torch.randn_like(y) for y in outs]
+    sum((y * dy).sum() for y, dy in zip(outs, dys)).backward()
+    expected = sum(dy.reshape(-1, OUT).T @ x.reshape(-1, 8) for dy, x in zip(dys, inputs))
+    g, p = layer.factored_grad
+    torch.testing.assert_close(g @ p.T, expected, atol=1e-5, rtol=1e-5)
+    assert layer.L.grad is None and layer.R.grad is None
+
+
+def test_gradient_carriers_hold_no_memory_and_are_made_ready_by_backward():
+    """The (r, O) and (r, I) carriers have zero strides (one element of storage); a backward leaves a pair ready for
+    the next forward, which takes it instead of making tensors."""
+    from wasi.functional import factored_carriers
+    g, p = factored_carriers(5, OUT, 8, torch.zeros(1))
+    assert g.shape == (5, OUT) and p.shape == (5, 8) and g.is_leaf and g.requires_grad
+    assert g.untyped_storage().nbytes() == p.untyped_storage().nbytes() == 4
+    layer = _make("wasi", _linear(), [2, 2, 3], epsilon=0.7)
+    layer(torch.randn(*SHAPES[3])).sum().backward()
+    ready = layer._ready_carriers
+    assert ready is not None and ready[0].shape == (3, OUT) and ready[1].shape == (3, 8)
+    layer(torch.randn(*SHAPES[3])).sum().backward()
+    assert layer._ready_carriers is not None and layer._ready_carriers[0] is not ready[0]
+
+
+def test_random_tucker_start_is_reproducible_from_the_seed_and_leaves_the_global_rng():
+    x = torch.randn(*SHAPES[3])
+    first = {}
+    for seed in (3, 3, 4):
+        layer = WASILinear.from_linear(_linear(), 0.7, [2, 2, 3], seed=seed)
+        state = torch.get_rng_state()
+        layer(x).sum().backward()
+        assert torch.equal(torch.get_rng_state(), state)
+        first.setdefault(seed, []).append(layer.warm_start_state())
+    a, b = first[3]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert not torch.allclose(a[1], first[4][0][1])
+    assert layer.seed == 4 and "_seed" not in layer.state_dict()

@@ -6,8 +6,9 @@ import itertools
 import pytest
 import torch
 from omegaconf import OmegaConf
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from experiments.configuration.schema import ConfigError
 from experiments.data.datasets import DataSplits
 from experiments.data.loaders import build_loaders, first_batch, to_device
 from experiments.training import distributed
@@ -109,3 +110,27 @@ def test_batches_move_to_the_device_with_inputs_a_tensor_or_a_mapping():
     run = loaders(eval_batch_size=5)
     assert len(next(iter(run.val))[1]) == 5 and first_batch(run.train, run.device)[0].shape == (4, 1)
     assert list(itertools.chain(*labels(run.test))) == list(range(7))  # evaluation splits in order
+
+
+def test_a_training_split_smaller_than_a_dropped_last_batch_is_refused_before_training():
+    with pytest.raises(ConfigError) as info:
+        loaders(batch_size=32, drop_last=True)  # 18 images, no full batch of 32
+    assert str(info.value) == ("trainer.batch_size=32: with trainer.drop_last=true leaves no training batch of the 18 "
+                               "training images. Fix: trainer.batch_size=18 or less, or trainer.drop_last=false")
+    assert loaders(batch_size=32).steps == 3  # the one short batch of each epoch trains
+
+
+def test_an_evaluation_draws_nothing_from_the_global_random_stream():
+    """So an extra evaluation (a run cut by trainer.max_steps, then resumed) leaves the training after it as it
+    would have been: the dropout and flips that follow draw the same numbers. (Without a generator of its own, a
+    DataLoader draws its workers' base seed from the global stream each time it is iterated.)"""
+    fixed = TensorDataset(torch.arange(6.0), torch.arange(6))
+    splits = DataSplits(train=Numbers(18), val=fixed, test=fixed, num_classes=6)
+    built = build_loaders(splits, trainer(), Context(), seed=3, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    for loader in (built.val, built.test):
+        assert [y.tolist() for _, y in loader] == [[0, 1, 2, 3], [4, 5]]
+    assert torch.equal(torch.get_rng_state(), before)
+    list(DataLoader(fixed, 4))
+    assert not torch.equal(torch.get_rng_state(), before)  # what a plain DataLoader does

@@ -63,6 +63,24 @@ def test_block_recompute_checkpoints_every_block_and_mlp_is_refused(method):
         method(recompute="mlp")
 
 
+@pytest.mark.parametrize("method", [Vanilla, Lora, SvdLlm])
+def test_attn_recompute_checkpoints_every_attention_and_the_config_accepts_it(method, make_cfg):
+    from experiments.configuration.schema import validate
+
+    model = tiny_vit()
+    method(recompute="attn").apply(model, batches(), DEVICE)
+    assert all(wasi.recompute.is_checkpointed(block.attn) for block in model.blocks)
+    assert not any(wasi.recompute.is_checkpointed(block) for block in model.blocks)
+    name = {Vanilla: "vanilla", Lora: "lora", SvdLlm: "svd_llm"}[method]
+    validate(make_cfg(f"method={name}", "method.recompute=attn"))
+
+
+def test_subspace_recompute_modes_follow_the_weight():
+    assert Subspace("wasi", weight=True, activation=True).recomputes == ("none", "mlp", "attn", "block")
+    assert Subspace("asi", weight=False, activation=True).recomputes == ("none", "attn", "block")
+    assert Vanilla.recomputes == ("none", "attn", "block")
+
+
 def test_lora_trains_only_adapters_and_head_with_hand_counted_params():
     model = tiny_vit()
     Lora(r=8, alpha=16).apply(model, batches(), DEVICE)

@@ -251,3 +251,140 @@ def test_svd_mode_rank_follows_epsilon_of_known_spectrum(eps, k0, k1):
 def test_svd_mode_needs_epsilon():
     with pytest.raises(ValueError, match="epsilon"):
         WSILinear(torch.eye(3, 2), torch.ones(2, 3), None, weight_update="svd")
+
+
+def _subspace_problem(o, i, k, r, seed=0, spread=1.0, dtype=torch.float64):
+    """L: (O, K) orthonormal, A: (K, I) with singular values from `spread` down to 1, G: (O, r), P: (I, r)."""
+    g = torch.Generator().manual_seed(seed)
+    L = torch.linalg.qr(torch.randn(o, k, generator=g, dtype=dtype)).Q
+    u, _ = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=dtype))
+    v, _ = torch.linalg.qr(torch.randn(i, k, generator=g, dtype=dtype))
+    s = torch.logspace(0, -torch.log10(torch.tensor(spread)).item(), k, dtype=dtype) * spread
+    A = (u * s) @ v.T
+    return L, A, torch.randn(o, r, generator=g, dtype=dtype), torch.randn(i, r, generator=g, dtype=dtype)
+
+
+def _dense_subspace_step(L, A, G, P, lr):
+    """The materialised formulas: W' = L A − η G Pᵀ, L' = orth(W' W'ᵀ L), float64 Householder QR."""
+    w = L @ A - lr * G @ P.T
+    new_l = torch.linalg.qr((w @ (w.T @ L)).double()).Q.to(L.dtype)
+    return new_l, w
+
+
+@pytest.mark.parametrize("o,i,k,r", [(40, 12, 6, 3), (12, 40, 6, 6), (30, 30, 9, 1)])  # fc1-, fc2-like, r = 1
+def test_subspace_step_cholesky_qr_equals_householder_formula(o, i, k, r):
+    from wasi.optim import subspace_step
+    lr = 0.3
+    L, A, G, P = _subspace_problem(o, i, k, r, dtype=torch.float32)
+    new_l, ltl, ltg, cholesky = subspace_step(L, A, G, P, lr)
+    assert cholesky
+    ref, w = _dense_subspace_step(L.double(), A.double(), G.double(), P.double(), lr)
+    signs = torch.sign((new_l.double() * ref).sum(0))  # QR's column signs are a convention
+    torch.testing.assert_close(new_l.double() * signs, ref, atol=2e-5, rtol=0)
+    torch.testing.assert_close(new_l.T @ new_l, torch.eye(k), atol=2e-6, rtol=0)
+    torch.testing.assert_close(ltl, new_l.T @ L, atol=2e-6, rtol=0)
+    torch.testing.assert_close(ltg, new_l.T @ G, atol=2e-5, rtol=1e-5)
+    r_new = ltl @ A - lr * ltg @ P.T  # R' = L'ᵀ W'
+    torch.testing.assert_close(new_l.double() @ r_new.double(), ref @ (ref.T @ w), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spread,cholesky", [(1e2, True), (1e3, False)])
+def test_subspace_step_ill_conditioned_weight_keeps_orthonormality(spread, cholesky):
+    """κ(A) = 1e2 gives κ(W'Q) ≈ 1e4: a Cholesky-QR of W'Q formed in float32 would lose all orthogonality (its
+    Gram has κ ≈ 1e8 > 1/ε₃₂), the float64 Gram of the (K + r)-dim coordinates keeps L' orthonormal. At κ(A) =
+    1e3 (κ(W'Q) ≈ 1e6, where even float64 loses 1e-4) the step takes Householder QR instead."""
+    from wasi.optim import subspace_step
+    L, A, G, P = _subspace_problem(60, 20, 8, 2, spread=spread, dtype=torch.float32)
+    new_l, _, _, used = subspace_step(L, A, G * 1e-3, P, 0.1)
+    assert used == cholesky
+    torch.testing.assert_close(new_l.T @ new_l, torch.eye(8), atol=2e-6, rtol=0)
+    ref, _ = _dense_subspace_step(L.double(), A.double(), (G * 1e-3).double(), P.double(), 0.1)
+    top = slice(0, 4)  # directions whose σ(W'Q) is within 1e3 of the largest, well above float32 noise
+    torch.testing.assert_close((new_l.double() @ new_l.double().T) @ ref[:, top], ref[:, top], atol=1e-4, rtol=0)
+
+
+def test_subspace_step_falls_back_to_householder_when_rank_deficient():
+    """A has a zero row and G lies in span(L) away from it, so W' = L A'' has rank K − 1, W'Q is rank-deficient
+    and its Gram singular: Householder QR, still orthonormal, and L' R' = W' (W' lies in span L')."""
+    from wasi.optim import subspace_step
+    L, A, _, P = _subspace_problem(30, 20, 6, 1, dtype=torch.float32)
+    A[-1] = 0
+    G = L[:, :1].clone()
+    new_l, ltl, ltg, cholesky = subspace_step(L, A, G, P, 0.2)
+    assert not cholesky
+    torch.testing.assert_close(new_l.T @ new_l, torch.eye(6), atol=1e-6, rtol=0)
+    w = L @ A - 0.2 * G @ P.T
+    torch.testing.assert_close(new_l @ (ltl @ A - 0.2 * ltg @ P.T), w, atol=1e-6, rtol=1e-5)
+
+
+def test_subspace_step_many_columns_uses_householder():
+    """r > K (a dense saved input has one column per token): the (O, K) matrix W'Q is formed and QR'd."""
+    from wasi.optim import subspace_step
+    L, A, G, P = _subspace_problem(30, 20, 4, 9, dtype=torch.float32)
+    new_l, _, _, cholesky = subspace_step(L, A, G, P, 0.1)
+    assert not cholesky
+    ref, _ = _dense_subspace_step(L.double(), A.double(), G.double(), P.double(), 0.1)
+    cosines = (new_l.double() * ref).sum(0).abs()  # the same columns up to sign
+    torch.testing.assert_close(cosines, torch.ones(4, dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+def test_reorthonormalise_restores_orthonormal_columns_and_keeps_w():
+    from wasi.optim import reorthonormalise
+    L, A, _, _ = _subspace_problem(30, 20, 5, 1, dtype=torch.float32)
+    C = torch.randn(5, 20)
+    same = reorthonormalise(L, A, C)
+    assert same[0] is L and same[1] is A and same[2] is C  # within tolerance: nothing to do
+    drifted = L * torch.tensor([1 + 1e-3, 1, 1, 1, 1 - 1e-3]) + 1e-4 * torch.randn(30, 5)
+    q, r, c = reorthonormalise(drifted, A, C)
+    torch.testing.assert_close(q.T @ q, torch.eye(5), atol=1e-6, rtol=0)
+    torch.testing.assert_close(q @ r, drifted @ A, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q @ c, drifted @ C, atol=1e-5, rtol=1e-5)
+
+
+def test_optimizer_re_orthonormalises_drifted_factors(monkeypatch):
+    """Every DRIFT_CHECK_EVERY-th Cholesky-QR step checks the column norms of L; a layer whose L has drifted
+    (here by hand, 1e-3) comes out orthonormal, with the same W as the undrifted twin's step."""
+    import wasi.optim
+    monkeypatch.setattr(wasi.optim, "DRIFT_CHECK_EVERY", 1)
+    model = _wasi_net()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        d = torch.ones(model.fc1.rank)
+        d[0] = 1 + 1e-3
+        model.fc1.L.mul_(d)
+        model.fc1.R.div_(d[:, None])  # same W = L R, no longer an orthonormal L
+    x, y = _batches(1)[0]
+    for m in (model, twin):
+        opt = SubspaceSGD(m, 0.05)
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    L = model.fc1.L.detach()
+    torch.testing.assert_close(L.T @ L, torch.eye(model.fc1.rank), atol=1e-6, rtol=0)
+    torch.testing.assert_close(L @ model.fc1.R, twin.fc1.L @ twin.fc1.R, atol=1e-4, rtol=1e-3)
+
+
+def test_drift_checks_follow_a_resumed_optimizer(monkeypatch):
+    """The Cholesky-QR steps counted towards the next drift check are optimizer state: an optimizer loaded from
+    another's state_dict after 2 steps checks at the same step (the 3rd) as the one that took them."""
+    import wasi.optim
+    monkeypatch.setattr(wasi.optim, "DRIFT_CHECK_EVERY", 3)
+    checks: list[str] = []
+    check = wasi.optim.reorthonormalise
+    monkeypatch.setattr(wasi.optim, "reorthonormalise", lambda *a, **k: checks.append("check") or check(*a, **k))
+    model = _wasi_net()
+    opt = SubspaceSGD(model, 0.05, momentum=0.9)
+    data = _batches(3)
+
+    def step(m, o, batch):
+        o.zero_grad()
+        F.cross_entropy(m(batch[0]), batch[1]).backward()
+        o.step()
+
+    for batch in data[:2]:
+        step(model, opt, batch)
+    assert not checks
+    resumed = copy.deepcopy(model)
+    resumed_opt = SubspaceSGD(resumed, 0.05, momentum=0.9)
+    resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    step(resumed, resumed_opt, data[2])
+    assert checks == ["check"] * len(wasi.factored_layers(model))

@@ -67,7 +67,7 @@ def test_offline_presets_compose_and_validate(extra):
     demo = composed("experiment=demo", *extra)
     model = "vit_tiny_cpu" if "model=vit_tiny_cpu" in extra else "vit_tiny_pretrained"
     assert (demo.model.name, demo.dataset.name) == (model, "digits")
-    assert demo.hydra.sweeper.params.method == "vanilla,wasi" and demo.hardware.name == "cpu"
+    assert demo.hydra.sweeper.params.method == "vanilla,paper/wasi,wasi" and demo.hardware.name == "cpu"
     bench = composed("experiment=finetune", "dataset=shapes", *extra)
     assert bench.method.train_rest and bench.hydra.sweeper.params.seed == "1,2,3"
     for cfg in (demo, bench):
@@ -108,7 +108,7 @@ def test_small_eps_sweep_runs_every_method_at_one_epsilon_as_the_authors_ran_it(
 def test_small_last_n_sweep_runs(tmp_path):
     results = run_small("last_n", tmp_path)
     assert [(r["method"], r["config/method.last_n"]) for r in results] == [
-        (m, n) for m in ("vanilla", "wasi") for n in (2, 4, 8, 16, 24)]
+        (m, n) for m in ("vanilla", "wasi") for n in (1, 2, 4, 8, 12)]
     assert all(r["train/steps"] == 2 for r in results)
 
 
@@ -149,7 +149,8 @@ def test_the_offline_text_benchmark_preset_validates():
     cfg = composed("experiment=llama_tiny")
     assert (cfg.model.name, cfg.dataset.name, cfg.trainer.batch_size, cfg.method.epsilon) == ("llama_tiny", "yesno", 8,
                                                                                               0.1)
-    assert cfg.hydra.sweeper.params.seed == "1,2,3" and cfg.hydra.sweeper.params.method == "vanilla,paper/wasi_tinyllama"
+    params = cfg.hydra.sweeper.params
+    assert params.seed == "1,2,3" and params.method == "vanilla,paper/wasi_tinyllama"
     for job in jobs(cfg):
         validate(compose("experiment=llama_tiny", *job, run_dir=Path("unused")))
 

@@ -179,6 +179,8 @@ def test_plots_are_valid_pngs(sweep: tuple[Path, list[dict]], tmp_path: Path) ->
     assert names == {"report.md", "summary.csv", "accuracy_vs_memory.png", "flops_vs_eps.png",
                      "memory_vs_eps.png", "latency_ratios.png"}
     md = (tmp_path / "out" / "report.md").read_text()
+    with open(tmp_path / "out" / "summary.csv", newline="") as f:  # the cells of report.md's summary table
+        assert [dict(row) for row in csv.DictReader(f)] == _parse_table(md.split("## Summary")[1].split("## Runs")[0])
     for path in written:
         if path.suffix == ".png":
             _assert_png(path)
@@ -252,4 +254,6 @@ def test_report_of_a_real_sweep(method_sweep: Path, tmp_path: Path) -> None:
     rows = _parse_table((tmp_path / "report.md").read_text().split("## Summary")[1])
     assert [r["method"] for r in rows] == ["vanilla", "lora", "svd_llm", "wsi", "asi", "wasi"]
     assert all(r["runs"] == "1" and float(r["memory/peak (MiB)"]) > 0 for r in rows)
-    assert report.find_failed(method_sweep) == [] and len(written) == 4
+    assert report.find_failed(method_sweep) == []
+    assert sorted(p.name for p in written) == ["accuracy_vs_memory.png", "flops_vs_eps.png", "memory_vs_eps.png",
+                                               "report.md", "summary.csv"]

@@ -291,3 +291,72 @@ def test_svd_falls_back_to_float64_when_float32_does_not_converge(monkeypatch):
     torch.testing.assert_close(u @ torch.diag(s) @ vh, m, atol=1e-5, rtol=1e-5)
     L, R = wasi.layers.low_rank_factors(m, 1.0)  # the layers' init goes through it too
     torch.testing.assert_close(L @ R, m, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape,ranks", [((32, 50, 3072), (9, 4, 8)), ((32, 50, 768), (7, 4, 4)),
+                                         ((4, 6, 5, 9), (2, 3, 4, 2))])
+def test_cheapest_order_takes_fewest_flops_counted_by_torch(shape, ranks):
+    """Every order of the core's mode products, FLOPs counted by torch.utils.flop_counter: the chosen order's
+    count is the smallest, and the core is the same in any order."""
+    import itertools
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from wasi.subspace import cheapest_order, mode_product
+    x = torch.randn(*shape)
+    factors = [orth(torch.randn(n, r)) for n, r in zip(shape, ranks)]
+    flops, cores = {}, {}
+    for order in itertools.permutations(range(len(shape))):
+        with FlopCounterMode(display=False) as counter:
+            z = x
+            for m in order:
+                z = mode_product(z, factors[m].T, m)
+        flops[order], cores[order] = counter.get_total_flops(), z
+    best = tuple(cheapest_order(shape, ranks, range(len(shape))))
+    assert flops[best] == min(flops.values())
+    for core in cores.values():
+        torch.testing.assert_close(core, cores[best], atol=1e-4, rtol=1e-4)
+
+
+def test_seeded_normal_is_a_deterministic_standard_normal():
+    """A pure function of (seed, stream, index): the same numbers for an int or a tensor seed, other numbers for
+    another seed or stream, standard-normal moments and Kolmogorov-Smirnov distance (scipy), global RNG untouched."""
+    from scipy import stats
+
+    from wasi.subspace import seeded_normal
+    state = torch.get_rng_state()
+    z = seeded_normal((400, 501), 7, 2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(z, seeded_normal((400, 501), torch.tensor(7), 2))
+    for other in (seeded_normal((400, 501), 8, 2), seeded_normal((400, 501), 7, 3)):
+        assert abs(float(torch.corrcoef(torch.stack([z.flatten(), other.flatten()]))[0, 1])) < 0.01
+    flat = z.flatten().double()
+    assert abs(float(flat.mean())) < 0.01 and abs(float(flat.std()) - 1) < 0.01
+    assert abs(float((flat ** 4).mean()) - 3) < 0.05
+    assert stats.kstest(flat.numpy(), "norm").statistic < 0.005
+
+
+def test_seeded_normal_compiles_to_the_same_numbers():
+    import torch._dynamo as dynamo
+
+    from wasi.subspace import seeded_normal
+    dynamo.reset()
+    compiled = torch.compile(lambda s: seeded_normal((9, 13), s, 1), backend="aot_eager", fullgraph=True)
+    for seed in (0, 5):
+        torch.testing.assert_close(compiled(torch.tensor(seed)), seeded_normal((9, 13), seed, 1))
+    dynamo.reset()
+
+
+def test_tucker_seeded_start_is_orth_of_unfolding_times_seeded_normal():
+    """With `seed`, V_(m)ᵀ is seeded_normal(x's shape with mode m of size r_m, seed, stream m)."""
+    from wasi.subspace import seeded_normal
+    shape, ranks = (3, 6, 5, 9), [2, 6, 3, 4]
+    x = torch.randn(*shape, dtype=torch.float64)
+    _, factors = tucker(x, ranks, seed=11)
+    for mode, (n, r) in enumerate(zip(shape, ranks)):
+        if r == n:
+            continue
+        v = seeded_normal((*shape[:mode], r, *shape[mode + 1:]), 11, mode).double()
+        torch.testing.assert_close(factors[mode], orth(_ref_unfold(x, mode) @ _ref_unfold(v, mode).T))
+    _, again = tucker(x, ranks, seed=torch.tensor(11))
+    assert all(torch.equal(a, b) for a, b in zip(factors, again))

@@ -62,7 +62,8 @@ def test_the_shipped_tokenizer_is_the_one_the_code_builds(tmp_path):
     vocab = tokenizer.get_vocab()
     assert set(yesno.VOCABULARY) | set(yesno.SPECIAL_TOKENS) == set(vocab) and len(tokenizer) == len(vocab)
     ids = tokenizer("The owl is RED . [SEP] is there a zebra")["input_ids"]
-    assert tokenizer.convert_ids_to_tokens(ids) == ["the", "owl", "is", "red", ".", "[SEP]", "is", "there", "a", "[UNK]"]
+    assert tokenizer.convert_ids_to_tokens(ids) == ["the", "owl", "is", "red", ".", "[SEP]", "is", "there", "a",
+                                                    "[UNK]"]
     assert tokenizer.pad_token == "[PAD]" and tokenizer.padding_side == "right"
 
 
@@ -139,7 +140,8 @@ def test_boolq_reads_the_hubs_layout_through_datasets(tmp_path):
     tokenizer = data_arguments(cfg.model)["tokenizer"]
     x, label = splits.test[1]
     n = int(x["attention_mask"].sum())
-    assert label == 0 and tokenizer.decode(x["input_ids"][:n]) == "is [UNK] [UNK] [SEP] [UNK] is [UNK] ."  # the template
+    # the template
+    assert label == 0 and tokenizer.decode(x["input_ids"][:n]) == "is [UNK] [UNK] [SEP] [UNK] is [UNK] ."
     with pytest.raises(ValueError, match="unlabelled items .* dataset.source.test_split=validation"):
         text.boolq(path=str(folder), test_split="test")
 

@@ -116,7 +116,8 @@ def test_llama_tiny_takes_token_ids_and_gives_logits():
 
 def test_a_tokenizer_larger_than_the_vocabulary_is_refused():
     cfg = compose("model=llama_tiny", "dataset=yesno", "model.config.vocab_size=10").model
-    with pytest.raises(ConfigError, match=rf"model.config.vocab_size=10: the tokenizer .* has {len(word_tokenizer())} tok"):
+    size = len(word_tokenizer())
+    with pytest.raises(ConfigError, match=rf"model.config.vocab_size=10: the tokenizer .* has {size} tok"):
         build_model(cfg, 2)
 
 
@@ -204,7 +205,8 @@ def test_a_model_and_a_dataset_of_other_inputs_are_refused_naming_both(model, da
     assert message.startswith(f"model.name={model} takes {takes} and dataset.name={dataset} gives {gives}")
     assert "Fix: a " in message and "\n" not in message
     if model == "llama_tiny":  # what train.py prints, once (a subprocess: seconds)
-        proc = train(f"model={model}", f"dataset={dataset}", f"hydra.run.dir={tmp_path / 'cli'}", "logger.mode=disabled",
+        proc = train(f"model={model}", f"dataset={dataset}", f"hydra.run.dir={tmp_path / 'cli'}",
+                     "logger.mode=disabled",
                      check=False)
         assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}"
         assert sorted(p.name for p in (tmp_path / "cli").iterdir()) == [".hydra", "train.log"]  # nothing built

@@ -106,7 +106,8 @@ def test_the_report_of_a_text_sweep_keeps_its_summary_csv(text_sweep: Path, tmp_
     assert [r["method"] for r in rows] == METHODS
     results = sweep_results(text_sweep)
     for row, r in zip(rows, results):
-        for key in ("test/acc", "flops/inference_per_sequence", "flops/layers_train_step", "memory/layers_weight_bytes"):
+        for key in ("test/acc", "flops/inference_per_sequence", "flops/layers_train_step",
+                    "memory/layers_weight_bytes"):
             assert float(row[key]) == pytest.approx(r[key]), key
     assert "flops/inference_per_sequence (MFLOPs)" in (tmp_path / "report.md").read_text()
 
@@ -255,8 +256,9 @@ def test_held_activations_add_up_the_decoder_layers():
     assert not any("layers." in key for key in held)
     assert sum(held.values()) == metrics.activation_bytes(lambda: F.cross_entropy(model(input_ids=ids).logits, y),
                                                           model)
-    assert {"mlp.gate_proj (Linear) / mm", "block (LlamaDecoderLayer) / add", "model.embed_tokens (Embedding) / embedding"
-            } <= set(held)  # named within their block; outside the blocks, by their own names
+    # named within their block; outside the blocks, by their own names
+    assert {"mlp.gate_proj (Linear) / mm", "block (LlamaDecoderLayer) / add",
+            "model.embed_tokens (Embedding) / embedding"} <= set(held)
 
 
 def test_the_benchmark_measures_a_text_model_on_token_batches(tmp_path):

@@ -8,6 +8,9 @@ stacks. An item with a stack among its direct children is a stage, and that stac
 of experts) leaves the item a block. An item that is itself a bare `nn.Sequential`/`nn.ModuleList` (DaViT's pairs
 of blocks) gives its children.
 
+A block's attention is the module inside it named one of ATTENTION_MODULES (timm `attn`, Hugging Face ViT, Dinov2
+and BERT `attention`, GPT-2 `attn`, Llama `self_attn`), at the smallest depth one has (`attention_of`).
+
 A Swin block takes a channels-last map (B, H, W, C) but runs its MLP on the (B, H·W, C) reshape; such MLP inputs
 are compressed over four modes, (B, H, W, C) (a free view), as in docs/method.md, Activation subspace (ASI). The
 block tells those layers (H, W) from a forward pre-hook (`wasi.layers.track_token_grid`).
@@ -21,9 +24,16 @@ from torch import Tensor, nn
 
 from wasi.adapters import is_linear_like
 
-__all__ = ["block_grid", "enclosing", "find_blocks", "first_tensor", "grid_view"]
+__all__ = ["ATTENTION_MODULES", "attention_of", "block_grid", "enclosing", "find_blocks", "first_tensor",
+           "grid_view"]
 
 _STACKS = (nn.ModuleList, nn.Sequential)
+
+#: The names a transformer block gives its attention module, whose forward maps the (normalised) block input to the
+#: attention branch: timm ViT and relatives, Swin (`WindowAttention`), GPT-2 (`attn`); Hugging Face ViT, Dinov2,
+#: BERT (`attention`, holding the self-attention and its output projection); the Llama family and most decoders
+#: (`self_attn`); Falcon, Bloom (`self_attention`). The attention linears of wasi.targets.ATTENTION_LINEARS lie in them.
+ATTENTION_MODULES: tuple[str, ...] = ("attn", "attention", "self_attn", "self_attention")
 
 
 def find_blocks(model: nn.Module) -> list[str]:
@@ -61,6 +71,16 @@ def find_blocks(model: nn.Module) -> list[str]:
     stacks = [n for n in modules if is_stack(n)]
     roots = [n for n in stacks if not any(n.startswith(o + ".") for o in stacks if o != n)]
     return [b for root in roots for b in blocks_of(root)]
+
+
+def attention_of(block: nn.Module) -> list[str]:
+    """Names, within `block`, of its attention modules: the submodules named one of ATTENTION_MODULES that are not
+    linear layers, at the smallest depth any has (so HF ViT's `attention`, not the `attention.attention` inside it;
+    both of MaxViT's `attn_block.attn` and `attn_grid.attn`); [] when the block has none."""
+    found = [(rel.count("."), rel) for rel, m in block.named_modules()
+             if rel and rel.rpartition(".")[2] in ATTENTION_MODULES and not is_linear_like(m)]
+    depth = min((d for d, _ in found), default=0)
+    return [rel for d, rel in found if d == depth]
 
 
 def enclosing(blocks: Sequence[str], name: str) -> str | None:

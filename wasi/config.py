@@ -16,7 +16,7 @@ __all__ = ["EPS_SET", "RECOMPUTE", "TARGETS", "WEIGHT_UPDATES", "Recompute", "Ta
 EPS_SET: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 Targets = Literal["mlp", "mlp+attn"]
-Recompute = Literal["none", "mlp", "block"]
+Recompute = Literal["none", "mlp", "attn", "block"]  # from least to most recomputed
 WeightUpdate = Literal["factored", "reference", "svd"]
 TARGETS: tuple[str, ...] = get_args(Targets)
 RECOMPUTE: tuple[str, ...] = get_args(Recompute)
@@ -72,6 +72,10 @@ class WASIConfig:
       "mlp": each MLP whose linears are all converted computes fc1's (or gate's and up's) low-rank x Rᵀ (…, K) and
         recomputes the hidden activation from it in backward, so nothing of the hidden width (…, 4D) is saved
         (needs weight=True); an MLP the fused path cannot take is refused by `inject`, naming it;
+      "attn": every transformer block's attention module saves only its input and recomputes q, k, v and the
+        attention in backward (wasi.checkpoint_attention), so nothing of (B, heads, N, d) is held; with weight=True
+        the MLPs are also fused where they can be, as with "mlp" (one the fused path cannot take is left as it is,
+        with a warning that names it);
       "block": every transformer block saves only its input (wasi.checkpoint_blocks), recomputing the rest; with
         weight=True its MLPs are also fused where they can be, so a block recomputed in backward holds nothing
         of the hidden width either.

@@ -5,26 +5,37 @@ output grad dy: (n_1, …, n_{d-1}, O), ∇W = dy_(unfold)ᵀ x_(unfold) = G P�
 
 The backward pieces (`input_grad`, `bias_grad`, `weight_grad`) are shared by `SubspaceLinearFn` and the
 fused MLP of wasi.mlp.
+
+A factored ∇W = G Pᵀ leaves the backward pass through autograd itself, as the gradients of two "carriers":
+zero-stride leaf tensors of shapes (r, O) and (r, I) (4 bytes of storage each) that the layer makes in its
+forward and passes to the Function, which returns Gᵀ and Pᵀ as their gradients (`factored_carriers`). So the
+backward has no Python side effect, and torch.compile traces it like any other.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.profiler import record_function
 
-from wasi.subspace import mode_product
+from wasi.subspace import cheapest_order, mode_product
 
-__all__ = ["LinearParams", "SubspaceLinearFn", "bias_grad", "compute_dtype", "dense_weight_grad", "input_grad",
-           "linear_forward", "tucker_weight_grad", "weight_grad"]
+__all__ = ["LinearParams", "SubspaceLinearFn", "bias_grad", "compute_dtype", "dense_weight_grad", "factored_carriers",
+           "input_grad", "linear_forward", "tucker_weight_grad", "weight_grad"]
 
 
-class FactoredGradSink(Protocol):
-    def accumulate_factored_grad(self, g: Tensor, p: Tensor) -> None: ...
+def factored_carriers(r: int, out_features: int, in_features: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Two leaves requiring grad, (r, O) and (r, I) in like's dtype and device, with zero strides (one element of
+    storage each): a Function taking them returns Gᵀ and Pᵀ as their gradients, which autograd leaves on their
+    `.grad` (contiguous, so taken over without a copy)."""
+    def leaf(n: int) -> Tensor:
+        return torch.empty_strided((r, n), (0, 0), dtype=like.dtype, device=like.device, requires_grad=True)
+
+    return leaf(out_features), leaf(in_features)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
@@ -40,16 +51,17 @@ def tucker_weight_grad(dy: Tensor, core: Tensor, factors: Sequence[Tensor],
 
     dy: (n_1, …, n_{d-1}, O), core: (r_1, …, r_d), factors [U_m: (n_m, r_m)] -> G: (O, r_d), P = U_d: (I, r_d).
     3-way: Z₁ = dy ×₁ U₁ᵀ, Z₂ = Z₁ ×₂ U₂ᵀ, G[o, d] = Σ_{a,c} Z₂[a, c, o] S[a, c, d]: mode products on
-    views of dy (most-shrinking mode first), then one matmul with the core. identity[m] True says
-    U_m = I (as `tucker` returns for r_m = n_m), and that mode is not contracted.
+    views of dy (in the cheapest order, `wasi.subspace.cheapest_order`), then one matmul with the core.
+    identity[m] True says U_m = I (as `tucker` returns for r_m = n_m), and that mode is not contracted.
     """
     lead = list(factors[:-1])
     skip = [False] * len(lead) if identity is None else list(identity[:-1])
     z = dy.contiguous()
-    for mode in sorted((m for m in range(len(lead)) if not skip[m]), key=lambda m: lead[m].shape[1] / lead[m].shape[0]):
+    ranks = [u.shape[1] for u in lead] + [z.shape[-1]]
+    for mode in cheapest_order(z.shape, ranks, [m for m in range(len(lead)) if not skip[m]]):
         z = mode_product(z, lead[mode].T, mode)
     r = core.shape[-1]
-    return z.reshape(-1, z.shape[-1]).T @ core.reshape(-1, r), factors[-1]
+    return (core.reshape(-1, r).T @ z.reshape(-1, z.shape[-1])).T, factors[-1]  # G = (Sᵀ Z)ᵀ: Gᵀ contiguous
 
 
 def dense_weight_grad(dy: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -65,14 +77,14 @@ class LinearParams:
     """The weight of one subspace linear as its autograd Function sees it (held by reference, never saved).
 
     Dense: `weight` (O, I), L = R = None. Low rank: L (O, K), R (K, I); `weight` is then the dense
-    parameter of the "reference"/"svd" updates (gets the dense ∇W) or None (factored: ∇W goes to `sink`).
+    parameter of the "reference"/"svd" updates (gets the dense ∇W) or None (factored: ∇W leaves through
+    the carriers of `factored_carriers`).
     """
 
     weight: Tensor | None
     L: Tensor | None
     R: Tensor | None
     bias: Tensor | None
-    sink: FactoredGradSink | None
 
 
 def linear_forward(x: Tensor, p: LinearParams) -> tuple[Tensor, Tensor | None]:
@@ -105,15 +117,16 @@ def bias_grad(dy: Tensor, bias: Tensor) -> Tensor:
 
 
 def weight_grad(dy: Tensor, p: LinearParams, dense: bool, factored: bool, x: Tensor | None = None,
-                core: Tensor | None = None, factors: Sequence[Tensor] = ()) -> Tensor | None:
+                core: Tensor | None = None, factors: Sequence[Tensor] = ()
+                ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """∇W = G Pᵀ from the saved input: dense `x: (…, I)`, or its Tucker `core`/`factors` (from `tucker`, so a
     square factor is the identity; their leading modes may refine dy's, e.g. (B, H, W) for dy: (B, H·W, O)).
 
-    factored: hand (G, P) to `p.sink.accumulate_factored_grad`. dense: return G Pᵀ (O, I) in the weight
-    dtype (else None). dy: (…, O).
+    Returns (dense ∇W: (O, I) in the weight dtype if `dense`, Gᵀ: (r, O) and Pᵀ: (r, I) if `factored`, the
+    carriers' gradients; each None when not asked for). dy: (…, O).
     """
     if not (dense or factored):
-        return None
+        return None, None, None
     if core is None:
         assert x is not None
         g, pm = dense_weight_grad(dy, x)
@@ -121,13 +134,11 @@ def weight_grad(dy: Tensor, p: LinearParams, dense: bool, factored: bool, x: Ten
         lead = [u.shape[0] for u in factors[:-1]]
         g, pm = tucker_weight_grad(dy.reshape(*lead, dy.shape[-1]), core, factors,
                                    [u.shape[0] == u.shape[1] for u in factors])
-    if factored:
-        assert p.sink is not None
-        p.sink.accumulate_factored_grad(g, pm)
-    if not dense:
-        return None
-    assert p.weight is not None
-    return (g @ pm.T).to(p.weight.dtype)
+    dw = None
+    if dense:
+        assert p.weight is not None
+        dw = (g @ pm.T).to(p.weight.dtype)
+    return (dw, g.T, pm.T.contiguous()) if factored else (dw, None, None)
 
 
 class SubspaceLinearFn(torch.autograd.Function):
@@ -137,16 +148,17 @@ class SubspaceLinearFn(torch.autograd.Function):
     them) or x itself (`core` None). Everything runs in x.dtype with autocast off; parameters are cast to it.
     Backward: dx = dy W, or (dy L) R when L is given; db = Σ dy over all but the last mode;
     ∇W = G Pᵀ (docs/method.md, Compressed gradients) is returned as the dense grad of `weight` when that
-    requires grad (ASI, and WSI/WASI with the "reference"/"svd" updates), and is handed to
-    `sink.accumulate_factored_grad(G, P)` when L or R requires grad (factored update), in which case L and R
-    themselves get no grad. Parameters are held by reference, not saved, so they must not change in place
-    between this forward and its backward (optimizer steps come after backward).
+    requires grad (ASI, and WSI/WASI with the "reference"/"svd" updates), and as Gᵀ, Pᵀ, the grads of the
+    carriers `g_carrier`: (r, O), `p_carrier`: (r, I) (`factored_carriers`) when they are given (factored
+    update), in which case L and R themselves get no grad. Parameters are held by reference, not saved, so they
+    must not change in place between this forward and its backward (optimizer steps come after backward).
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, L: Tensor | None, R: Tensor | None,
-                bias: Tensor | None, sink: FactoredGradSink | None, core: Tensor | None, *factors: Tensor) -> Tensor:
-        params = LinearParams(weight, L, R, bias, sink)
+                bias: Tensor | None, g_carrier: Tensor | None, p_carrier: Tensor | None, core: Tensor | None,
+                *factors: Tensor) -> Tensor:
+        params = LinearParams(weight, L, R, bias)
         y, _ = linear_forward(x, params)
         ctx.save_for_backward(*((x,) if core is None else (core, *factors)))
         ctx.tucker = core is not None
@@ -165,9 +177,9 @@ class SubspaceLinearFn(torch.autograd.Function):
             if need[4]:
                 assert p.bias is not None
                 db = bias_grad(dy, p.bias)
-            factored = p.sink is not None and (need[2] or need[3])
+            factored = need[5] or need[6]
             if ctx.tucker:
-                dw = weight_grad(dy, p, need[1], factored, core=saved[0], factors=saved[1:])
+                dw, gt, pt = weight_grad(dy, p, need[1], factored, core=saved[0], factors=saved[1:])
             else:
-                dw = weight_grad(dy, p, need[1], factored, x=saved[0])
-        return (dx, dw, None, None, db, None, None) + (None,) * (len(saved) - 1 if ctx.tucker else 0)
+                dw, gt, pt = weight_grad(dy, p, need[1], factored, x=saved[0])
+        return (dx, dw, None, None, db, gt, pt, None) + (None,) * (len(saved) - 1 if ctx.tucker else 0)

@@ -9,6 +9,7 @@ grad needed) the layers run plain `F.linear` ops, so tracers such as fvcore see 
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
@@ -20,10 +21,10 @@ from torch import Tensor, nn
 from wasi.adapters import adapter_named
 from wasi.blocks import block_grid, first_tensor, grid_view
 from wasi.config import WEIGHT_UPDATES
-from wasi.functional import FactoredGradSink, SubspaceLinearFn, compute_dtype
+from wasi.functional import SubspaceLinearFn, compute_dtype, factored_carriers
 from wasi.guard import register_factors
 from wasi.recompute import active_record
-from wasi.subspace import explained_variance_rank, svd, tucker
+from wasi.subspace import explained_variance_rank, svd, tucker, tucker_ranks
 
 __all__ = ["WEIGHT_UPDATES", "ASILinear", "WASILinear", "WSILinear", "low_rank_factors", "track_token_grid",
            "untrack_token_grid"]
@@ -71,13 +72,15 @@ class _SubspaceLinear(nn.Module, ABC):
     """
 
     bias: Tensor | None
+    _seed: Tensor
     is_subspace_layer = True
 
     def __init__(self, in_features: int, out_features: int, act_ranks: Sequence[int] | None, seed: int):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.act_ranks = None if act_ranks is None else _check_ranks(act_ranks)
-        self.seed = seed
+        # the Tucker initialisation's seed as a tensor, so compiled code takes it as an input, not a constant
+        self.register_buffer("_seed", torch.tensor(seed, dtype=torch.int64), persistent=False)
         self.token_grid: tuple[int, int] | None = None
         self.grid_from_block = False
         self.base = "Linear"
@@ -94,18 +97,41 @@ class _SubspaceLinear(nn.Module, ABC):
         x = x.to(compute_dtype(x))
         core, factors = self._compress(x)
         weight, L, R = self._fn_weights()
-        return SubspaceLinearFn.apply(x, weight, L, R, self.bias, self._sink(), core, *factors)
+        return SubspaceLinearFn.apply(x, weight, L, R, self.bias, *self._carriers(x.shape, x), core, *factors)
+
+    def factored_rank(self, shape: Sequence[int]) -> int:
+        """r of the factored ∇W = G Pᵀ for an input of `shape` (…, I): the Tucker rank of the feature mode of the
+        compressed input (`tucker_ranks` of its (B, H, W, C) view under a token grid), or the number of tokens
+        ∏ shape[:-1] when x is saved dense."""
+        if self.act_ranks is None:
+            return math.prod(shape[:-1])
+        if self.token_grid is not None:
+            shape = (shape[0], *self.token_grid, shape[-1])
+        return tucker_ranks(shape, self.act_ranks)[-1]
 
     def _compress(self, x: Tensor) -> tuple[Tensor | None, list[Tensor]]:
         """What the backward keeps of the input x: (…, I): (None, []) when x is saved dense, else the Tucker core
         and factors of x (viewed as (B, H, W, C) under a token grid), by one warm-started subspace-iteration step.
         Inside a checkpointed block's recomputation (wasi.recompute) the first forward's are replayed instead."""
-        if self.act_ranks is None:
-            self._act_bytes = (_nbytes(x), _nbytes(x))
-            return None, []
+        replayed = self._replayed()
+        if replayed is not None:
+            return replayed
+        core, factors = self._tucker(x)
+        self._remember(x.numel() * x.element_size(), core, factors)
+        return core, factors
+
+    def _replayed(self) -> tuple[Tensor | None, list[Tensor]] | None:
+        """Inside a checkpointed block's recomputation, the compression its first forward recorded; else None."""
         record = active_record()
-        if record is not None and record[1]:
-            return record[0].take(self)
+        if self.act_ranks is None or record is None or not record[1]:
+            return None
+        return record[0].take(self)
+
+    def _tucker(self, x: Tensor) -> tuple[Tensor | None, list[Tensor]]:
+        """The Tucker step of `_compress` with no side effect (it reads the warm start, changes nothing), so it may
+        run inside an autograd Function's forward under torch.compile; (None, []) when x is saved dense."""
+        if self.act_ranks is None:
+            return None, []
         xt = grid_view(x, self.token_grid)
         if len(self.act_ranks) != xt.dim():
             layout = "(B, H, W, C): a Swin MLP input" if self.token_grid is not None else f"{xt.dim()}-mode"
@@ -113,13 +139,28 @@ class _SubspaceLinear(nn.Module, ABC):
                              f"its input of shape {tuple(xt.shape)} as {layout}; give one rank per mode "
                              f"({xt.dim()} ranks), e.g. ranks={[8] * xt.dim()}, or use epsilon_act")
         with torch.no_grad():
-            generator = torch.Generator(x.device).manual_seed(self.seed)
-            core, factors = tucker(xt.detach(), self.act_ranks, self._factors, generator)
+            return tucker(xt.detach(), self.act_ranks, self._factors, seed=self._seed)
+
+    def _remember(self, input_bytes: int, core: Tensor | None, factors: list[Tensor]) -> None:
+        """The side effects of `_compress`: the next step's warm start, the memory report of this forward (its
+        input took `input_bytes`) and, in a checkpointed block's first forward, the record for its recomputation."""
+        if core is None:
+            self._act_bytes = (input_bytes, input_bytes)
+            return
         self._factors = factors
-        self._act_bytes = (_nbytes(core, *factors), _nbytes(x))
+        self._act_bytes = (_nbytes(core, *factors), input_bytes)
+        record = active_record()
         if record is not None:
             record[0].put(self, (core, factors))
-        return core, factors
+
+    @property
+    def seed(self) -> int:
+        """Seed of the Gaussian Tucker initialisation (`wasi.subspace.seeded_normal`, stream m for mode m)."""
+        return int(self._seed)
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._seed.fill_(value)
 
     def note_batch(self, x: Tensor) -> None:
         """Warn once per (calibration, training) size pair when a training input x: (n_0, …) has a larger mode 0
@@ -165,8 +206,10 @@ class _SubspaceLinear(nn.Module, ABC):
         """(weight, L, R) as SubspaceLinearFn takes them."""
 
     @abstractmethod
-    def _sink(self) -> FactoredGradSink | None:
-        """Where the factored ∇W = G Pᵀ goes (factored update), else None."""
+    def _carriers(self, shape: Sequence[int], like: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The (r, O) and (r, I) carriers (`functional.factored_carriers`, in like's dtype and device) of a factored ∇W
+        for an input of `shape`, set up to hand their gradients to the layer; (None, None) when the layer takes a
+        dense ∇W or none."""
 
     @abstractmethod
     def _inference(self, x: Tensor) -> Tensor:
@@ -199,8 +242,8 @@ class ASILinear(_SubspaceLinear):
     def _fn_weights(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         return self.weight, None, None
 
-    def _sink(self) -> None:
-        return None
+    def _carriers(self, shape: Sequence[int], like: Tensor) -> tuple[None, None]:
+        return None, None
 
     def _inference(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -260,6 +303,7 @@ class WSILinear(_SubspaceLinear):
         self.factored_grad = None
         self.factored_grad_reduced = False  # averaged over data-parallel ranks yet (wasi.distributed)
         self.factored_grad_stale = False  # an optimizer step used it: the next backward starts a new one
+        self._ready_carriers: tuple[Tensor, Tensor] | None = None  # for the next training forward (`_carriers`)
         self._register_factors()
 
     def _register_factors(self) -> None:
@@ -305,10 +349,17 @@ class WSILinear(_SubspaceLinear):
                     self.register_buffer(name, torch.empty_like(saved, device=self.L.device))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles leave out the carriers made ready for the next forward: their hooks deliver to this
+        layer, so a copy makes its own at its first forward."""
+        state = super().__getstate__()
+        return {**state, "_ready_carriers": None}
+
     def accumulate_factored_grad(self, g: Tensor, p: Tensor) -> None:
         """Add ∇W += g pᵀ. g: (O, r), p: (I, r); successive backwards concatenate along r, until an optimizer step
         uses the sum (`factored_grad_stale`) or `zero_grad` clears it (so a loop that clears only `.grad`s, as
-        transformers.Trainer's `model.zero_grad()`, does not add old gradients)."""
+        transformers.Trainer's `model.zero_grad()`, does not add old gradients). Each training forward's backward
+        calls it once, as soon as autograd has put Gᵀ and Pᵀ on that forward's carriers."""
         self.factored_grad_reduced = False
         if self.factored_grad is None or self.factored_grad_stale:
             self.factored_grad_stale = False
@@ -320,8 +371,28 @@ class WSILinear(_SubspaceLinear):
     def _fn_weights(self) -> tuple[Tensor | None, Tensor, Tensor]:
         return (None if self.weight_update == "factored" else self.weight), self.L, self.R
 
-    def _sink(self) -> WSILinear | None:
-        return self if self.weight_update == "factored" else None
+    def _carriers(self, shape: Sequence[int], like: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Each training forward gets its own pair, so several forwards before one backward keep their (G, P) apart.
+        The pair a backward's delivery made ready for the next forward is taken when it fits: then no tensor is
+        created, and no hook registered, inside the forward (what torch.compile cannot trace mid-graph)."""
+        if self.weight_update != "factored" or not (self.L.requires_grad or self.R.requires_grad):
+            return None, None
+        r, ready = self.factored_rank(shape), self._ready_carriers
+        record = active_record()
+        if record is not None and record[1]:  # a checkpointed block's recomputation: its graph is never backwarded
+            return factored_carriers(r, self.out_features, self.in_features, like)
+        self._ready_carriers = None
+        if ready is not None and ready[0].shape == (r, self.out_features) and ready[0].dtype == like.dtype \
+                and ready[0].device == like.device:
+            return ready
+        return self._new_carriers(r, like)
+
+    def _new_carriers(self, r: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        g, p = factored_carriers(r, self.out_features, self.in_features, like)
+        deliver = _Delivery(self, g, p)
+        g.register_post_accumulate_grad_hook(deliver)
+        p.register_post_accumulate_grad_hook(deliver)
+        return g, p
 
     def _inference(self, x: Tensor) -> Tensor:
         return F.linear(F.linear(x, self.R), self.L, self.bias)
@@ -351,6 +422,21 @@ class WASILinear(WSILinear):
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(*low_rank_factors(linear.weight, epsilon), bias, act_ranks, weight_update, seed, epsilon,
                    _full_weight(linear, weight_update))
+
+
+class _Delivery:
+    """Post-accumulate-grad hook of one training forward's two carriers: once autograd has put Gᵀ and Pᵀ on both,
+    hands ∇W = G Pᵀ to the layer and clears them (so a second backward through the same graph adds its own)."""
+
+    def __init__(self, layer: WSILinear, g: Tensor, p: Tensor):
+        self.layer, self.g, self.p = layer, g, p
+
+    def __call__(self, _: Tensor) -> None:
+        gt, pt = self.g.grad, self.p.grad
+        if gt is not None and pt is not None:
+            self.g.grad = self.p.grad = None
+            self.layer.accumulate_factored_grad(gt.T, pt.T)
+            self.layer._ready_carriers = self.layer._new_carriers(gt.shape[0], gt)  # for the next forward
 
 
 def _set_token_grid(block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:

@@ -20,9 +20,9 @@ __all__ = ["merge"]
 
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """Replace every ASI/WSI/WASI layer of `model` by its base layer, and undo fused MLPs, block recompute and
-    token-grid hooks; returns `model`. A parameter keeps its `requires_grad` (the merged weight trains when the
-    factors did). Idempotent: a model without subspace layers is returned as it is."""
+    """Replace every ASI/WSI/WASI layer of `model` by its base layer, and undo fused MLPs, block and attention
+    recompute and token-grid hooks; returns `model`. A parameter keeps its `requires_grad` (the merged weight trains
+    when the factors did). Idempotent: a model without subspace layers is returned as it is."""
     for module in model.modules():
         unfuse(module)
         untrack_token_grid(module)

@@ -17,10 +17,11 @@ one (…, K)×(K, H) product per input projection and the activation, per step. 
 from __future__ import annotations
 
 import functools
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
@@ -239,15 +240,38 @@ def unfuse(module: nn.Module) -> None:
 
 
 def _fused_forward(form: MlpForm, module: nn.Module, x: Tensor) -> Tensor:
-    """x: (…, I) -> (…, O). Eval mode or no grad: the module's own forward."""
+    """x: (…, I) -> (…, O). Eval mode or no grad: the module's own forward.
+
+    The side effects stay out of the autograd Function (so torch.compile traces it as one graph): the input
+    projections compress x here, and the output projection's Tucker factors of the hidden a, which only the
+    Function sees, come back as its extra outputs and are kept here. Inside a checkpointed block's recomputation
+    the output projection's recorded compression is passed in instead (`_replayed`)."""
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters()))
     if not (module.training and needs_grad):
         return type(module).forward(module, x)
     layers: list[WSILinear] = [module.get_submodule(p) for p in form.linears]  # type: ignore[misc]
+    *inputs, output = layers
     for layer in layers:
         layer.note_batch(x)
-    params = [t for layer in layers for t in (*layer._fn_weights(), layer.bias)]
-    y = _FusedMlpFn.apply(x.to(compute_dtype(x)), _Plan(form, module, layers), *params)
+    x = x.to(compute_dtype(x))
+    hidden = (*x.shape[:-1], output.in_features)
+    params = [t for layer, shape in zip(layers, [x.shape] * len(inputs) + [hidden])
+              for t in (*layer._fn_weights(), layer.bias, *layer._carriers(shape, x))]
+    kept: list[Tensor] = []
+    counts: list[int] = []
+    for layer in inputs:
+        core, factors = layer._compress(x)
+        compressed = [] if core is None else [core, *factors]
+        kept += compressed
+        counts.append(len(compressed))
+    replayed = output._replayed()
+    if replayed is not None:
+        compressed = [] if replayed[0] is None else [replayed[0], *replayed[1]]
+        kept += compressed
+        counts.append(len(compressed))
+    y, *out = _FusedMlpFn.apply(x, _Plan(form, module, layers), tuple(counts), *params, *kept)
+    if replayed is None:  # the output projection's Tucker step ran inside the Function, which returned it
+        output._remember(math.prod(hidden) * x.element_size(), out[0] if out else None, out[1:])
     for name in form.outer:
         y = module.get_submodule(name)(y)
     return y
@@ -262,53 +286,75 @@ class _Plan:
     layers: list[WSILinear]
 
 
+_PER_LAYER = 6  # (weight, L, R, bias, G carrier, P carrier) of each layer among _FusedMlpFn's inputs
+_FIRST = 3  # x, the plan and the counts come before them
+
+
 class _FusedMlpFn(torch.autograd.Function):
-    """The fused MLP. Inputs: x, the plan, then (weight, L, R, bias) of each input projection and of the output.
+    """The fused MLP. Inputs: x, the plan, `counts`, then (weight, L, R, bias, G carrier, P carrier) of each input
+    projection and of the output (carriers: wasi.functional.factored_carriers, or None when the layer takes no
+    factored ∇W), then each input projection's compression of x (counts[j] tensors: Tucker S, U_m, or none when
+    x is saved dense) and, when counts has one entry more, the output projection's recorded compression of a (a
+    recomputation replaying it). Outputs: y, then the output projection's S, U_m of a when its Tucker step ran
+    here (non-differentiable, for the caller to keep: no side effect in the Function).
 
     Saved for backward: each input projection's input as that layer saves it (Tucker S, U_m of x for WASI; x for
     WSI), its u = x Rᵀ (…, K), and for WASI the output projection's Tucker S, U_m of a; nothing of size (…, H).
     Backward: da = (dy L_o) R_o; h = u Lᵀ + b recomputed per input projection (and a for WSI's output weight
     gradient); dh from the form's `combine_backward`; the input projections' ∇W from their saved inputs,
-    dx = Σ (dh L) R; biases Σ dy, Σ dh. The gradients are those of the plain MLP with the same layers.
+    dx = Σ (dh L) R; biases Σ dy, Σ dh. ∇W goes to each layer's dense weight grad or, factored, to its carriers as
+    (Gᵀ, Pᵀ). The gradients are those of the plain MLP with the same layers.
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, plan: _Plan, *params: Tensor | None) -> Tensor:
-        ps = [LinearParams(params[4 * j], params[4 * j + 1], params[4 * j + 2], params[4 * j + 3], layer._sink())
-              for j, layer in enumerate(plan.layers)]
-        *inputs, output = plan.layers
+    def forward(ctx: Any, x: Tensor, plan: _Plan, counts: tuple[int, ...], *rest: Tensor | None) -> tuple[Tensor, ...]:
+        n = len(plan.layers) - 1
+        ps = [LinearParams(*rest[_PER_LAYER * j: _PER_LAYER * j + 4]) for j in range(n + 1)]
+        given = cast(list[Tensor], list(rest[_PER_LAYER * (n + 1):]))  # the compressions: never None
         saved: list[Tensor] = []
         layout: list[tuple[bool, int]] = []
         hs = []
-        for layer, p in zip(inputs, ps):
-            core, factors = layer._compress(x)
+        for count, p in zip(counts[:n], ps):
+            compressed, given = given[:count], given[count:]
             h, u = linear_forward(x, p)
             assert u is not None  # WSI/WASI layers are low rank
-            kept = [x] if core is None else [core, *factors]
+            kept = compressed or [x]
             saved += [*kept, u]
-            layout.append((core is not None, len(kept)))
+            layout.append((bool(compressed), len(kept)))
             hs.append(h)
         with torch.autocast(x.device.type, enabled=False):
             a = plan.form.combine(plan.module, hs, inplace=True)
         del hs
-        core_o, factors_o = output._compress(a)
+        core_o: Tensor | None
+        if len(counts) > n:
+            core_o, factors_o = (given[0], given[1:]) if given else (None, [])
+            out: list[Tensor] = []
+        else:
+            core_o, factors_o = plan.layers[n]._tucker(a)
+            out = [] if core_o is None else [core_o, *factors_o]
         y, _ = linear_forward(a, ps[-1])
         if core_o is not None:
             saved += [core_o, *factors_o]
         ctx.save_for_backward(*saved)
         ctx.layout, ctx.tucker_out, ctx.plan, ctx.ps = layout, core_o is not None, plan, ps
-        return y
+        ctx.mark_non_differentiable(*out)
+        return (y, *out)
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, dy: Tensor, *_: Tensor | None) -> tuple[Tensor | None, ...]:
         plan, ps = ctx.plan, ctx.ps
         n = len(ps) - 1
         need = ctx.needs_input_grad
         grads: list[Tensor | None] = [None] * len(need)
 
+        def at(j: int, k: int) -> int:  # the input index of layer j's k-th tensor (weight, L, R, bias, G, P)
+            return _FIRST + _PER_LAYER * j + k
+
         def wants(j: int) -> tuple[bool, bool, bool]:  # (dense weight grad, factored grad, bias grad) of layer j
-            dense, factored = need[2 + 4 * j], ps[j].sink is not None and (need[3 + 4 * j] or need[4 + 4 * j])
-            return dense, factored, need[5 + 4 * j]
+            return need[at(j, 0)], need[at(j, 4)] or need[at(j, 5)], need[at(j, 3)]
+
+        def put(j: int, dw: tuple[Tensor | None, Tensor | None, Tensor | None]) -> None:
+            grads[at(j, 0)], grads[at(j, 4)], grads[at(j, 5)] = dw
 
         saved, firsts, pos = ctx.saved_tensors, [], 0
         for _, size in ctx.layout:
@@ -319,18 +365,17 @@ class _FusedMlpFn(torch.autograd.Function):
         need_dh = need[0] or any(any(wants(j)) for j in range(n))
         with torch.autocast(dy.device.type, enabled=False):
             if bias_o:
-                grads[5 + 4 * n] = bias_grad(dy, _bias(ps[n]))
+                grads[at(n, 3)] = bias_grad(dy, _bias(ps[n]))
             hs: list[Tensor] = []
             if need_dh or ((dense_o or factored_o) and not ctx.tucker_out):
                 for (_, u), p in zip(firsts, ps):
                     assert p.L is not None
                     hs.append(F.linear(u, p.L.to(u.dtype), None if p.bias is None else p.bias.to(u.dtype)))
             if ctx.tucker_out:
-                grads[2 + 4 * n] = weight_grad(dy, ps[n], dense_o, factored_o, core=out_factors[0],
-                                               factors=out_factors[1:])
+                put(n, weight_grad(dy, ps[n], dense_o, factored_o, core=out_factors[0], factors=out_factors[1:]))
             elif dense_o or factored_o:
                 a = plan.form.combine(plan.module, hs)  # WSI: the output projection's dense input, recomputed
-                grads[2 + 4 * n] = weight_grad(dy, ps[n], dense_o, factored_o, x=a)
+                put(n, weight_grad(dy, ps[n], dense_o, factored_o, x=a))
                 del a
             if need_dh:
                 dhs = plan.form.combine_backward(plan.module, input_grad(dy, ps[n]), hs)
@@ -341,11 +386,11 @@ class _FusedMlpFn(torch.autograd.Function):
                         grads[0] = dx if grads[0] is None else grads[0].add_(dx)
                     dense, factored, bias = wants(j)
                     if bias:
-                        grads[5 + 4 * j] = bias_grad(dh, _bias(p))
+                        grads[at(j, 3)] = bias_grad(dh, _bias(p))
                     if tucker:
-                        grads[2 + 4 * j] = weight_grad(dh, p, dense, factored, core=kept[0], factors=kept[1:])
+                        put(j, weight_grad(dh, p, dense, factored, core=kept[0], factors=kept[1:]))
                     else:
-                        grads[2 + 4 * j] = weight_grad(dh, p, dense, factored, x=kept[0])
+                        put(j, weight_grad(dh, p, dense, factored, x=kept[0]))
         return tuple(grads)
 
 
@@ -368,14 +413,14 @@ def _activation(act: Act, h: Tensor, inplace: bool = False) -> Tensor:
 def _activation_backward(act: Act, da: Tensor, h: Tensor) -> Tensor:
     """dh = act'(h) ⊙ da for an elementwise activation; h, da, dh: (…, H). GELU and SiLU by their backward kernels,
     which need h alone (so act(h) is never held) and write dh over da (a temporary of the caller's); any other
-    activation through autograd."""
+    activation (Hugging Face's activation modules, a plain function) by its vector-Jacobian product
+    (`torch.func.vjp`, which torch.compile traces inside a backward, where `torch.autograd.grad` breaks the graph)."""
     if type(act) is nn.GELU:
         return torch.ops.aten.gelu_backward.grad_input(da, h, approximate=act.approximate, grad_input=da)
     if type(act) is nn.SiLU:
         return torch.ops.aten.silu_backward.grad_input(da, h, grad_input=da)
-    with torch.enable_grad():
-        h = h.detach().requires_grad_()
-        (dh,) = torch.autograd.grad(_activation(act, h), h, da)
+    vjp = torch.func.vjp(lambda t: _activation(act, t), h)[1]  # (act(h), its vector-Jacobian product)
+    (dh,) = vjp(da)
     return dh
 
 

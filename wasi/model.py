@@ -22,7 +22,7 @@ from wasi.layers import ASILinear, WASILinear, WSILinear, track_token_grid
 from wasi.mlp import MlpForm, form_of, fuse
 from wasi.probe import Inputs, Seen, observe
 from wasi.ranks import RankTable, build_rank_table, ranks_for, solve_budget
-from wasi.recompute import checkpoint_blocks
+from wasi.recompute import checkpoint_attention, checkpoint_blocks
 from wasi.targets import Mlp, find_mlps, find_targets, tuned_targets
 from wasi.trainable import set_trainable, trained_modules
 
@@ -63,10 +63,11 @@ class LayerSummary:
 class InjectionSummary:
     """What `inject` did. trainable_params / total_params: numel of model parameters after injection (trainable:
     as `set_trainable` decided). trains: what trains (wasi.trainable.trained_modules). recompute: the recompute mode
-    in effect; fused_mlps: the MLP modules running the fused recompute; checkpointed_blocks: the blocks recomputed in
-    backward; recomputed: both lists. grid_blocks: the blocks telling their MLP layers (H, W). rank_table: the budget
-    path's table, else None; save it with `rank_table.to_json()` (it is not part of `to_dict`). config: the
-    WASIConfig used. `to_config()` is what `rebuild` needs."""
+    in effect; fused_mlps: the MLP modules running the fused recompute; checkpointed_attention: the attention
+    modules and checkpointed_blocks: the blocks recomputed in backward; recomputed: the three lists. grid_blocks:
+    the blocks telling their MLP layers (H, W). rank_table: the budget path's table, else None; save it with
+    `rank_table.to_json()` (it is not part of `to_dict`). config: the WASIConfig used. `to_config()` is what
+    `rebuild` needs."""
 
     layers: list[LayerSummary]
     trainable_params: int
@@ -77,23 +78,25 @@ class InjectionSummary:
     trains: list[str] = field(default_factory=list)
     fused_mlps: list[str] = field(default_factory=list)
     checkpointed_blocks: list[str] = field(default_factory=list)
+    checkpointed_attention: list[str] = field(default_factory=list)
     grid_blocks: list[str] = field(default_factory=list)
     config: WASIConfig | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"layers": [asdict(l) for l in self.layers], "trainable_params": self.trainable_params,
                 "total_params": self.total_params, "recompute": self.recompute, "recomputed": self.recomputed,
-                "trains": self.trains, "fused_mlps": self.fused_mlps, "checkpointed_blocks": self.checkpointed_blocks}
+                "trains": self.trains, "fused_mlps": self.fused_mlps, "checkpointed_blocks": self.checkpointed_blocks,
+                "checkpointed_attention": self.checkpointed_attention}
 
     def to_config(self) -> dict[str, Any]:
         """A JSON-able record of the converted structure (config, every layer's type, K, ranks and seed, the fused
-        MLPs, checkpointed and grid blocks) for `rebuild`; it holds no weights."""
+        MLPs, checkpointed attention modules and blocks, grid blocks) for `rebuild`; it holds no weights."""
         if self.config is None:
             raise ValueError("this summary has no config; take it from inject or rebuild")
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.config).items()}
         return {"format": _FORMAT, "version": _VERSION, "config": config, "layers": [asdict(l) for l in self.layers],
                 "fused_mlps": self.fused_mlps, "checkpointed_blocks": self.checkpointed_blocks,
-                "grid_blocks": self.grid_blocks}
+                "checkpointed_attention": self.checkpointed_attention, "grid_blocks": self.grid_blocks}
 
 
 def factored_layers(model: nn.Module) -> list[tuple[str, WSILinear]]:
@@ -109,14 +112,15 @@ def inject(model: nn.Module, config: WASIConfig, calibration: tuple[Inputs, Tens
     models take); y the labels, needed only for a budget without a rank_table (loss: cross entropy of the logits).
     inject runs the model on x once (eval mode, no grad) and refuses, naming the modules and the fix: a target that
     never runs (its parent calls F.linear on its weight), fixed `ranks` that do not fit what the targets compress,
-    and with recompute="mlp" an MLP the fused path cannot take (with the default recompute such an MLP is left as
-    it is and named in a warning).
+    and with recompute="mlp" an MLP the fused path cannot take (with the default recompute, or "attn", such an MLP is
+    left as it is and named in a warning).
     Targets: `find_targets(model, config.targets, config.last_n, config.target_modules)`; layer i of them seeds its
     Tucker initialisation with config.seed + i. Trainable parameters: `set_trainable(model, every target,
     config.train_rest, config.last_n, config.modules_to_save)`. An MLP linear fed (B, H·W, C) in a block fed a
     channels-last map compresses (B, H, W, C): the block gets a pre-hook telling the layer (H, W).
-    config.recompute_mode "mlp": each MLP whose linears are all converted (WSI/WASI) runs fused (wasi.mlp); "block":
-    `checkpoint_blocks(model)`, after fusing the MLPs it can as "mlp" does.
+    config.recompute_mode "mlp": each MLP whose linears are all converted (WSI/WASI) runs fused (wasi.mlp); "attn":
+    `checkpoint_attention(model)`, the MLPs fused as "mlp" does; "block": `checkpoint_blocks(model)`, after fusing
+    the MLPs it can as "mlp" does.
     rank_table: reuse a saved table on the budget path instead of building one.
     """
     if calibration is None:
@@ -128,7 +132,7 @@ def inject(model: nn.Module, config: WASIConfig, calibration: tuple[Inputs, Tens
     mode, strict = config.recompute_mode, config.recompute == "mlp"
     blocks = find_blocks(model)
     candidates = [m for m in find_mlps(model, blocks) if set(m.linears) <= set(names)] \
-        if config.weight and mode in ("mlp", "block") else []
+        if config.weight and mode in ("mlp", "attn", "block") else []
     from_eps = config.activation and config.epsilon_act is not None
     seen, eps_ranks, computes = observe(model, names, x, config.epsilon_act if from_eps else None,
                                         [m for m in candidates if m.form.fusable])
@@ -173,7 +177,8 @@ def rebuild(model: nn.Module, record: Mapping[str, Any]) -> InjectionSummary:
     blocks = find_blocks(model)
     fusing = [Mlp(n, _form(model, n), enclosing(blocks, n) or "") for n in record.get("fused_mlps", [])]
     return _finish(model, config, layers, fusing, None, grid_blocks=record.get("grid_blocks", []),
-                   checkpoint=bool(record.get("checkpointed_blocks")))
+                   checkpoint=bool(record.get("checkpointed_blocks")),
+                   attention=bool(record.get("checkpointed_attention")))
 
 
 def _has(model: nn.Module, name: str) -> bool:
@@ -241,8 +246,9 @@ def _replace(model: nn.Module, name: str, config: WASIConfig, act_ranks: list[in
 
 def _finish(model: nn.Module, config: WASIConfig, layers: list[LayerSummary], fusing: Sequence[Mlp],
             table: RankTable | None, grid_blocks: Sequence[str] | None = None,
-            checkpoint: bool | None = None) -> InjectionSummary:
-    """What inject and rebuild share once the layers are converted: grid hooks, recompute, summary."""
+            checkpoint: bool | None = None, attention: bool | None = None) -> InjectionSummary:
+    """What inject and rebuild share once the layers are converted: grid hooks, recompute, summary. checkpoint,
+    attention: whether to checkpoint the blocks / attention modules (None: as config's recompute mode says)."""
     trains = trained_modules(model)
     blocks = find_blocks(model)
     if grid_blocks is None:
@@ -252,13 +258,15 @@ def _finish(model: nn.Module, config: WASIConfig, layers: list[LayerSummary], fu
     for mlp in fusing:
         fuse(model.get_submodule(mlp.name), mlp.form)
     mode = config.recompute_mode
+    attended = checkpoint_attention(model) if (mode == "attn" if attention is None else attention) else []
     checkpointed = checkpoint_blocks(model) if (mode == "block" if checkpoint is None else checkpoint) else []
     fused = [m.name for m in fusing]
-    summary = InjectionSummary(layers=layers, rank_table=table, recompute=mode, recomputed=fused + checkpointed,
+    summary = InjectionSummary(layers=layers, rank_table=table, recompute=mode,
+                               recomputed=fused + attended + checkpointed,
                                trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
                                total_params=sum(p.numel() for p in model.parameters()), trains=trains,
-                               fused_mlps=fused, checkpointed_blocks=checkpointed, grid_blocks=list(grid_blocks),
-                               config=config)
+                               fused_mlps=fused, checkpointed_blocks=checkpointed, checkpointed_attention=attended,
+                               grid_blocks=list(grid_blocks), config=config)
     _logger.info("injected %d layers (%s): %d trainable / %d parameters; recompute=%s on %d modules", len(layers),
                  ", ".join(f"{l.name} K={l.weight_rank} r={l.act_ranks}" for l in layers),
                  summary.trainable_params, summary.total_params, mode, len(summary.recomputed))
@@ -299,7 +307,7 @@ def _check_fixed_ranks(names: list[str], ranks: list[int], seen: dict[str, Seen]
 def _plan_fusion(model: nn.Module, candidates: list[Mlp], computes: dict[str, bool], strict: bool,
                  mode: str) -> list[Mlp]:
     """The MLPs to fuse; with recompute='mlp' set explicitly (strict) one the fused path cannot take is refused,
-    otherwise left unfused and named in a warning ("mlp" by default) or an info line ("block")."""
+    otherwise left unfused and named in a warning ("mlp" by default, "attn") or an info line ("block")."""
     plan, skipped = [], []
     for mlp in candidates:
         module = model.get_submodule(mlp.name)
@@ -316,7 +324,7 @@ def _plan_fusion(model: nn.Module, candidates: list[Mlp], computes: dict[str, bo
         else:
             skipped.append(f"{mlp.name} ({problem})")
     if skipped:
-        log = _logger.warning if mode == "mlp" else _logger.info
+        log = _logger.warning if mode in ("mlp", "attn") else _logger.info
         log("recompute=%s leaves %d MLPs unfused, so they save their hidden activations%s: %s", mode, len(skipped),
             "" if mode == "block" else " (recompute='block' recomputes them too)", "; ".join(skipped[:3]) +
             (" …" if len(skipped) > 3 else ""))

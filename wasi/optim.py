@@ -12,7 +12,12 @@ from wasi.layers import WSILinear, low_rank_factors
 from wasi.model import factored_layers
 from wasi.subspace import orth
 
-__all__ = ["SubspaceSGD", "clip_grad_norm_", "factored_sq_norm"]
+__all__ = ["SubspaceSGD", "clip_grad_norm_", "factored_sq_norm", "reorthonormalise", "subspace_step"]
+
+CHOLESKY_MIN_PIVOT = 1e-5  # smallest T_ii / largest T_ii (about 1/κ(W'Q)) for the float64 Cholesky-QR, whose
+# orthogonality error grows as ε₆₄ κ²: up to about 1e-6 here; below it, Householder QR
+ORTH_TOL = 1e-5  # largest |‖L[:, j]‖² − 1| the Cholesky-QR steps may accumulate before L is re-orthonormalised
+DRIFT_CHECK_EVERY = 16  # Cholesky-QR steps of a layer between two checks of its column norms
 
 
 def factored_sq_norm(g: Tensor, p: Tensor) -> Tensor:
@@ -73,6 +78,9 @@ class SubspaceSGD(torch.optim.Optimizer):
     column space: C ← L'ᵀ D. It equals SGD momentum on the dense weight when span(L') holds the dense
     buffer at every step (e.g. K = O); otherwise the part of the momentum outside the weight
     subspace is dropped. With μ = 0 these are the formulas of docs/method.md, Factored update, verbatim.
+    `subspace_step` takes orth by a Cholesky-QR in the coordinates of [L, G] (two (O, K)-sized products in
+    all; Householder QR when that is ill-conditioned or r > K), and every DRIFT_CHECK_EVERY such steps
+    `reorthonormalise` restores LᵀL = I if rounding has moved it by more than ORTH_TOL.
 
     Dense-weight layers (weight_update="reference" or "svd"): the dense `weight` takes the plain SGD
     step W' = (1-ηλ) W − η ∇W (dense momentum buffer included), then "reference": Q = W'ᵀ L,
@@ -153,18 +161,93 @@ class SubspaceSGD(torch.optim.Optimizer):
                 raise RuntimeError("a factored WSI/WASI layer got dense L/R grads but no factored_grad: run the "
                                    "training forward in train mode (model.train()) so the layer's own backward runs")
             return
-        g, p = (t.to(L.dtype) for t in layer.factored_grad)
+        work = torch.promote_types(L.dtype, torch.float32)
+        l0, r0 = L.to(work), R.to(work)
+        g, p = (t.to(work) for t in layer.factored_grad)
         state = self.state[R]
         c = state.get("momentum_buffer")
-        a = (1 - lr * wd) * R if c is None else (1 - lr * wd) * R - lr * mu * c
-        q = a.T - lr * p @ (g.T @ L)
-        new_l = orth(L @ (a @ q) - lr * g @ (p.T @ q))
-        ltl, ltgp = new_l.T @ L, (new_l.T @ g) @ p.T
-        if mu:
-            state["momentum_buffer"] = ltgp + ltl @ (wd * R if c is None else wd * R + mu * c)
-        R.copy_(ltl @ a - lr * ltgp)
+        # A = alpha · a: without a momentum buffer, R scaled by 1 − ηλ inside the products (no (K, I) temporary)
+        a, alpha = (r0, 1 - lr * wd) if c is None else ((1 - lr * wd) * r0 - lr * mu * c, 1.0)
+        new_l, ltl, ltg, cholesky = subspace_step(l0, a, g, p, lr, alpha)
+        new_r = (alpha * ltl) @ a
+        new_r.addmm_(ltg, p.T, alpha=-lr)
+        buf = None
+        if mu:  # C <- L'ᵀ D, D = ∇W + λ L R + μ L C
+            buf = ltl @ (wd * r0 if c is None else wd * r0 + mu * c)
+            buf.addmm_(ltg, p.T)
+        if cholesky and self._drift_check_due(group):
+            new_l, new_r, buf = reorthonormalise(new_l, new_r, buf)
+        if buf is not None:
+            state["momentum_buffer"] = buf
+        R.copy_(new_r)
         L.copy_(new_l)
         layer.factored_grad_stale = True
+
+    @staticmethod
+    def _drift_check_due(group: dict) -> bool:
+        """True every DRIFT_CHECK_EVERY-th Cholesky-QR step of the layer of `group`. The count since the last check
+        is kept in the layer's param group (`cholesky_steps`), so a run resumed from `state_dict()` checks at the
+        same steps."""
+        n = group.get("cholesky_steps", 0) + 1
+        group["cholesky_steps"] = n % DRIFT_CHECK_EVERY
+        return n == DRIFT_CHECK_EVERY
+
+
+def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: float = 1.0
+                  ) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """One warm-started subspace-iteration step for W' = L A − η G Pᵀ without any (O, I) tensor.
+
+    L: (O, K) orthonormal, A: (K, I) (the step's A is `scale` · A, so a decayed R needs no scaled copy), G: (O, r),
+    P: (I, r) -> L' = orth(W' W'ᵀ L): (O, K), L'ᵀL: (K, K), L'ᵀG: (K, r), and whether the Cholesky-QR below was
+    used (else Householder QR).
+
+    With Q = W'ᵀL = Aᵀ − η P Cᵀ (C = LᵀG: (K, r)), W'Q = L X − η G Y, X = A Q = A Aᵀ − η (A P) Cᵀ (K, K) and
+    Y = Pᵀ Q = (A P)ᵀ − η (PᵀP) Cᵀ (r, K). For r ≤ K, orth(W'Q) is a Cholesky-QR taken in the coordinates of
+    [L, G]: with S = GᵀG and LᵀL = I, (W'Q)ᵀ(W'Q) = XᵀX − η (XᵀC Y + (XᵀC Y)ᵀ) + η² YᵀS Y = TᵀT (float64,
+    T upper triangular with positive diagonal), so L' = L (X T⁻¹) − η G (Y T⁻¹), and L'ᵀL, L'ᵀG follow in
+    (K, K)- and (K, r)-sized products. That is two (O, K)-sized products (C and L') instead of Householder's
+    QR of an (O, K) matrix and L'ᵀL; T is the R factor of QR(W'Q), so L' is its Q up to the signs of columns.
+    The rounding of L's orthonormality is not amplified by the conditioning of W'Q (L'ᵀL' − I is
+    (XT⁻¹)ᵀ(LᵀL − I)(XT⁻¹) plus rounding); the optimizer re-orthonormalises when it drifts
+    (`reorthonormalise`). When r > K (a dense saved input: one column per token), or when the Gram is not
+    numerically positive definite (W'Q rank-deficient, min Tᵢᵢ < CHOLESKY_MIN_PIVOT · max Tᵢᵢ), W'Q is formed
+    and orthonormalised by Householder QR instead.
+    """
+    k, r = L.shape[1], G.shape[1]
+    c = L.T @ G
+    ap = A @ P
+    x = torch.addmm(A @ A.T, ap, c.T, beta=scale * scale, alpha=-lr * scale)
+    y = torch.addmm(ap.T, P.T @ P, c.T, beta=scale, alpha=-lr)
+    if r <= k:
+        xd, yd, cd, sd = x.double(), y.double(), c.double(), (G.T @ G).double()
+        cross = (xd.T @ cd) @ yd
+        gram = xd.T @ xd - lr * (cross + cross.T) + lr * lr * (yd.T @ (sd @ yd))
+        t, info = torch.linalg.cholesky_ex(gram, upper=True)
+        pivots = t.diagonal()
+        if bool((info == 0) & (pivots.min() > CHOLESKY_MIN_PIVOT * pivots.max())):
+            xt, yt = torch.linalg.solve_triangular(t, torch.cat([xd, yd]), upper=True, left=False).split([k, r])
+            new_l = L @ xt.to(L.dtype)
+            new_l.addmm_(G, yt.to(L.dtype), alpha=-lr)
+            ltl = (xt.T - lr * yt.T @ cd.T).to(L.dtype)
+            ltg = (xt.T @ cd - lr * yt.T @ sd).to(L.dtype)
+            return new_l, ltl, ltg, True
+    v = L @ x
+    v.addmm_(G, y, alpha=-lr)
+    new_l = orth(v)
+    return new_l, new_l.T @ L, new_l.T @ G, False
+
+
+def reorthonormalise(L: Tensor, R: Tensor, momentum: Tensor | None, tol: float = ORTH_TOL
+                     ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(L, R, C) with L: (O, K) orthonormal again when max_j |‖L[:, j]‖² − 1| > tol, W = L R unchanged.
+
+    L = Q T (Householder) gives L ← Q, R ← T R, and the momentum buffer C: (K, I) (coordinates of the dense
+    buffer in the columns of L) C ← T C. The column norms are the check: repeated rounding moves them first.
+    """
+    if float((L.square().sum(0) - 1).abs().max()) <= tol:
+        return L, R, momentum
+    q, t = torch.linalg.qr(L, mode="reduced")
+    return q, t @ R, None if momentum is None else t @ momentum
 
 
 def _resync(layer: WSILinear) -> None:

@@ -10,6 +10,7 @@ over that view (`mode_product`, `mode_gram`, `mode_cross`).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 
@@ -17,7 +18,8 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-__all__ = ["explained_variance_rank", "mode_cross", "mode_gram", "mode_product", "mode_view", "orth", "project",
+__all__ = ["cheapest_order", "explained_variance_rank", "mode_cross", "mode_gram", "mode_product", "mode_view", "orth",
+           "project", "seeded_normal",
            "subspace_iteration", "svd", "truncated_hosvd", "tucker", "tucker_ranks", "tucker_reconstruct", "unfold"]
 
 
@@ -46,6 +48,41 @@ def explained_variance_rank(s: Tensor, eps: float) -> int:
     if energy[-1] <= 0:
         return 1
     return min(int((energy / energy[-1] < eps).sum()) + 1, s.numel())
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A bijective hash of 32-bit values held in int64: xor-shift-multiply with odd multipliers below 2³¹ (from
+    Chris Wellons' hash-prospector), so no int64 product overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & _MASK32
+    return x ^ (x >> 15)
+
+
+def seeded_normal(shape: Sequence[int], seed: int | Tensor, stream: int, device: torch.device | str | None = None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """Standard normal samples of `shape`, a pure function of (seed, stream, element index): counter-based.
+
+    Counter j hashes to a 32-bit integer (`_mix32` of j plus a key from seed and stream: integer tensor ops only),
+    whose top 23 bits give a uniform u ∈ (0, 1); pairs (u₁, u₂) give √(−2 ln u₁) (cos, sin)(2π u₂) (Box–Muller).
+    No generator object and no RNG state: the same numbers eagerly, under torch.compile (which traces it as
+    ordinary ops) and on any device, up to the last bit of log, cos and sin; the global RNG is never touched.
+    `seed` may be an int64 scalar tensor (a layer's buffer, so compiled code does not specialise on its value).
+    """
+    n = math.prod(shape)
+    half = (n + 1) // 2
+    seed_t = torch.as_tensor(seed, dtype=torch.int64, device=device)
+    key = _mix32((_mix32(seed_t & _MASK32) + 0x9E3779B9 * (stream + 1)) & _MASK32)
+    counter = torch.arange(2 * half, dtype=torch.int64, device=seed_t.device)
+    bits = _mix32((counter + key) & _MASK32) >> 9  # 23 bits: (bits + 0.5) / 2²³ is exact in float32
+    u = (bits.to(torch.float32) + 0.5) * 2.0 ** -23
+    radius, angle = torch.sqrt(-2.0 * torch.log(u[:half])), (2 * math.pi) * u[half:]
+    z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
+    return z.reshape(*shape).to(dtype)
 
 
 def subspace_iteration(m: Tensor, u_prev: Tensor) -> Tensor:
@@ -88,13 +125,35 @@ def mode_gram(x: Tensor, mode: int) -> Tensor:
 def mode_cross(x: Tensor, y: Tensor, mode: int) -> Tensor:
     """X_(m) Y_(m)ᵀ for x, y equal in every mode but m. x: (…, n, …), y: (…, k, …) -> (n, k).
 
-    Inner modes: one product per leading index, summed in at least float32."""
+    Inner modes: one product per leading index, summed in at least float32. For small k the product is taken
+    as (Y_(m) X_(m)ᵀ)ᵀ, the orientation whose matrix product runs 1.4-2.6× faster on x86 CPUs (MKL) for the
+    thin factors of a Tucker step: last mode always, inner modes for k ≤ 8, the first mode for k ≤ 3."""
     vx, vy = mode_view(x, mode), mode_view(y, mode)
+    k = vy.shape[1]
     if vx.shape[0] == 1:
-        return vx[0] @ vy[0].T
+        return (vy[0] @ vx[0].T).T if k <= 3 else vx[0] @ vy[0].T
     if vx.shape[2] == 1:
-        return vx[..., 0].T @ vy[..., 0]
-    return torch.bmm(vx, vy.transpose(1, 2)).sum(0, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)
+        return (vy[..., 0].T @ vx[..., 0]).T
+    acc = torch.promote_types(x.dtype, torch.float32)
+    if k <= 8:
+        return torch.bmm(vy, vx.transpose(1, 2)).sum(0, dtype=acc).to(x.dtype).T
+    return torch.bmm(vx, vy.transpose(1, 2)).sum(0, dtype=acc).to(x.dtype)
+
+
+def cheapest_order(shape: Sequence[int], ranks: Sequence[int], modes: Sequence[int]) -> list[int]:
+    """The order of contracting `modes` of a tensor of `shape`, mode m from shape[m] to ranks[m], that takes the
+    fewest multiply-adds: a contraction costs the current size times r_m (the result does not depend on order).
+    At most 4! orders are tried; Python ints only, so it costs nothing at run time and traces as a constant."""
+    best: tuple[int, ...] = tuple(modes)
+    best_cost = -1
+    for order in itertools.permutations(modes):
+        size, cost = math.prod(shape), 0
+        for m in order:
+            cost += size * ranks[m]
+            size = size // shape[m] * ranks[m]
+        if best_cost < 0 or cost < best_cost:
+            best, best_cost = order, cost
+    return list(best)
 
 
 def tucker_ranks(shape: Sequence[int], ranks: Sequence[int]) -> list[int]:
@@ -110,7 +169,7 @@ def tucker_ranks(shape: Sequence[int], ranks: Sequence[int]) -> list[int]:
 
 @record_function("wasi.tucker")
 def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None,
-           generator: torch.Generator | None = None) -> tuple[Tensor, list[Tensor]]:
+           generator: torch.Generator | None = None, seed: int | Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
     """Tucker decomposition of x by one subspace-iteration step per mode.
 
     x: (n_1, …, n_d) -> core (r_1, …, r_d), factors [U_m: (n_m, r_m)], r_m from `tucker_ranks`.
@@ -119,8 +178,9 @@ def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None
     Otherwise mode m warm-starts from `prev[m]` when given with shape (n_m, r_m):
     `U_m = orth(X_(m) (X_(m)ᵀ U_m^prev))`, computed as `orth((X_(m) X_(m)ᵀ) U_m^prev)` when the Gram
     matrix is cheaper (n_m < 2 r_m, about); without a usable prev (first step, or a changed shape such as
-    a smaller last batch) it starts from a Gaussian `V: (∏_{j≠m} n_j, r_m)` drawn from `generator`:
-    `U_m = orth(X_(m) V)`. One QR per compressed mode.
+    a smaller last batch) it starts from a Gaussian `V: (∏_{j≠m} n_j, r_m)`: `U_m = orth(X_(m) V)`, V from
+    `seeded_normal(…, seed, stream=m)` when `seed` is given (what the layers use: compile-friendly, no RNG
+    state), else drawn from `generator` (torch's default generator when None). One QR per compressed mode.
     """
     shape = tuple(x.shape)
     r_all = tucker_ranks(shape, ranks)
@@ -139,17 +199,20 @@ def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None
             else:
                 factors.append(orth(mode_cross(x, mode_product(x, u_prev.T, mode), mode)))
         else:
-            device = x.device if generator is None else generator.device
-            v = torch.randn(*shape[:mode], r, *shape[mode + 1:], generator=generator, device=device,
-                            dtype=torch.float32)  # V_(m)ᵀ: the Gaussian V laid out as x with mode m of size r
+            v_shape = (*shape[:mode], r, *shape[mode + 1:])  # V_(m)ᵀ: the Gaussian V laid out as x, mode m of size r
+            if seed is not None:
+                v = seeded_normal(v_shape, seed, mode, x.device)
+            else:
+                device = x.device if generator is None else generator.device
+                v = torch.randn(*v_shape, generator=generator, device=device, dtype=torch.float32)
             factors.append(orth(mode_cross(x, v.to(x.device, x.dtype), mode)))
-    return _project(x, factors, [u.shape[0] == u.shape[1] for u in factors]), factors
+    return _project(x, factors, [r == n for n, r in zip(shape, r_all)]), factors
 
 
 def _project(x: Tensor, factors: Sequence[Tensor], skip: Sequence[bool]) -> Tensor:
-    """x ×_m U_mᵀ over the modes not in `skip`, most-shrinking modes first (the result does not depend on order)."""
-    order = sorted((m for m in range(x.dim()) if not skip[m]), key=lambda m: factors[m].shape[1] / factors[m].shape[0])
-    for mode in order:
+    """x ×_m U_mᵀ over the modes not in `skip`, in the cheapest order (the result does not depend on order)."""
+    ranks = [u.shape[1] for u in factors]
+    for mode in cheapest_order(x.shape, ranks, [m for m in range(x.dim()) if not skip[m]]):
         x = mode_product(x, factors[mode].T, mode)
     return x
 

@@ -36,7 +36,8 @@ from experiments.configuration.schema import ConfigError, invalid
 log = logging.getLogger(__name__)
 
 #: Weight files a hub repo may hold, in the order transformers looks for them.
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 class TokenizerUnavailableError(PretrainedWeightsUnavailableError):
@@ -120,7 +121,8 @@ def pretrained(cfg: DictConfig, auto: Any, config: PretrainedConfig, kwargs: dic
 
     model, info = hub_file(cfg, WEIGHT_FILES, load)
     heads = wasi.find_head(model)
-    fresh = [k if isinstance(k, str) else k[0] for k in [*info.get("missing_keys", []), *info.get("mismatched_keys", [])]]
+    keys = [*info.get("missing_keys", []), *info.get("mismatched_keys", [])]
+    fresh = [k if isinstance(k, str) else k[0] for k in keys]
     foreign = [k for k in fresh if not any(k == h or k.startswith(h + ".") for h in heads)]
     if foreign:
         raise CheckpointMismatchError(
@@ -148,8 +150,10 @@ def hub_file(cfg: DictConfig, files: str | tuple[str, ...], load: Any) -> Any:
         text = "; t.AutoTokenizer.from_pretrained(r)" if cfg.inputs == "text" else ""
         raise PretrainedWeightsUnavailableError(
             f"Could not load '{repo}' ({reason}). Fix: on a machine with internet run `python -c \"import transformers "
-            f"as t; r='{repo}'; t.{cfg.auto_class}.from_pretrained(r){text}\"` to fill the Hugging Face cache (HF_HOME) "
-            "and copy it here, or save the model there with save_pretrained and pass model.hub_id=/path/to/that/folder, "
+            f"as t; r='{repo}'; t.{cfg.auto_class}.from_pretrained(r){text}\"` to fill the Hugging Face cache "
+            "(HF_HOME) "
+            "and copy it here, or save the model there with save_pretrained and pass "
+            "model.hub_id=/path/to/that/folder, "
             "or build the architecture of model.config at random init on purpose with model.pretrained=false."
         ) from err
 
@@ -169,10 +173,12 @@ def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
     except Exception as err:
         reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
         raise TokenizerUnavailableError(
-            f"Could not load the tokenizer '{name}' ({reason}). Fix: on a machine with internet run `python -c \"import "
+            f"Could not load the tokenizer '{name}' ({reason}). Fix: on a machine with internet run "
+            "`python -c \"import "
             f"transformers; transformers.AutoTokenizer.from_pretrained('{name}').save_pretrained('tokenizer')\"`, copy "
             "the folder here and pass model.tokenizer=/path/to/tokenizer (or fill the Hugging Face cache, HF_HOME, and "
-            "copy it here); offline, model.tokenizer=checkpoints/words_tokenizer is the shipped word-level tokenizer of "
+            "copy it here); offline, model.tokenizer=checkpoints/words_tokenizer is the shipped word-level "
+            "tokenizer of "
             "dataset=yesno (with model.config.vocab_size=null for a model at random init)."
         ) from err
     if tokenizer.pad_token is None:

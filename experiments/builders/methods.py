@@ -4,7 +4,8 @@ A method does four things to a freshly built model: `apply` (convert layers, fre
 return a JSON-able summary; it may read calibration batches from the training loader),
 `build_optimizer`, `clip_grad_norm_` (the training step's gradient clipping), and `inference_model`
 (what is deployed, e.g. LoRA merged). Adding a method is three pieces:
-  - a class here (usually extending Vanilla), whose constructor takes the YAML's keys;
+  - a class here (usually extending Vanilla), whose constructor takes the YAML's keys and whose NAME is the
+    method's name (`identity`: what the class trains, which the config's `method.name` must say);
   - its schema in experiments/configuration/schema.py (a dataclass extending VanillaMethod: the type and
     allowed values of each new key), listed in SCHEMAS as "<name>_method_schema";
   - conf/method/<name>.yaml, starting from that schema (`defaults: [/<name>_method_schema@_here_, _self_]`)
@@ -18,7 +19,7 @@ import hashlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, ClassVar, get_args
 
 import torch
 from torch import nn
@@ -42,11 +43,21 @@ class Vanilla:
     """Dense fine-tuning of the targets (the last `last_n` of them, or all), the head, and with `train_rest`
     (vanilla's default) everything else; `wasi.set_trainable` decides, the same rule for every method.
 
-    recompute: "none", or "block" (`wasi.checkpoint_blocks`: every block saves only its input). "mlp" needs
-    the low-rank layers of WSI/WASI.
+    recompute: "none", "attn" (`wasi.checkpoint_attention`: every block's attention saves only its input and
+    recomputes q, k, v and the attention in backward) or "block" (`wasi.checkpoint_blocks`: every block saves only
+    its input). "mlp" needs the low-rank layers of WSI/WASI.
     """
 
+    NAME: ClassVar[str] = "vanilla"
     clip_grad_norm_ = staticmethod(wasi.clip_grad_norm_)  # (model, max_norm): factored gradients included
+    recomputes: tuple[str, ...] = get_args(Recompute)  # the method.recompute modes this method has
+
+    @classmethod
+    def identity(cls, options: Any) -> tuple[str, str]:
+        """What this class trains when configured with `options` (the `method` node), and the settings that
+        decide it ("" when the class alone does). experiments.configuration.schema refuses a `method.name` that
+        says otherwise, so results are never labelled with another method's name."""
+        return cls.NAME, ""
 
     def __init__(self, name: str = "vanilla", targets: str = "mlp", last_n: int | None = None,
                  train_rest: bool = True, recompute: Recompute = "none"):
@@ -62,7 +73,10 @@ class Vanilla:
         return {}
 
     def checkpoint(self, model: nn.Module) -> None:
-        """recompute=block: every transformer block saves only its input (wasi.checkpoint_blocks)."""
+        """recompute=attn: every block's attention saves only its input (wasi.checkpoint_attention); recompute=block:
+        every transformer block saves only its input (wasi.checkpoint_blocks)."""
+        if self.recompute == "attn":
+            wasi.checkpoint_attention(model)
         if self.recompute == "block":
             wasi.checkpoint_blocks(model)
 
@@ -79,6 +93,8 @@ class Pretrain(Vanilla):
     (`decay_groups`), and gradients clipped by torch.nn.utils.clip_grad_norm_: for a model without factored
     layers the same norm as wasi.clip_grad_norm_'s, summed in another order, and the shipped checkpoint was
     trained with it, so it stays reproducible bit for bit."""
+
+    NAME: ClassVar[str] = "pretrain"
 
     @staticmethod
     def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
@@ -109,12 +125,22 @@ class Subspace(Vanilla):
     `budget_bytes` (callers that have bytes pass `budget_bytes` instead).
     """
 
+    NAMES: ClassVar[dict[tuple[bool, bool], str]] = {(True, True): "wasi", (True, False): "wsi", (False, True): "asi"}
+
+    @classmethod
+    def identity(cls, options: Any) -> tuple[str, str]:
+        """wasi, wsi or asi by (weight, activation)."""
+        weight, activation = bool(options.weight), bool(options.activation)
+        return (cls.NAMES.get((weight, activation), "nothing"),
+                f" with method.weight={str(weight).lower()} and method.activation={str(activation).lower()}")
+
     def __init__(self, name: str, budget_mib: float | None = None, rank_table: str | None = None, **options: Any):
         if budget_mib is not None:
             options["budget_bytes"] = mib_to_bytes(budget_mib)
         self.config = wasi.WASIConfig(**options)
         self.name, self.targets, self.last_n = name, self.config.targets, self.config.last_n
         self.train_rest, self.recompute = self.config.train_rest, self.config.recompute_mode
+        self.recomputes = tuple(m for m in wasi.config.RECOMPUTE if self.config.weight or m != "mlp")  # mlp: L, R
         self.rank_table_path = Path(rank_table) if rank_table else None
         budget = self.config.budget_bytes
         self.budget_mib = budget_mib if budget_mib is not None or budget is None else budget / MIB  # for messages
@@ -156,6 +182,8 @@ class Subspace(Vanilla):
 class Lora(Vanilla):
     """Hugging Face PEFT LoRA on the target linears (frozen dense W + rank-r adapters); the head, and with
     `train_rest` everything else, trains densely (`wasi.set_trainable`)."""
+
+    NAME: ClassVar[str] = "lora"
 
     def __init__(self, name: str = "lora", r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  targets: str = "mlp", last_n: int | None = None, train_rest: bool = False,
@@ -202,6 +230,8 @@ class SvdLlm(Vanilla):
     both factors, the paper's baseline) or "factors" (plain training of W_u, W_v). The whitening
     matrices C are cached at `cache` (safetensors) with a fingerprint of the weights and images they come from.
     """
+
+    NAME: ClassVar[str] = "svd_llm"
 
     def __init__(self, name: str = "svd_llm", ratio: float | None = None, epsilon: float = 0.8,
                  calib_samples: int = 256, finetune: Finetune = "lora", r: int = 8, alpha: float = 16,
@@ -281,7 +311,8 @@ def _fingerprint(model: nn.Module, images: list[Inputs]) -> str:
     """sha256 over every parameter and buffer of `model` and the calibration inputs, byte for byte."""
     digest = hashlib.sha256()
     joined = concat(images)
-    inputs = [("images", joined)] if isinstance(joined, torch.Tensor) else [(f"inputs.{k}", v) for k, v in joined.items()]
+    inputs = ([("images", joined)] if isinstance(joined, torch.Tensor)
+              else [(f"inputs.{k}", v) for k, v in joined.items()])
     for name, tensor in [*model.state_dict().items(), *inputs]:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -308,6 +339,8 @@ class Velora(Lora):
     sub-token with init_type="batch_average_once"), and rebuilds x from them (times `scale`) for A's gradient in
     backward. B's gradient and the input gradient stay exact; merging is plain LoRA's."""
 
+    NAME: ClassVar[str] = "velora"
+
     def __init__(self, name: str = "velora", r: int = 8, alpha: float = 16, dropout: float = 0.0,
                  targets: str = "mlp", last_n: int | None = None, train_rest: bool = False, recompute: str = "none",
                  num_groups: int = 32, scale: float = 0.1, init_type: str = "batch_average_once"):
@@ -333,6 +366,8 @@ class LoraFa(Lora):
     A's row space). With A frozen, an adapter keeps only A x (r per token) for backward, not its input x.
     Needs optimizer=adamw (its lr and weight_decay)."""
 
+    NAME: ClassVar[str] = "lora_fa"
+
     def add_adapters(self, model: nn.Module, names: list[str]) -> None:
         """PEFT LoRA on the named linears, in place, keeping PEFT's tuner: the LoRA-FA optimizer reads the
         adapters' scaling from it (`inject_adapter_in_model` builds the same tuner and drops it)."""
@@ -356,6 +391,8 @@ class Galore(Vanilla):
     scaled by `scale`). The weights, their gradients and the activations stay dense; the model exports as
     vanilla's. galore-torch keeps each projection as a slice of its SVD factor, so a min(O, I)² matrix per
     weight stays allocated (metrics.weight_bytes counts it). Needs optimizer=adamw (its lr and weight_decay)."""
+
+    NAME: ClassVar[str] = "galore"
 
     def __init__(self, name: str = "galore", targets: str = "mlp+attn", last_n: int | None = None,
                  train_rest: bool = True, recompute: str = "none", rank: int = 4, update_proj_gap: int = 500,

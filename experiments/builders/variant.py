@@ -48,7 +48,8 @@ def build_variant(cfg: DictConfig, num_classes: int, calibration: Iterable[Batch
     spectrum of `experiments.builders.spectrum`; "random" keeps the weights as built.
     """
     model = build_model(cfg.model, num_classes).to(device)
-    targets = wasi.find_targets(model, cfg.method.get("targets", "mlp"), target_modules=cfg.method.get("target_modules"))
+    targets = wasi.find_targets(model, cfg.method.get("targets", "mlp"),
+                                target_modules=cfg.method.get("target_modules"))
     if spectrum == "pretrained":
         pretrained_like_(model, targets)
     method = hydra.utils.instantiate(cfg.method)

@@ -9,7 +9,8 @@ Device = Literal["cpu", "cuda"]  # hardware.device
 Precision = Literal["fp32", "bf16"]  # hardware.precision
 LoggerMode = Literal["offline", "online", "disabled"]  # logger.mode
 Shuffle = Literal["per_epoch", "continued"]  # trainer.shuffle (experiments.training.distributed.EpochSampler)
-Recompute = Literal["none", "block"]  # method.recompute of vanilla, LoRA, SVD-LLM ("mlp" needs WSI/WASI)
+Recompute = Literal["none", "attn", "block"]  # method.recompute of vanilla, LoRA, SVD-LLM ("mlp" needs WSI/WASI)
 Finetune = Literal["lora", "factors"]  # method.finetune of SVD-LLM
 Spectrum = Literal["random", "pretrained"]  # the benchmark's target weights (experiments.builders.variant)
-Inputs = Literal["image", "text"]  # model.inputs and dataset.inputs: images (B, 3, S, S), or token ids and a mask (B, L)
+#: model.inputs and dataset.inputs: images (B, 3, S, S), or token ids and a mask (B, L)
+Inputs = Literal["image", "text"]

@@ -314,7 +314,8 @@ def check_inputs(model: Any, dataset: Any) -> None:
     takes, gives = get(model, "inputs", "image"), get(dataset, "inputs", "image")
     if takes != gives:
         raise ConfigError(
-            f"model.name={get(model, 'name')} takes {INPUT_KINDS[takes][0]} and dataset.name={get(dataset, 'name')} gives "
+            f"model.name={get(model, 'name')} takes {INPUT_KINDS[takes][0]} and "
+            f"dataset.name={get(dataset, 'name')} gives "
             f"{INPUT_KINDS[gives][0]}: the model cannot read the data. Fix: a {takes} dataset for this model (e.g. "
             f"{INPUT_KINDS[takes][2]}), or a {gives} model for this dataset (e.g. {INPUT_KINDS[gives][1]})")
 
@@ -334,8 +335,8 @@ class VanillaMethod(Checked):
     targets: str = setting(TARGETS_RULE, "method.targets=mlp")
     last_n: int | None = setting(at_least(1), "method.last_n=4, or null for every block")
     train_rest: bool = MISSING
-    recompute: str = setting(one_of_literal(Recompute), "method.recompute=none, or block (recompute=mlp needs "
-                             "the low-rank layers of method=wsi or method=wasi)")
+    recompute: str = setting(one_of_literal(Recompute), "method.recompute=none, attn or block (recompute=mlp "
+                             "needs the low-rank layers of method=wsi or method=wasi)")
 
 
 @dataclass
@@ -484,6 +485,7 @@ class Config(Checked):
 
     seed: int = setting(SEED, "seed=233")
     resume: Any = MISSING
+    overwrite: bool = MISSING
     trainer: Trainer = MISSING
     paths: Paths = MISSING
     model: Any = MISSING  # the schema its YAML file names: Model (timm) or HubModel
@@ -498,8 +500,13 @@ class Config(Checked):
         super().__post_init__()
         check_inputs(self.model, self.dataset)
         if not (self.resume is None or isinstance(self.resume, (bool, str))):
-            raise invalid("resume", self.resume, "must be true, false, null or a path to a last.ckpt",
+            raise invalid("resume", self.resume, "must be true, false, null, auto or a path to a last.ckpt",
                           "resume=true with hydra.run.dir=<the interrupted run's folder>")
+        if self.overwrite and self.resume not in (None, False):
+            raise invalid("overwrite", True, "replaces the run in the run folder, while "
+                          f"resume={as_override(self.resume)} continues one",
+                          "keep one of them: overwrite=true to start over, or resume to continue")
+        self.check_method()
         target = self.optimizer.get("_target_") if isinstance(self.optimizer, dict) else self.optimizer._target_
         if getattr(self.method, "weight", False) and target != "torch.optim.SGD":
             raise invalid("optimizer._target_", target, f"method={self.method.name} updates its weight factors with "
@@ -508,6 +515,23 @@ class Config(Checked):
         if need is not None and target != need.target:
             raise invalid("optimizer._target_", target, f"method={self.method.name} trains with {need.builds}, "
                           f"built from the {need.choice} settings", f"optimizer={need.choice}")
+
+    def check_method(self) -> None:
+        """The method is what its `_target_` class trains with these settings (its `identity`, one place): a
+        `method.name` that says otherwise (an override of it, or of what decides it, e.g. method.weight) would
+        label one method's results with another's name."""
+        from hydra.utils import get_class  # the builders import this module
+
+        target = getattr(self.method, "_target_", None)
+        try:
+            identity = getattr(get_class(str(target)), "identity")  # noqa: B009  (a class of unknown kind)
+        except Exception:  # not a method class of the suite's kind: building it reports what is wrong
+            return
+        trains, because = identity(self.method)
+        if trains != self.method.name:
+            raise invalid("method.name", self.method.name, f"{target}{because} trains {trains}, so its results "
+                          f"would be labelled {self.method.name}", "choose the method by its config file, "
+                          f"method=<name>, which sets method.name (method={trains} is what these settings train)")
 
 
 SCHEMAS = {"config_schema": Config, "timm_model_schema": Model, "hub_model_schema": HubModel,

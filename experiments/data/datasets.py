@@ -84,11 +84,37 @@ def build_datasets(source: Callable[[], RawSplits], name: str, num_classes: int,
         train, val = Subset(raw.train, train_idx), Subset(raw.train, val_idx)
     else:
         train, val = raw.train, raw.val
+    check_splits(name, source, raw, len(train), len(val), float(val_fraction))
     splits = DataSplits(train=Transformed(train, train_tf), val=Transformed(val, eval_tf),
                         test=Transformed(raw.test, eval_tf), num_classes=int(num_classes))
     log.info("dataset %s: %d train, %d val, %d test images at %dx%d, %d classes", name, len(splits.train),
              len(splits.val), len(splits.test), image_size, image_size, splits.num_classes)
     return splits
+
+
+def check_splits(name: str, source: Callable[[], RawSplits], raw: RawSplits, n_train: int, n_val: int,
+                 val_fraction: float) -> None:
+    """ConfigError (naming the setting and a value that fits) when a split is left empty: no training images
+    (nothing to train on), no validation images (no weights can be chosen as the best, so test/acc would be of
+    the first evaluated weights), or no test images. n_train, n_val: the sizes after `val_fraction` is split off."""
+    sizes = getattr(source, "keywords", {})  # a partial of the source's loader: its size settings, e.g. train_size
+    for split, raw_split in (("train", raw.train), ("val", raw.val), ("test", raw.test)):
+        if raw_split is not None and len(raw_split) == 0:  # type: ignore[arg-type]
+            key = f"{split}_size"
+            if key in sizes:
+                raise invalid(f"dataset.source.{key}", sizes[key], f"leaves the {split} split of {name} empty",
+                              f"dataset.source.{key}=<a number of images >= 1>")
+            raise ValueError(f"the {split} split of {name} has no images, so there is nothing to "
+                             f"{'train on' if split == 'train' else 'evaluate'}. Fix: check dataset.source (its "
+                             "root folder and files)")
+    n = len(raw.train)  # type: ignore[arg-type]
+    fits = f"dataset.val_fraction={max(0.2, 1 / max(n, 1)):.3g}"
+    if raw.val is None and n_train == 0:
+        raise invalid("dataset.val_fraction", val_fraction, f"leaves none of the {n} training images of {name} to "
+                      "train on", fits)
+    if raw.val is None and n_val == 0:
+        raise invalid("dataset.val_fraction", val_fraction, f"leaves no validation images (of the {n} training images "
+                      f"of {name}), so no weights can be chosen as the best", fits)
 
 
 def labels_of(dataset: Dataset) -> np.ndarray | None:

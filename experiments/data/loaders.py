@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from experiments.configuration.schema import invalid
 from experiments.data.datasets import DataSplits
 from experiments.training import distributed
 from experiments.training.distributed import Context, EpochSampler
@@ -73,8 +74,17 @@ def build_loaders(data: DataSplits, trainer: DictConfig, ctx: Context, seed: int
     calibration = DataLoader(data.train, trainer.batch_size * ctx.world_size, num_workers=workers,
                              sampler=EpochSampler(data.train, Context(), seed, trainer.shuffle))
     eval_batch = trainer.eval_batch_size or trainer.batch_size
-    val = DataLoader(distributed.shard(data.val, ctx), eval_batch, num_workers=workers)
-    test = DataLoader(distributed.shard(data.test, ctx), eval_batch, num_workers=workers)
+    # Their own generators: an evaluation draws nothing from the global random stream, so evaluating once more
+    # (a run cut by trainer.max_steps, then resumed) leaves the training that follows as it would have been.
+    val = DataLoader(distributed.shard(data.val, ctx), eval_batch, num_workers=workers,
+                     generator=torch.Generator().manual_seed(seed))
+    test = DataLoader(distributed.shard(data.test, ctx), eval_batch, num_workers=workers,
+                      generator=torch.Generator().manual_seed(seed))
+    if len(train) == 0:  # the data has images (experiments.data.datasets.check_splits), but not a full batch
+        n = len(data.train)  # type: ignore[arg-type]
+        raise invalid("trainer.batch_size", trainer.batch_size, "with trainer.drop_last=true leaves no training "
+                      f"batch of the {n} training images",
+                      f"trainer.batch_size={n} or less, or trainer.drop_last=false")
     steps = trainer.epochs * len(train)
     if trainer.max_steps is not None:
         steps = min(steps, trainer.max_steps)

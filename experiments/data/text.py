@@ -53,7 +53,8 @@ class Tokenized(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[dict[str, torch.Tensor], int]:
-        return {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index]}, int(self.labels[index])
+        inputs = {"input_ids": self.input_ids[index], "attention_mask": self.attention_mask[index]}
+        return inputs, int(self.labels[index])
 
 
 def build_text_datasets(source: Callable[[], RawSplits], name: str, num_classes: int, template: str,

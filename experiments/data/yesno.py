@@ -8,7 +8,8 @@ Each item is a short passage about animals and a yes/no question about it:
     question  is there a wolf          -> no  (no wolf in the passage)
     question  is there an insect       -> yes (the bee)
 
-A passage has 3 to 7 sentences (`sentences`), each about one animal of four kinds (birds, mammals, fishes, insects; six of each):
+A passage has 3 to 7 sentences (`sentences`), each about one animal of four kinds (birds, mammals, fishes,
+insects; six of each):
 its colour or where it lives. Half the questions ask for one animal, half for a kind; half the answers are yes
 (label 1), half no (label 0), and the asked animal or kind is chosen so that the answer needs the passage. Reading
 it takes matching a question word against the passage (animals) or a word against a class of words (kinds), which a

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import statistics
 import time
 import warnings
@@ -148,7 +147,8 @@ def tuned_layers_train_flops(model: nn.Module, names: Sequence[str], forward: Ca
         counter = FlopCounterMode(display=False)
         with counter:
             out = modules[unit](*args, **kwargs)
-            out = out if isinstance(out, torch.Tensor) else next(t for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            if not isinstance(out, torch.Tensor):
+                out = next(t for t in tree_leaves(out) if isinstance(t, torch.Tensor))
             if out.requires_grad:
                 out.backward(torch.ones_like(out))
         total += int(counter.get_total_flops())

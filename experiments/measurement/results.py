@@ -30,10 +30,14 @@ from experiments.training.storage import atomic, resume_fix
 
 
 def assemble_results(cfg: DictConfig, config: dict, variant: Variant, progress: Progress, test_acc: float,
-                     loaders: Loaders, amp: contextlib.AbstractContextManager) -> dict[str, Any]:
+                     loaders: Loaders, amp: contextlib.AbstractContextManager,
+                     write_to: Path | None = None) -> dict[str, Any]:
     """The results of a trained `variant` (holding its best weights) of the run `cfg` (`config`: resolved),
     where training ended at `progress`. With `trainer.measure`, measures the cost on the first training batch,
-    which takes optimizer steps: call it last, on every process (SubspaceSGD steps are collectives)."""
+    which takes optimizer steps: call it last, on every process (SubspaceSGD steps are collectives).
+
+    write_to: the results.json to write (rank 0's), once before the measurement and again after it, so a run
+    stopped while measuring keeps its accuracy (experiments.training.run_folder.finished tells the two apart)."""
     results: dict[str, Any] = {
         "method": cfg.method.name,
         "model": cfg.model.name,
@@ -45,13 +49,17 @@ def assemble_results(cfg: DictConfig, config: dict, variant: Variant, progress: 
         **{f"params/{k}": v for k, v in metrics.count_parameters(variant.model).items()},
         **{f"method/{k}": v for k, v in flatten(variant.summary).items()},
     }
+    for group, values in environment(loaders.device).items():
+        results.update({f"{group}/{k}": v for k, v in values.items()})
+    results.update({f"config/{k}": v for k, v in flatten(config).items()})
+    if write_to is not None:
+        write_results(write_to, results)
     if cfg.trainer.measure:
         x, y = first_batch(loaders.train, loaders.device)
         results.update(metrics.measure(variant, x, y, grad_clip=cfg.trainer.grad_clip, amp=amp, device=loaders.device,
                                        repeats=cfg.trainer.timing_repeats))
-    for group, values in environment(loaders.device).items():
-        results.update({f"{group}/{k}": v for k, v in values.items()})
-    results.update({f"config/{k}": v for k, v in flatten(config).items()})
+        if write_to is not None:
+            write_results(write_to, results)
     return results
 
 

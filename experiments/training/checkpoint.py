@@ -7,8 +7,8 @@ A checkpoint is one `torch.save` of plain containers and tensors, read back only
     model              model.state_dict() (WSI/WASI layers: their factors L, R and bias only)
     optimizer          optimizer.state_dict() (SubspaceSGD: momentum buffers, lr per group)
     scheduler          LR scheduler state_dict
-    progress           Progress: epoch, batches done in that epoch, step, best val acc, last loss, and
-                       the W&B run id (a resumed run logs to the same W&B run)
+    progress           Progress: epoch, batches done in that epoch, step, best val acc, last loss, the
+                       W&B run id (a resumed run logs to the same W&B run), the step last evaluated
     rng                python, numpy (as lists), torch CPU and CUDA generator states (rank 0's;
                        every rank seeds and draws alike); the data order needs none: it is a
                        function of (seed, epoch, position), see experiments.training.distributed.EpochSampler
@@ -48,7 +48,7 @@ from torch import nn
 
 from experiments.configuration.overrides import as_override, flatten
 from experiments.configuration.schema import ConfigError
-from experiments.training import distributed
+from experiments.training import distributed, run_folder
 from experiments.training.storage import atomic, resume_fix
 from wasi import ASILinear, WSILinear
 
@@ -84,9 +84,10 @@ class NonFiniteLossError(FloatingPointError):
 @dataclass
 class Progress:
     """Where training stands. epoch: the epoch in progress (0-based); batch: its batches already
-    trained (0 at an epoch boundary); step: optimizer steps so far; best_acc: best val/acc so far
-    (-1 before the first evaluation); loss: the last training loss; wandb_run_id: the W&B run this
-    training logs to (None: none yet, or logging disabled)."""
+    trained (0 at an epoch boundary; a run cut by trainer.max_steps stays inside its last epoch, so a resume
+    with more steps continues it); step: optimizer steps so far; best_acc: best val/acc so far
+    (-1 before the first evaluation); loss: the last training loss; wandb_run_id: the W&B run this training
+    logs to (None: none yet, or logging disabled); evaluated: the step of the last evaluation (-1: none)."""
 
     epoch: int = 0
     batch: int = 0
@@ -94,6 +95,7 @@ class Progress:
     best_acc: float = -1.0
     loss: float = math.nan
     wandb_run_id: str | None = None
+    evaluated: int = -1
 
     def advance(self, loss: float) -> None:
         """One more optimizer step in this epoch; `loss` its training loss."""
@@ -108,7 +110,9 @@ class Checkpointing:
     last.ckpt (resume) and best.safetensors (the best-validation weights, tested at the end).
 
     Every process of a job makes one and calls every method (save and load are collectives); rank 0 alone
-    writes. Made before anything is built, so `resume=true` without a checkpoint stops the run at once.
+    writes. Made before anything is built, so `resume=true` without a checkpoint, or a folder that holds
+    another run's work (experiments.training.run_folder: FolderTaken), stops the run at once; `overwrite=true`
+    removes that run's files. With `resume=auto`, `finished` holds the results of a run that has finished there.
     """
 
     def __init__(self, cfg: DictConfig, ctx: distributed.Context = distributed.Context()):
@@ -116,8 +120,16 @@ class Checkpointing:
         self.run_dir = Path(str(distributed.broadcast(cfg.paths.run_dir, ctx)))
         self.last, self.best = self.run_dir / "last.ckpt", self.run_dir / "best.safetensors"
         self.resume_from = resume_path(cfg.resume, self.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        run_folder.check_owner(self.run_dir, cfg.resume, cfg.overwrite)  # FolderTaken: another run's work is there
         self.config: dict = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+        #: resume=auto in a folder whose run has finished: its results, and nothing to do
+        self.finished = finished_results(self.run_dir, self.config) if cfg.resume == "auto" else None
+        distributed.barrier(ctx)  # every process has looked at the folder before rank 0 changes it
+        starts_over = cfg.resume == "auto" and self.resume_from is None and self.finished is None
+        if ctx.is_main and (cfg.overwrite or starts_over):  # nothing there to continue: remove what was left
+            run_folder.replace(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.best_lost = False  # set by restore: the checkpoint's best weights are gone (re-evaluate)
         self.every: int | None = cfg.trainer.checkpoint_every
         self._model: nn.Module | None = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -133,6 +145,11 @@ class Checkpointing:
                         self.ctx.world_size)
         if self.ctx.is_main:
             carry_best(self.resume_from, self.best, progress)
+        self.best_lost = bool(distributed.broadcast(progress.best_acc >= 0 and not self.best.is_file(), self.ctx))
+        if self.best_lost:
+            log.warning("%s is missing, so the best-validation weights behind the checkpoint's val/acc %.4f are "
+                        "lost: the restored weights (step %d) are evaluated and stand in as the best so far",
+                        self.best, progress.best_acc, progress.step)
         return progress
 
     def due(self, step: int) -> bool:
@@ -186,17 +203,37 @@ def divergence_help(cfg: DictConfig, best_path: Path, last_path: Path) -> str:
 
 
 def resume_path(resume: bool | str | None, run_dir: Path) -> Path | None:
-    """`resume=true` -> run_dir/last.ckpt (pass the interrupted run's hydra.run.dir); a string -> that
+    """`resume=true` -> run_dir/last.ckpt (pass the interrupted run's hydra.run.dir); `resume=auto` -> the
+    same if it exists, else None (a fresh run: a sweep's jobs that never started); another string -> that
     file; null/false -> None (a fresh run)."""
     if resume is None or resume is False:
         return None
+    if resume == "auto":
+        return run_dir / "last.ckpt" if (run_dir / "last.ckpt").is_file() else None
     path = run_dir / "last.ckpt" if resume is True else Path(str(resume))
     if not path.is_file():
         raise NoCheckpointError(
             f"resume={as_override(resume)} but there is no checkpoint at {path}. Fix: pass the interrupted run's "
-            "folder as hydra.run.dir=<its folder> with resume=true, or resume=/path/to/last.ckpt, or drop resume "
-            "to start a fresh run.")
+            "folder as hydra.run.dir=<its folder> with resume=true, or resume=/path/to/last.ckpt, or resume=auto "
+            "(continue where there is a checkpoint, else start: a sweep's missing jobs), or drop resume to start a "
+            "fresh run.")
     return path
+
+
+def finished_results(run_dir: Path, config: dict) -> dict | None:
+    """The results of a run that finished in `run_dir` (its results.json is final, run_folder.finished), or
+    None. CheckpointError when they are of another configuration: resume=auto then continues nothing."""
+    results = run_folder.read_results(run_dir)
+    if results is None or not run_folder.finished(results):
+        return None
+    saved = {k.removeprefix("config/"): v for k, v in results.items() if k.startswith("config/")}
+    if problems := _config_problems(saved, flatten(config), "results.json"):
+        raise CheckpointError(
+            f"{run_dir / 'results.json'} is of another run: {'; '.join(problems)}. Fix: resume=auto with the "
+            "overrides of the run (or sweep) that wrote it (its config: <its run dir>/.hydra/config.yaml), or a "
+            "fresh hydra.run.dir (hydra.sweep.dir).")
+    log.info("resume=auto: %s has finished (results: %s); nothing to do", run_dir, run_dir / "results.json")
+    return results
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +302,7 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
     by another configuration or number of processes (nothing loaded), or does not fit what the loaders
     expect (the run must stop: the objects may be partly loaded)."""
     ckpt = read(path)
-    problems = _config_problems(ckpt["config"], config)
+    problems = _config_problems(flatten(ckpt["config"]), flatten(config))
     if ckpt["world_size"] != world_size:
         problems.append(f"it was written by {ckpt['world_size']} processes, this run has {world_size} "
                         f"(trainer.batch_size is per process, so the global batch would change)")
@@ -294,13 +331,12 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
 
 def carry_best(ckpt_path: Path, best_path: Path, progress: Progress) -> None:
     """Resuming from a checkpoint in another folder: copy that run's best-validation weights along, as
-    they are the weights behind progress.best_acc (the test split is evaluated on them at the end)."""
+    they are the weights behind progress.best_acc (the test split is evaluated on them at the end). When
+    they are gone, Checkpointing.best_lost says so."""
     source = ckpt_path.parent / best_path.name
-    if progress.best_acc < 0 or best_path.exists() or source.resolve() == best_path.resolve():
+    if progress.best_acc < 0 or best_path.exists() or source.resolve() == best_path.resolve() or \
+            not source.is_file():
         return
-    if not source.is_file():
-        raise CheckpointError(f"{ckpt_path} records a best val/acc of {progress.best_acc:.4f} but {source} is "
-                              f"missing. Fix: copy the interrupted run's {best_path.name} to {best_path}.")
     shutil.copyfile(source, best_path)
     log.info("copied %s to %s", source, best_path)
 
@@ -347,11 +383,11 @@ def _numpy_state(s: dict[str, Any]) -> tuple:
     return ("MT19937", np.asarray(s["key"], dtype=np.uint32), s["pos"], s["has_gauss"], s["gauss"])
 
 
-def _config_problems(saved: dict, current: dict) -> list[str]:
-    a, b = flatten(saved), flatten(current)
+def _config_problems(a: dict, b: dict, saved: str = "checkpoint") -> list[str]:
+    """The IDENTITY settings that differ between two flattened configs: `a` saved in a `saved` file, `b` this run's."""
     keys = sorted({k for k in a.keys() | b.keys()
                    if any(k == p or k.startswith(p + ".") for p in IDENTITY) and k not in LOCATIONS})
-    return [f"config {k}: checkpoint {a.get(k, '<absent>')!r}, this run {b.get(k, '<absent>')!r}"
+    return [f"config {k}: {saved} {a.get(k, '<absent>')!r}, this run {b.get(k, '<absent>')!r}"
             for k in keys if a.get(k) != b.get(k)][:10]
 
 

@@ -167,9 +167,16 @@ def interrupted(run_dir: Path | None) -> str:
     """The line for a Ctrl-C that stopped the process at once: what the run folder holds, and how to go on."""
     if run_dir is None:
         return "interrupted by Ctrl-C (SIGINT) before the run started; nothing was written"
+    from experiments.training import run_folder  # it refuses folders with RunFailed, from here
+
     last, results = run_dir / "last.ckpt", run_dir / "results.json"
-    if results.is_file():
+    written = run_folder.read_results(run_dir)
+    if written is not None and run_folder.finished(written):
         return f"interrupted by Ctrl-C (SIGINT) after the run finished: {results} holds its results"
+    if written is not None and last.is_file():
+        return (f"interrupted by Ctrl-C (SIGINT) during the cost measurement: {results} holds the accuracy, not yet "
+                f"the cost. Measure it with the same overrides plus hydra.run.dir={run_dir} resume=true (nothing is "
+                "trained again)")
     if last.is_file():
         return (f"interrupted by Ctrl-C (SIGINT): {last} holds the last checkpoint (all of training, if it had "
                 f"ended) and {results} was not written. Continue with the same overrides plus "

@@ -1,9 +1,11 @@
 """Stopping a run cleanly on SIGINT/SIGTERM (Ctrl-C, SLURM preemption): checkpoint first, then exit."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,6 +34,7 @@ class StopRequest:
         self.signum: int | None = None
         self.stopping = False  # some process was asked to stop (as of the last `agree`)
         self._previous: dict[int, Any] = {}
+        self._at_once = False
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -65,6 +68,26 @@ class StopRequest:
         log.warning("stopped by %s at step %d; %s", signal.Signals(signum).name, step, how_to_resume)
         raise TrainingInterrupted(128 + signum)
 
+    @contextlib.contextmanager
+    def at_once(self) -> Iterator[None]:
+        """While inside, a signal stops the run there and then instead of at the next step boundary: for a wait
+        with nothing new to checkpoint (W&B starting, which would otherwise finish its wait first). A signal
+        that came earlier stops it on entry. SIGINT raises KeyboardInterrupt (experiments.training.errors says
+        what the run folder holds), SIGTERM TrainingInterrupted (exit status 143)."""
+        self._at_once = True
+        try:
+            if self.signum is not None:
+                raise KeyboardInterrupt
+            yield
+        except KeyboardInterrupt:
+            if self.signum is None or self.signum == signal.SIGINT:
+                raise
+            log.warning("stopped by %s before the next training step (nothing new to checkpoint)",
+                        signal.Signals(self.signum).name)
+            raise TrainingInterrupted(128 + self.signum) from None
+        finally:
+            self._at_once = False
+
     def release(self) -> None:
         """Training is over: restore the previous handlers, and deliver a signal that came after the last
         step boundary (with them, e.g. SIGTERM terminates)."""
@@ -82,3 +105,5 @@ class StopRequest:
             signal.signal(signum, self._previous[signum])
             signal.raise_signal(signum)
         self.signum = signum
+        if self._at_once:
+            raise KeyboardInterrupt
