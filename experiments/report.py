@@ -329,7 +329,7 @@ def summary_table(runs: list[Run]) -> str:
             counted = key.startswith("params/") and mean is not None
             row[header(key, u)] = f"{mean:,.0f}" if counted else format_cell(mean, u)
         rows.append(row)
-    return pd.DataFrame(rows).fillna("")  # a column another configuration has: blank
+    return pd.DataFrame(rows).fillna("").to_markdown(index=False, disable_numparse=True)  # missing cells: blank
 
 
 def failed_table(failed: list[dict[str, str]]) -> str:

@@ -179,8 +179,13 @@ def test_plots_are_valid_pngs(sweep: tuple[Path, list[dict]], tmp_path: Path) ->
     assert names == {"report.md", "summary.csv", "accuracy_vs_memory.png", "flops_vs_eps.png",
                      "memory_vs_eps.png", "latency_ratios.png"}
     md = (tmp_path / "out" / "report.md").read_text()
-    with open(tmp_path / "out" / "summary.csv", newline="") as f:  # the cells of report.md's summary table
-        assert [dict(row) for row in csv.DictReader(f)] == _parse_table(md.split("## Summary")[1].split("## Runs")[0])
+    with open(tmp_path / "out" / "summary.csv", newline="") as f:  # report.md's summary, in the metrics' own units
+        rows = list(csv.DictReader(f))
+    table = _parse_table(md.split("## Summary")[1].split("## Runs")[0])
+    assert [r["method"] for r in rows] == [r["method"] for r in table] and len(rows) >= 2
+    for row, shown in zip(rows, table):
+        mean = row["test/acc"] and f"{float(row['test/acc']) * 100:.1f}"  # blank: a configuration without one
+        assert shown["test/acc (%)"].split(" ±")[0] == mean
     for path in written:
         if path.suffix == ".png":
             _assert_png(path)
