@@ -4,11 +4,13 @@
         --recompute none mlp block --spectrum pretrained --data shapes --measure cost
     python -m experiments.bench --model vit_b32 --batch 32 --threads 2 --measure time ...
     python -m experiments.bench --preset pi ...     # make pi-latency: the Raspberry Pi 5 profile (PRESETS)
+    python -m experiments.bench --model tinyllama --batch 8 --data yesno --eps 0.1 ... # a text model: token batches
 
 Every variant (method × ε × recompute) is composed from conf/ and built by
 `experiments.builders.variant.build_variant`, exactly as a training run builds it, on the same weights
 (`--spectrum`, `--checkpoint`) and measured on the same batch (`--data`: the first --batch training
-images of a dataset config, or `noise`). `--measure cost` uses the functions behind a run's
+images of a dataset config, or for a text model the first --batch sequences of a text dataset config tokenized by the
+model's tokenizer at its max length; or `noise`). `--measure cost` uses the functions behind a run's
 results.json (`experiments.measurement.metrics.measure`, one variant at a time); `--measure time` times every
 variant's forward, backward and optimizer step and its inference round-robin (repetition r of every
 variant, starting one variant later each round), so a slow spell of the machine hits all alike;
@@ -47,13 +49,16 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import default_collate
 
 import experiments.configuration.schema  # noqa: F401  (registers the config schemas that conf/ extends)
 import wasi.config
 from experiments import CONF_DIR
+from experiments.builders.inputs import Inputs, data_arguments, logits
 from experiments.builders.variant import Variant, build_variant, train_step
 from experiments.configuration.choices import Spectrum
-from experiments.configuration.schema import ConfigError
+from experiments.configuration.schema import ConfigError, check_inputs
+from experiments.data.loaders import to_device
 from experiments.measurement import metrics
 from experiments.measurement.energy import EnergyMeter, NoEnergySensor, open_meter
 from experiments.measurement.environment import environment
@@ -70,8 +75,8 @@ CONF = CONF_DIR
 PHASES = ("forward", "backward", "optimizer", "train_step", "inference")
 REGIONS = ("wasi.tucker", "wasi.compressed_grad", "wasi.factored_update")  # record_function labels in wasi/
 COST = ("memory/activation_bytes", "memory/peak_bytes", "memory/weight_bytes", "flops/train_step",
-        "flops/inference_per_image")
-Batch = tuple[torch.Tensor, torch.Tensor]
+        "flops/inference_per_image", "flops/inference_per_sequence", "memory/layers_activation_bytes",
+        "memory/layers_weight_bytes", "flops/layers_train_step", "flops/layers_inference")
 #: Named sets of defaults (`--preset NAME`); flags after them override them. "pi": the Raspberry Pi 5 profile
 #: of `make pi-latency` (device/README.md): conf/hardware/cpu_pi.yaml (4 threads, fp32), timing.
 PRESETS = {"pi": ["--hardware", "cpu_pi", "--measure", "time", "--out-root", "outputs/pi_latency"]}
@@ -156,19 +161,26 @@ def variant_specs(args: argparse.Namespace, base: list[str]) -> list[Spec]:
     return specs
 
 
-def make_batch(cfg: DictConfig, size: int, data: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """x: (size, 3, S, S), y: (size,) and the number of classes: the first `size` training images of
-    cfg.dataset, or seeded N(0, 1) noise with random labels of 10 classes for data="noise"."""
-    s = cfg.model.image_size
+def make_batch(cfg: DictConfig, size: int, data: str) -> tuple[Inputs, torch.Tensor, int]:
+    """x, y: (size,) and the number of classes: the first `size` training items of cfg.dataset (images (size, 3, S, S),
+    or token ids and masks (size, L) of a text dataset, as a training run's loader batches them), or for
+    data="noise" seeded random inputs with random labels of 10 classes: N(0, 1) images, or token ids drawn uniformly
+    from the model's vocabulary (model.config.vocab_size, else its tokenizer's) with no padding."""
+    g = torch.Generator().manual_seed(cfg.seed)
     if data == "noise":
-        g = torch.Generator().manual_seed(cfg.seed)
-        return torch.randn(size, 3, s, s, generator=g), torch.randint(0, 10, (size,), generator=g), 10
-    splits = instantiate(cfg.dataset)(image_size=s, seed=cfg.seed)
+        labels = torch.randint(0, 10, (size,), generator=g)
+        if cfg.model.get("inputs", "image") == "image":
+            s = cfg.model.image_size
+            return torch.randn(size, 3, s, s, generator=g), labels, 10
+        vocab = cfg.model.config.get("vocab_size") or len(data_arguments(cfg.model)["tokenizer"])
+        ids = torch.randint(0, vocab, (size, cfg.model.max_length), generator=g)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels, 10
+    splits = instantiate(cfg.dataset)(**data_arguments(cfg.model), seed=cfg.seed)
     if len(splits.train) < size:
-        raise BenchArgumentError(f"--batch {size} is larger than the {len(splits.train)} training images of "
+        raise BenchArgumentError(f"--batch {size} is larger than the {len(splits.train)} training items of "
                                  f"--data {data}. Fix: --batch {len(splits.train)} or less, or a larger dataset")
-    x, y = zip(*(splits.train[i] for i in range(size)))
-    return torch.stack(x), torch.tensor(y), splits.num_classes
+    x, y = default_collate([splits.train[i] for i in range(size)])
+    return x, y, splits.num_classes
 
 
 def describe(spec: Spec, variant: Variant) -> dict[str, Any]:
@@ -188,21 +200,20 @@ def optimizer_name(optimizer: torch.optim.Optimizer) -> str:
     return type(optimizer).__name__ if package == "torch" else f"{package}.{type(optimizer).__name__}"
 
 
-def measure_cost(variant: Variant, cfg: DictConfig, x: torch.Tensor, y: torch.Tensor,
+def measure_cost(variant: Variant, cfg: DictConfig, x: Inputs, y: torch.Tensor,
                  device: torch.device) -> tuple[dict[str, Any], dict[str, int]]:
     """(cost metrics of one training step, held activation bytes by source) of a freshly built variant."""
     amp = autocast(cfg.hardware, device)
-    row = metrics.measure(variant, x, y, grad_clip=cfg.trainer.grad_clip, amp=amp,
-                          image_size=cfg.model.image_size, device=device, repeats=0)
+    row = metrics.measure(variant, x, y, grad_clip=cfg.trainer.grad_clip, amp=amp, device=device, repeats=0)
 
     def forward() -> torch.Tensor:
         with amp:
-            return F.cross_entropy(variant.model(x), y)
+            return F.cross_entropy(logits(variant.model, x), y)
 
     return row, metrics.held_activations(forward, variant.model)
 
 
-def time_round_robin(built: list[tuple[Spec, Variant, DictConfig]], x: torch.Tensor, y: torch.Tensor,
+def time_round_robin(built: list[tuple[Spec, Variant, DictConfig]], x: Inputs, y: torch.Tensor,
                      device: torch.device, warmup: int, reps: int, meter: EnergyMeter | None = None) -> pd.DataFrame:
     """Seconds per phase of every variant, round-robin; one row per (label, rep, phase). With `meter`, the
     train_step and inference rows also hold `joules/<domain>`: the counters read (after a device sync)
@@ -240,7 +251,7 @@ def time_round_robin(built: list[tuple[Spec, Variant, DictConfig]], x: torch.Ten
                 with torch.no_grad(), amp:
                     inference_start = energy()
                     clock()
-                    deployed(x)
+                    logits(deployed, x)
                     clock()
                     inference_end = energy()
                 joules["inference"] = used(inference_start, inference_end)
@@ -254,7 +265,7 @@ def time_round_robin(built: list[tuple[Spec, Variant, DictConfig]], x: torch.Ten
     return pd.DataFrame(rows)
 
 
-def profile_regions(built: list[tuple[Spec, Variant, DictConfig]], x: torch.Tensor, y: torch.Tensor,
+def profile_regions(built: list[tuple[Spec, Variant, DictConfig]], x: Inputs, y: torch.Tensor,
                     device: torch.device, warmup: int, reps: int) -> pd.DataFrame:
     """Calls and time per training step inside each of the library's labelled regions (REGIONS), by
     torch.profiler over `reps` steps after `warmup`, one variant at a time; share = region time / step time
@@ -314,10 +325,15 @@ def energy_stats(raw: pd.DataFrame, reference: str) -> pd.DataFrame:
 
 
 def add_ratios(table: pd.DataFrame, reference: str) -> pd.DataFrame:
-    """`layers ×`, the paper's per-layer figure (dense / compressed bytes of the converted layers), and, once the
-    reference row exists, `<metric> ×` = the reference's value / the row's for the cost metrics."""
+    """`layers ×`, the paper's per-layer figure (dense / compressed bytes of the converted layers), `layers
+    activation ×` and `layers weight ×` (the same for the fine-tuned layers' activations and weights apart), and, once
+    the reference row exists, `<metric> ×` = the reference's value / the row's for the cost metrics."""
     if "memory/compressed_layers_bytes" in table:
         table["layers ×"] = table["memory/compressed_layers_vanilla_bytes"] / table["memory/compressed_layers_bytes"]
+    for part in ("activation", "weight"):  # the same layers dense / as the row keeps them (the paper's figures)
+        if f"memory/layers_{part}_bytes" in table:
+            dense, held = table[f"memory/layers_{part}_dense_bytes"], table[f"memory/layers_{part}_bytes"]
+            table[f"layers {part} ×"] = dense / held
     if reference in set(table.label):
         ref = table.set_index("label").loc[reference]
         for key in COST:
@@ -360,7 +376,13 @@ def markdown(table: pd.DataFrame, breakdown: dict[str, dict[str, int]], header: 
             "memory/activation_bytes ×": ("act ×", 1), "memory/peak_bytes": ("peak MiB", mib),
             "memory/peak_bytes ×": ("peak ×", 1), "memory/weight_bytes": ("weights MiB", mib),
             "flops/train_step": ("train GFLOPs", g), "flops/train_step ×": ("train FLOPs ×", 1),
-            "flops/inference_per_image": ("infer GFLOPs/img", g), "time/train_step_s": ("step ms", 1e-3),
+            "flops/inference_per_image": ("infer GFLOPs/img", g),
+            "flops/inference_per_sequence": ("infer GFLOPs/seq", g),
+            "memory/layers_activation_bytes": ("tuned act MiB", mib), "layers activation ×": ("tuned act × dense", 1),
+            "memory/layers_weight_bytes": ("tuned weights MiB", mib), "layers weight ×": ("tuned weights × dense", 1),
+            "flops/layers_train_step": ("tuned train GFLOPs", g), "flops/layers_train_step ×": ("tuned train ×", 1),
+            "flops/layers_inference": ("tuned infer GFLOPs", g), "flops/layers_inference ×": ("tuned infer ×", 1),
+            "time/train_step_s": ("step ms", 1e-3),
             "time/train_step_s ×": ("step ×", 1), "time/train_step_s × / flops ×": ("step × / FLOPs ×", 1),
             "time/inference_s": ("infer ms", 1e-3), "time/inference_s ×": ("infer ×", 1)}
     cols.update({key: (f"{phase} J {key.split('/')[1]}", 1) for key in table if key.startswith("energy/")
@@ -496,9 +518,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if args.spectrum == "pretrained" and (checkpoint or args.hub):
         raise BenchArgumentError(f"--spectrum pretrained stands in for real weights, and --model {args.model} loads "
                                  f"{checkpoint or 'hub weights'}. Fix: drop --spectrum pretrained")
+    if args.data != "noise":
+        check_inputs(probe.model, probe.dataset)  # an image model with a text dataset, or the other way round
     device = setup_hardware(probe.hardware)
     x, y, num_classes = make_batch(probe, args.batch, args.data)
-    x, y = x.to(device), y.to(device)
+    x, y = to_device((x, y), device)
     specs = variant_specs(args, base)
     out.mkdir(parents=True, exist_ok=True)
     notes = list(dict.fromkeys(n for spec in specs for n in spec.notes))
@@ -507,8 +531,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     weights = (f"checkpoint {checkpoint}" if checkpoint else "pretrained (hub)" if args.hub else
                {"random": "random init", "pretrained": "random init with a pretrained-like spectrum on the targets "
                 "(experiments.builders.spectrum)"}[args.spectrum])
-    inputs = ("Gaussian noise" if args.data == "noise" else
-              f"the first {args.batch} training images of dataset={args.data}")
+    text = probe.model.get("inputs", "image") == "text"
+    items = f"sequences of {probe.model.max_length} tokens" if text else "images"
+    inputs = (("random token ids" if text else "Gaussian noise") if args.data == "noise" else
+              f"the first {args.batch} training {items} of dataset={args.data}"
+              + (f" (tokenizer {probe.model.tokenizer})" if text else ""))
     header = (f"# Benchmark: {args.model}, batch {args.batch}\n\n`python -m experiments.bench "
               f"{shlex.join(sys.argv[1:] if argv is None else argv)}`\n\nWeights: {weights}. Inputs: {inputs}. "
               f"Device: {device}, {probe.hardware.precision}, {torch.get_num_threads()} threads. Reference for `×`: "

@@ -1,11 +1,13 @@
 """Export a trained run as a standalone inference artefact, loaded by `experiments.deployment.exported`.
 
     python -m experiments.export RUN_DIR [--out DIR]        # DIR defaults to RUN_DIR/export
-    python -m experiments.inference DIR IMAGE...            # predictions of the exported model
+    python -m experiments.inference DIR IMAGE...            # predictions of the exported model (or DIR TEXT...)
 
 Reads the run's `.hydra/config.yaml` and `best.safetensors` and writes `model.safetensors` and
-`model.json` (see experiments/deployment/exported.py). The module structure is rebuilt from the tensor
-names of the checkpoint, so no calibration data is needed:
+`model.json` (see experiments/deployment/exported.py), and for a text model its tokenizer's files. A Hugging Face
+model's architecture is recorded as its transformers class and config dict, taken from the model config (its
+`config` settings, else the hub's config.json in the cache), so loading needs no download. The module structure is
+rebuilt from the tensor names of the checkpoint, so no calibration data is needed:
 - WSI/WASI layers (`L`, `R`, `bias`, and the dense `weight` of the reference/svd updates, dropped)
   become a low-rank wasi.WSILinear(L, R, bias);
 - SVD-LLM factor pairs `Sequential(W_v, W_u)` become one (L=W_u, R=W_v, bias);
@@ -18,15 +20,19 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from experiments.builders.factors import factor_linear
+from experiments.builders.hub import load_tokenizer
+from experiments.builders.inputs import Inputs, logits
 from experiments.builders.methods import Lora
+from experiments.builders.models import build_model as build_any_model
 from experiments.deployment.exported import (
     CONFIG_FILE,
     FORMAT,
@@ -39,6 +45,7 @@ from experiments.deployment.exported import (
     load_exported,
     low_rank_linear,
 )
+from experiments.deployment.exported import load_tokenizer as load_tokenizer_of
 from experiments.training.storage import DiskFullError, atomic
 from wasi import WSILinear, replace_module
 
@@ -70,10 +77,7 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         raise NotARunError(f"{weights} not found: the run never finished an evaluation, so it has no weights to "
                            "export. Fix: export a run that completed at least one epoch (trainer.eval_interval), or "
                            f"continue this one: python train.py <its overrides> hydra.run.dir={run_dir} resume=true")
-    kwargs = OmegaConf.to_container(cfg.model.get("kwargs") or {}, resolve=True)
-    spec = ExportSpec(timm_name=cfg.model.timm_name, timm_kwargs=kwargs, num_classes=int(cfg.dataset.num_classes),
-                      image_size=int(cfg.model.image_size), mean=[float(m) for m in cfg.dataset.mean],
-                      std=[float(s) for s in cfg.dataset.std], method=str(cfg.method.name))
+    spec, tokenizer = export_spec(cfg)
     model = deployable(build_model(spec), read_weights(weights), cfg.method, str(weights))
     spec.layers = [LayerSpec(name=n, in_features=m.in_features, out_features=m.out_features, rank=m.rank,
                              bias=m.bias is not None, source=spec.method)
@@ -85,10 +89,38 @@ def export_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     with atomic(out / CONFIG_FILE, fix) as tmp:
         tmp.write_text(spec.to_json())
-    _check_roundtrip(model, out, spec.image_size)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    _check_roundtrip(model, out, spec)
     log.info("exported %s (%s, %d low-rank layers, %d parameters) to %s", run_dir, spec.method, len(spec.layers),
              sum(t.numel() for t in tensors.values()), out)
     return out
+
+
+def export_spec(cfg: DictConfig) -> tuple[ExportSpec, Any]:
+    """The ExportSpec of a run's config (no layers yet) and, for a text model, its tokenizer. A timm model is its
+    name and kwargs; a Hugging Face model (a config with a `builder`) its transformers class and config dict, read
+    from the architecture built at random init from the run's model config."""
+    classes, method = int(cfg.dataset.num_classes), str(cfg.method.name)
+    if not cfg.model.get("builder"):
+        kwargs = OmegaConf.to_container(cfg.model.get("kwargs") or {}, resolve=True)
+        return ExportSpec(timm_name=cfg.model.timm_name, timm_kwargs=kwargs, num_classes=classes,  # type: ignore[arg-type]
+                          image_size=int(cfg.model.image_size), mean=[float(m) for m in cfg.dataset.mean],
+                          std=[float(s) for s in cfg.dataset.std], method=method), None
+    random_init = cfg.model.copy()  # the run's architecture at random init: a pretrained run's is its checkpoint's
+    with open_dict(random_init):
+        random_init.config = {} if cfg.model.pretrained and not cfg.model.get("checkpoint") else cfg.model.config
+        random_init.pretrained, random_init.checkpoint = False, None
+    fresh = build_any_model(random_init, classes)
+    text = cfg.model.inputs == "text"
+    spec = ExportSpec(timm_name=None, timm_kwargs={}, num_classes=classes, method=method, inputs=str(cfg.model.inputs),
+                      image_size=None if text else int(cfg.model.image_size),
+                      mean=[] if text else [float(m) for m in cfg.dataset.mean],
+                      std=[] if text else [float(s) for s in cfg.dataset.std],
+                      transformers_class=type(fresh).__name__, transformers_config=fresh.config.to_dict(),
+                      max_length=int(cfg.model.max_length) if text else None,
+                      template=str(cfg.dataset.template) if text else None)
+    return spec, load_tokenizer(cfg.model) if text else None
 
 
 def read_run_config(run_dir: Path) -> DictConfig:
@@ -119,7 +151,7 @@ def read_weights(path: Path) -> dict[str, Tensor]:
 
 def deployable(model: nn.Module, state: dict[str, Tensor], method_cfg: DictConfig,
                source: str = "checkpoint") -> nn.Module:
-    """Reshape a fresh timm `model` to fit the trained `state`, load it strictly, and return the
+    """Reshape a fresh `model` (timm or transformers) to fit the trained `state`, load it strictly, and return the
     inference form: LoRA merged (LoRA-FA's and VeLoRA's too; VeLoRA's TRAINING_ONLY projections dropped),
     WSI/WASI and SVD-LLM factors as low-rank wasi.WSILinear, the rest dense (vanilla, GaLore)."""
     state = {k: v for k, v in state.items() if not any(part in k for part in TRAINING_ONLY)}
@@ -166,10 +198,20 @@ def _merge_lora(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _check_roundtrip(model: nn.Module, out: Path, image_size: int) -> None:
-    """Reload the artefact and compare its logits with the exported module's on a random batch."""
-    x = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
-    expected, got = model.eval()(x), load_exported(out)(x)
+def _check_roundtrip(model: nn.Module, out: Path, spec: ExportSpec) -> None:
+    """Reload the artefact and compare its logits with the exported module's on a random batch (images, or token ids
+    of the tokenizer's vocabulary with the last two of one sequence padded)."""
+    g = torch.Generator().manual_seed(0)
+    if spec.inputs == "text":
+        vocab, length = len(load_tokenizer_of(out)), int(spec.max_length or 1)
+        ids = torch.randint(0, vocab, (2, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0
+        x: Inputs = {"input_ids": ids, "attention_mask": mask}
+    else:
+        size = int(spec.image_size or 1)
+        x = torch.randn(2, 3, size, size, generator=g)
+    expected, got = logits(model.eval(), x), logits(load_exported(out), x)
     if not torch.allclose(expected, got, rtol=1e-5, atol=1e-5):
         raise RunExportError(f"reloaded {out} differs from the exported model by {(expected - got).abs().max():.3g}")
 

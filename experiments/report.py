@@ -8,7 +8,8 @@ Usage::
 Every ``results.json`` below the sweep directory (Hydra multirun layout
 ``<date>/<time>/<job>/results.json``) is one flat JSON object of metrics plus a nested
 ``config``. A summary averages the seeds of each configuration (test accuracy as mean ± std) and is
-printed on the terminal too; the table of runs shows every metric in readable units (accuracy in %,
+printed on the terminal too and written with every metric's mean, in the runs' own units, to ``summary.csv``; the
+table of runs shows every metric in readable units (accuracy in %,
 memory in MiB, FLOPs in GFLOPs or MFLOPs, times in ms; the unit is in each header); missing keys are
 left blank, and a value that should be a number but is not (text) is shown as it is in the table and left out
 of the summary and the plots. A job folder (it has ``.hydra/``) without ``results.json`` is listed as failed,
@@ -51,7 +52,9 @@ COLUMNS: tuple[str, ...] = (
     "val/acc",
     "test/acc",
     "flops/inference_per_image",
+    "flops/inference_per_sequence",
     "flops/train_step",
+    "flops/layers_train_step",
     "memory/activation_bytes",
     "memory/weight_bytes",
     "memory/peak_bytes",
@@ -280,33 +283,53 @@ def _looks_numeric(cell: str) -> bool:
     return True
 
 
-def summary_table(runs: list[Run]) -> str:
-    """`summary_frame` as Markdown."""
-    return summary_frame(runs).to_markdown(index=False, disable_numparse=True)
+#: Top-level key groups whose numbers the summary CSV averages (every metric a run reports).
+METRIC_GROUPS: tuple[str, ...] = ("val", "test", "train", "params", "flops", "memory", "time")
 
 
 def summary_frame(runs: list[Run]) -> pd.DataFrame:
-    """One row per configuration (the GROUP_KEYS whose values differ across runs), in the metrics' units:
-    the number of runs (seeds), test accuracy as mean ± standard deviation over them, and the mean of the
-    other SUMMARY metrics (deterministic ones are equal across seeds)."""
+    """One row per configuration (the GROUP_KEYS whose values differ across runs): those keys, the number of runs
+    (seeds), and for every numeric metric of METRIC_GROUPS its mean over the runs, with the standard deviation of
+    val/acc and test/acc (`<key> std`, NaN for one run). Numbers in the runs' own units (bytes, FLOPs, seconds,
+    accuracy in [0, 1]); written as summary.csv."""
     by = _varying(runs, GROUP_KEYS) or ["method"]
-    frame = pd.DataFrame([{**{k: format_cell(value(r, k)) for k in by}, **{k: number(r, k) for k in SUMMARY}}
-                          for r in runs])
+    keys = sorted({k for r in runs for k in r if k.split("/")[0] in METRIC_GROUPS and number(r, k) is not None})
+    keys = [k for k in SUMMARY if k in keys] + [k for k in keys if k not in SUMMARY]
+    frame = pd.DataFrame([{**{k: format_cell(value(r, k)) for k in by}, **{k: number(r, k) for k in keys}}
+                          for r in runs], columns=[*by, *keys])
     rows = []
-    for keys, group in frame.groupby(by, sort=False):
-        row = dict(zip(by, keys if isinstance(keys, tuple) else (keys,)))
-        row["runs"] = str(len(group))
-        acc = group["test/acc"].dropna() * PERCENT.scale
-        row[header("test/acc", PERCENT)] = "" if acc.empty else (
-            f"{acc.mean():.1f}" + (f" ± {acc.std():.1f}" if len(acc) > 1 else ""))
+    for group_keys, group in frame.groupby(by, sort=False):
+        row: dict[str, Any] = dict(zip(by, group_keys if isinstance(group_keys, tuple) else (group_keys,)))
+        row["runs"] = len(group)
+        for key in keys:
+            row[key] = group[key].astype(float).mean()
+            if key in ("val/acc", "test/acc"):
+                row[f"{key} std"] = group[key].astype(float).std()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summary_table(runs: list[Run]) -> str:
+    """`summary_frame`'s SUMMARY columns in the metrics' units: test accuracy as mean ± standard deviation over
+    the seeds of each configuration, the mean of the other SUMMARY metrics (deterministic ones are equal across
+    seeds)."""
+    by = _varying(runs, GROUP_KEYS) or ["method"]
+    frame = summary_frame(runs)
+    rows = []
+    for _, stats in frame.iterrows():
+        row = {k: stats[k] for k in by}
+        row["runs"] = str(stats["runs"])
+        mean, std = stats.get("test/acc"), stats.get("test/acc std")
+        row[header("test/acc", PERCENT)] = "" if mean is None or pd.isna(mean) else (
+            f"{mean * PERCENT.scale:.1f}" + ("" if std is None or pd.isna(std) else f" ± {std * PERCENT.scale:.1f}"))
         for key in SUMMARY[1:]:
-            values = group[key].dropna()
-            u = unit(key, values)
-            mean = float(values.mean()) if len(values) else None
+            mean = stats.get(key)
+            mean = None if mean is None or pd.isna(mean) else float(mean)
+            u = unit(key, [mean] if mean is not None else [])
             counted = key.startswith("params/") and mean is not None
             row[header(key, u)] = f"{mean:,.0f}" if counted else format_cell(mean, u)
         rows.append(row)
-    return pd.DataFrame(rows).fillna("")  # a column another configuration has: blank
+    return pd.DataFrame(rows).fillna("").to_markdown(index=False, disable_numparse=True)  # missing cells: blank
 
 
 def failed_table(failed: list[dict[str, str]]) -> str:
@@ -476,9 +499,9 @@ def write_report(runs: list[Run], out: Path, latency: Path | None = None,
     if latency is not None:
         sections.append(f"Latency summary: `{latency}`\n")
     (out / "report.md").write_text("\n".join(sections))
-    if runs:  # the summary as cells, for the tables of README and docs (experiments.tables)
+    if runs:
         summary_frame(runs).to_csv(out / "summary.csv", index=False)
-        written.append(out / "summary.csv")
+        written.insert(0, out / "summary.csv")
     return [out / "report.md", *written]
 
 

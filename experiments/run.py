@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from experiments.builders.inputs import data_arguments, logits
 from experiments.builders.variant import build_variant, train_step
 from experiments.configuration.schema import validate
 from experiments.data.loaders import build_loaders, to_device
@@ -57,7 +58,7 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
 
     # Data, model, method, optimizer, schedule. Each rank trains on its shard of every global batch; the
     # method is calibrated on the same images on every rank (the global batches of epoch 0).
-    data = hydra.utils.instantiate(cfg.dataset)(image_size=cfg.model.image_size, seed=cfg.seed)
+    data = hydra.utils.instantiate(cfg.dataset)(**data_arguments(cfg.model), seed=cfg.seed)  # images, or tokens
     loaders = build_loaders(data, tc, ctx, cfg.seed, device)
     variant = build_variant(cfg, data.num_classes, loaders.calibration, device)
     model, optimizer = variant.model, variant.optimizer
@@ -113,7 +114,8 @@ def train(cfg: DictConfig, ctx: distributed.Context, stop: StopRequest) -> dict:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: contextlib.AbstractContextManager,
              max_batches: int | None, ctx: distributed.Context = distributed.Context()) -> float:
-    """Top-1 accuracy over the loader (or its first max_batches batches), summed over ranks' shards."""
+    """Top-1 accuracy over the loader (or its first max_batches batches), summed over ranks' shards; batches of
+    images or of token ids (experiments.builders.inputs)."""
     model.eval()
     correct = total = 0
     for i, batch in enumerate(tqdm(loader, desc="eval", leave=False, disable=not ctx.is_main)):
@@ -121,8 +123,8 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: co
             break
         x, y = to_device(batch, device)
         with amp:
-            pred = model(x).argmax(-1)
-        correct += (pred == y).sum().item()
+            pred = logits(model, x).argmax(-1)
+        correct += int((pred == y).sum())
         total += y.numel()
     model.train()
     right, seen = distributed.all_sum([correct, total], ctx, device)

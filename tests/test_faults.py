@@ -342,7 +342,7 @@ def test_exported_weights_and_best_weights_have_the_usual_file_mode(exported, tm
     (["--methods", "vanilla", "wasl"], "error: --methods wasl: there is no conf/method/wasl.yaml. Fix: --methods "
      "<any of asi, galore,"),
     (["--batch", "100", "--set", "dataset.source.train_size=50"], "error: --batch 100 is larger than the 40 training "
-     "images of --data shapes. Fix: --batch 40 or less"),
+     "items of --data shapes. Fix: --batch 40 or less, or a larger dataset"),
     (["--set", "trainer.epoch=3"], "error: trainer.epoch is not a setting. Fix: did you mean trainer.epochs?"),
     (["--measure", "profile", "--profile-baseline", "nowhere/profile.csv"], "error: --profile-baseline "
      "nowhere/profile.csv: there is no such file. Fix: the profile.csv of an earlier --measure profile run"),

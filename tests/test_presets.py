@@ -12,6 +12,7 @@ from tests.helpers import CONF, compose, sweep_results, train
 from wasi import EPS_SET
 
 PRESETS = ["eps", "baselines", "last_n", "budget"]  # the paper's sweeps
+TEXT_PRESETS = ["tinyllama_boolq", "tinyllama_boolq_sweep"]  # its language-model run
 
 
 def composed(*overrides: str):
@@ -52,7 +53,7 @@ def test_paper_eps_preset_builds_each_method_as_the_authors_ran_it():
         assert all(p.requires_grad for p in variant.model.parameters()), choice
 
 
-@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("preset", [*PRESETS, *TEXT_PRESETS])
 def test_presets_train_as_the_authors_scripts(preset):
     """Every subspace or adapter method of a paper preset trains the rest of the model densely."""
     cfg = composed(f"experiment={preset}")
@@ -109,3 +110,56 @@ def test_small_last_n_sweep_runs(tmp_path):
     assert [(r["method"], r["config/method.last_n"]) for r in results] == [
         (m, n) for m in ("vanilla", "wasi") for n in (1, 2, 4, 8, 12)]
     assert all(r["train/steps"] == 2 for r in results)
+
+
+def jobs(cfg) -> list[list[str]]:
+    """The overrides of every job of a preset's sweep (its params' product)."""
+    import itertools
+
+    params = {k: str(v).split(",") for k, v in cfg.hydra.sweeper.params.items()}
+    return [[f"{k}={v}" for k, v in zip(params, values)] for values in itertools.product(*params.values())]
+
+
+def test_the_tinyllama_presets_are_the_authors_boolq_runs():
+    cfg = composed("experiment=tinyllama_boolq")
+    assert (cfg.model.name, cfg.dataset.name, cfg.hardware.name) == ("tinyllama", "boolq", "cuda")
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.model.max_length, cfg.trainer.grad_clip, cfg.seed) == (
+        50, 8, 128, 2.0, 233)
+    assert (cfg.optimizer.lr, cfg.optimizer.momentum, cfg.method.last_n) == (0.05, 0.0, 5)
+    assert cfg.hydra.sweeper.params.method == "vanilla,paper/wasi_tinyllama"
+    sweep = composed("experiment=tinyllama_boolq_sweep")
+    assert sweep.hydra.sweeper.params["method.last_n"] == "1,2,3,4,5"
+    eps = tuple(float(e) for e in str(sweep.hydra.sweeper.params["method.epsilon"]).split(","))
+    assert eps == (0.1, *EPS_SET) and (sweep.trainer.batch_size, sweep.model.max_length) == (8, 128)
+    for preset in TEXT_PRESETS:
+        paper = composed(f"experiment={preset}")
+        small = composed(f"experiment={preset}", "debug=small_text")
+        assert (small.model.name, small.dataset.name, small.hardware.name) == ("llama_tiny", "yesno", "cpu")
+        assert small.hydra.sweeper.params == paper.hydra.sweeper.params  # the same sweep, smaller jobs
+        for job in jobs(paper):  # every job of the sweep composes and validates, as the paper's and the small run
+            for extra in ([], ["debug=small_text"]):
+                cfg = compose(f"experiment={preset}", *extra, *job, run_dir=Path("unused"))
+                validate(cfg)
+                assert cfg.method.name in ("vanilla", "wasi")
+                if cfg.method.name == "wasi":
+                    assert cfg.method.train_rest and cfg.method.epsilon_act is None  # activation ε = weight ε
+
+
+def test_the_offline_text_benchmark_preset_validates():
+    cfg = composed("experiment=llama_tiny")
+    assert (cfg.model.name, cfg.dataset.name, cfg.trainer.batch_size, cfg.method.epsilon) == ("llama_tiny", "yesno", 8,
+                                                                                              0.1)
+    params = cfg.hydra.sweeper.params
+    assert params.seed == "1,2,3" and params.method == "vanilla,paper/wasi_tinyllama"
+    for job in jobs(cfg):
+        validate(compose("experiment=llama_tiny", *job, run_dir=Path("unused")))
+
+
+@pytest.mark.slow
+def test_small_tinyllama_sweep_runs(tmp_path):
+    train("-m", "experiment=tinyllama_boolq_sweep", "debug=small_text", f"hydra.sweep.dir={tmp_path}",
+          f"paths.cache_dir={tmp_path}/cache", "method.last_n=1,2", "method.epsilon=0.1,0.5")
+    results = sweep_results(tmp_path)
+    assert [(r["config/method.last_n"], r["config/method.epsilon"]) for r in results] == [
+        (1, 0.1), (1, 0.5), (2, 0.1), (2, 0.5)]
+    assert [len(r["method/layers"]) for r in results] == [3, 3, 6, 6]  # last_n counts decoder layers: 3 linears each

@@ -179,8 +179,13 @@ def test_plots_are_valid_pngs(sweep: tuple[Path, list[dict]], tmp_path: Path) ->
     assert names == {"report.md", "summary.csv", "accuracy_vs_memory.png", "flops_vs_eps.png",
                      "memory_vs_eps.png", "latency_ratios.png"}
     md = (tmp_path / "out" / "report.md").read_text()
-    with open(tmp_path / "out" / "summary.csv", newline="") as f:  # the cells of report.md's summary table
-        assert [dict(row) for row in csv.DictReader(f)] == _parse_table(md.split("## Summary")[1].split("## Runs")[0])
+    with open(tmp_path / "out" / "summary.csv", newline="") as f:  # report.md's summary, in the metrics' own units
+        rows = list(csv.DictReader(f))
+    table = _parse_table(md.split("## Summary")[1].split("## Runs")[0])
+    assert [r["method"] for r in rows] == [r["method"] for r in table] and len(rows) >= 2
+    for row, shown in zip(rows, table):
+        mean = row["test/acc"] and f"{float(row['test/acc']) * 100:.1f}"  # blank: a configuration without one
+        assert shown["test/acc (%)"].split(" ±")[0] == mean
     for path in written:
         if path.suffix == ".png":
             _assert_png(path)
@@ -203,6 +208,12 @@ def test_summary_averages_seeds_of_each_configuration(tmp_path: Path) -> None:
     vanilla = [100 * a for (m, _), a in accs.items() if m == "vanilla"]
     assert rows[0]["test/acc (%)"] == f"{statistics.mean(vanilla):.1f} ± {statistics.stdev(vanilla):.1f}"
     assert (rows[0]["memory/peak (MiB)"], rows[1]["memory/peak (MiB)"]) == ("3.0", "1.0")
+    report.write_report(report.find_results(tmp_path / "sweep"), tmp_path / "out")
+    csv_rows = list(csv.DictReader((tmp_path / "out" / "summary.csv").open()))  # the same numbers, in their own units
+    assert [(r["method"], r["runs"]) for r in csv_rows] == [("vanilla", "3"), ("wasi", "2")]
+    assert float(csv_rows[0]["test/acc"]) == pytest.approx(statistics.mean(vanilla) / 100)
+    assert float(csv_rows[0]["test/acc std"]) == pytest.approx(statistics.stdev(vanilla) / 100)
+    assert float(csv_rows[0]["memory/peak_bytes"]) == 3 * 2**20 and float(csv_rows[1]["params/trainable"]) == 1000
 
 
 def test_empty_sweep_writes_table_only(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 import wasi
 from experiments.builders.factors import factor_linear
+from experiments.builders.inputs import Inputs, concat, logits, move, size, take
 from experiments.configuration.choices import Finetune, Recompute
 from experiments.configuration.schema import invalid
 from experiments.data.loaders import Batch, first_batch
@@ -275,10 +276,10 @@ class SvdLlm(Vanilla):
         from safetensors import safe_open
         from safetensors.torch import save_file
 
-        images, seen = [], 0
+        images, seen = [], 0  # images, or token ids and masks
         for x, _ in loader:
-            images.append(x[: self.calib_samples - seen])
-            seen += images[-1].shape[0]
+            images.append(take(x, self.calib_samples - seen))
+            seen += size(images[-1])
             if seen >= self.calib_samples:
                 break
         key = _fingerprint(model, images)
@@ -294,7 +295,7 @@ class SvdLlm(Vanilla):
         model.eval()
         try:
             for x in images:
-                model(x.to(device))
+                logits(model, move(x, device))
         finally:
             for h in hooks:
                 h.remove()
@@ -306,10 +307,13 @@ class SvdLlm(Vanilla):
         return whitening
 
 
-def _fingerprint(model: nn.Module, images: list[torch.Tensor]) -> str:
-    """sha256 over every parameter and buffer of `model` and the images, byte for byte."""
+def _fingerprint(model: nn.Module, images: list[Inputs]) -> str:
+    """sha256 over every parameter and buffer of `model` and the calibration inputs, byte for byte."""
     digest = hashlib.sha256()
-    for name, tensor in [*model.state_dict().items(), ("images", torch.cat(images))]:
+    joined = concat(images)
+    inputs = ([("images", joined)] if isinstance(joined, torch.Tensor)
+              else [(f"inputs.{k}", v) for k, v in joined.items()])
+    for name, tensor in [*model.state_dict().items(), *inputs]:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -1,4 +1,5 @@
-"""Build a timm model from the `model` config group, with the head sized for the dataset."""
+"""Build a model from the `model` config group, with the head sized for the dataset: a timm model here; a config
+naming a `builder` (a Hugging Face transformers model: experiments.builders.hub) is built by that function."""
 from __future__ import annotations
 
 import logging
@@ -9,9 +10,11 @@ import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.errors import HfHubHTTPError
+from hydra.utils import get_method
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+import wasi
 from experiments import REPO_ROOT
 from experiments.configuration.schema import ConfigError
 
@@ -38,11 +41,14 @@ class WeightsNotFoundError(ConfigError, FileNotFoundError):
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> nn.Module:
-    """timm model `cfg.timm_name` with a fresh `num_classes` head, checked to take `cfg.image_size` images.
+    """timm model `cfg.timm_name` with a fresh `num_classes` head, checked to take `cfg.image_size` images; or, for a
+    config with a `builder` (conf/model/hf.yaml, tinyllama.yaml), what that function builds from it.
 
     Weights come from `cfg.checkpoint` (a local file) if set, else from the hub if
     `cfg.pretrained`, else random init. Never falls back silently to random weights.
     """
+    if cfg.get("builder"):
+        return get_method(cfg.builder)(cfg, num_classes)
     kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.get("kwargs") else {}
     if cfg.get("checkpoint"):
         model = timm.create_model(cfg.timm_name, pretrained=False, num_classes=num_classes, **kwargs)
@@ -87,6 +93,11 @@ def check_image_size(model: nn.Module, cfg: DictConfig) -> None:
         model.eval()(torch.zeros(1, 3, size, size, device=device))
     except (AssertionError, RuntimeError, ValueError) as err:
         built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+        if cfg.get("builder"):  # a Hugging Face image classifier: built for its config's image_size
+            side = getattr(getattr(model, "config", None), "image_size", None)
+            raise ConfigError(f"model.image_size={size}: {cfg.hub_id} takes {side}x{side} images "
+                              f"({type(err).__name__}: {' '.join(str(err).split())[:200]}). Fix: "
+                              f"model.image_size={side}") from err
         takes = f"is built for {built[0]}x{built[1]} images" if built else "does not take them"
         also = f" to build it for {size}x{size}" if built else ""
         kwarg = "model.kwargs.img_size" if "img_size" in (cfg.get("kwargs") or {}) else "+model.kwargs.img_size"
@@ -112,15 +123,17 @@ def hub_weights(timm_name: str) -> tuple[str | None, str | None]:
     return repo, None
 
 
-def hub_unreachable(repo: str | None, timeout_s: float = HUB_TIMEOUT_S) -> str | None:
+def hub_unreachable(repo: str | None, timeout_s: float = HUB_TIMEOUT_S, *, filename: str = "model.safetensors",
+                    repo_type: str | None = None) -> str | None:
     """Why the hub cannot serve `repo` now (offline mode, no connection within `timeout_s`), or None. One
-    request without retries, so an offline machine learns it at once instead of after the hub client's
-    retries. An answer from the server (even "not found") counts as reachable: timm reports the rest."""
+    request (for `filename` of the model, or `repo_type`, repo) without retries, so an offline machine learns it at
+    once instead of after the hub client's retries. An answer from the server (even "not found") counts as
+    reachable: the library that loads it reports the rest."""
     if repo is None:
         return None
     if hub_constants.HF_HUB_OFFLINE:
-        return "HF_HUB_OFFLINE is set and the weights are not in the Hugging Face cache"
-    url = hf_hub_url(repo, "model.safetensors")
+        return f"HF_HUB_OFFLINE is set and {filename} of {repo} is not in the Hugging Face cache"
+    url = hf_hub_url(repo, filename, repo_type=repo_type)
     try:
         get_hf_file_metadata(url, timeout=timeout_s)
     except HfHubHTTPError:
@@ -172,7 +185,8 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     """
     state = read_state_dict(path)
     own = model.state_dict()
-    head = {k for k in own if k.startswith(head_prefix(model))}
+    heads = wasi.find_head(model)
+    head = {k for k in own if any(k == h or k.startswith(h + ".") for h in heads)}
     mismatched = [k for k in state if k in own and own[k].shape != state[k].shape and k not in head]
     missing = [k for k in own if k not in state and k not in head]
     unexpected = [k for k in state if k not in own]

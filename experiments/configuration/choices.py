@@ -12,3 +12,5 @@ Shuffle = Literal["per_epoch", "continued"]  # trainer.shuffle (experiments.trai
 Recompute = Literal["none", "attn", "block"]  # method.recompute of vanilla, LoRA, SVD-LLM ("mlp" needs WSI/WASI)
 Finetune = Literal["lora", "factors"]  # method.finetune of SVD-LLM
 Spectrum = Literal["random", "pretrained"]  # the benchmark's target weights (experiments.builders.variant)
+#: model.inputs and dataset.inputs: images (B, 3, S, S), or token ids and a mask (B, L)
+Inputs = Literal["image", "text"]

@@ -42,7 +42,7 @@ from omegaconf.errors import (
 )
 
 import wasi
-from experiments.configuration.choices import Device, Finetune, LoggerMode, Precision, Recompute, Shuffle
+from experiments.configuration.choices import Device, Finetune, Inputs, LoggerMode, Precision, Recompute, Shuffle
 from experiments.configuration.overrides import as_override
 from experiments.measurement.units import mib_to_bytes
 from wasi.config import TARGETS
@@ -147,7 +147,7 @@ class Paths:
 
 @dataclass
 class Model(Checked):
-    """conf/model/*.yaml."""
+    """conf/model/*.yaml of a timm model (`/timm_model_schema@_here_`): experiments.builders.models.build_model."""
 
     key: ClassVar[str] = "model"
     name: str = MISSING
@@ -156,6 +156,38 @@ class Model(Checked):
     checkpoint: str | None = MISSING
     image_size: int = setting(at_least(1), "model.image_size=224")
     kwargs: dict[str, Any] = field(default_factory=dict)
+    inputs: str = setting(one_of("image"), "model.inputs=image (a timm model takes images)", default="image")
+
+
+@dataclass
+class HubModel(Checked):
+    """conf/model/*.yaml of a Hugging Face transformers model (`/hub_model_schema@_here_`): an image classifier
+    (inputs image, `image_size`) or a sequence classifier (inputs text, `tokenizer`, `max_length`), built by
+    experiments.builders.hub (`builder`) as transformers' `auto_class` from the hub repo or local folder `hub_id`, or
+    at random init from the architecture settings `config` (model.pretrained=false)."""
+
+    key: ClassVar[str] = "model"
+    builder: str = "experiments.builders.hub.build_hub_model"
+    name: str = MISSING
+    hub_id: str = MISSING
+    inputs: str = setting(one_of_literal(Inputs), "model.inputs=text (token ids), or image")
+    auto_class: str = MISSING
+    pretrained: bool = MISSING
+    checkpoint: str | None = MISSING
+    config: dict[str, Any] = field(default_factory=dict)
+    image_size: int | None = setting(at_least(1), "model.image_size=224")
+    tokenizer: str | None = MISSING
+    max_length: int | None = setting(at_least(1), "model.max_length=128")
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        needs = {"image": [("image_size", "model.image_size=224")],
+                 "text": [("tokenizer", f"model.tokenizer={self.hub_id} (a hub id or a tokenizer folder)"),
+                          ("max_length", "model.max_length=128")]}[self.inputs]
+        for key, fix in needs:
+            if getattr(self, key) is None:
+                raise invalid(f"model.{key}", None, f"model.inputs={self.inputs} needs it", fix)
 
 
 @dataclass
@@ -242,6 +274,50 @@ class Dataset(Checked):
     val_fraction: float = setting(FRACTION, "dataset.val_fraction=0.2", default=0.2)
     hflip: bool = False  # random horizontal flips of training images
     source: Any = field(default_factory=lambda: {"_partial_": True})
+    inputs: ClassVar[str] = "image"  # what it gives (not a key: the builder takes every key)
+
+
+@dataclass
+class TextDataset(Checked):
+    """conf/dataset/*.yaml of a text classification task (`/text_dataset_schema@_here_`). The loop calls
+    `hydra.utils.instantiate(cfg.dataset)(tokenizer=..., max_length=L, seed=s)`, i.e. experiments.data.text.
+    build_text_datasets: `source` loads the raw splits (fields such as question and passage, and a label), and
+    `template` joins each item's fields into the one string the model's tokenizer reads."""
+
+    key: ClassVar[str] = "dataset"
+    _target_: str = "experiments.data.text.build_text_datasets"
+    _partial_: bool = True
+    name: str = MISSING
+    num_classes: int = setting(at_least(1), "dataset.num_classes=2")
+    template: str = MISSING
+    val_fraction: float = setting(FRACTION, "dataset.val_fraction=0.1", default=0.2)
+    source: Any = field(default_factory=lambda: {"_partial_": True})
+    inputs: ClassVar[str] = "text"
+
+
+#: What each kind of input is, and a model and a dataset config that take or give it (for the messages).
+INPUT_KINDS: dict[str, tuple[str, str, str]] = {
+    "image": ("images", "model=vit_tiny_cpu", "dataset=shapes"),
+    "text": ("text (token ids and an attention mask)", "model=llama_tiny", "dataset=yesno"),
+}
+
+
+def check_inputs(model: Any, dataset: Any) -> None:
+    """ConfigError naming both settings when the model takes another kind of input than the dataset gives (an image
+    model with a text dataset, a text model with an image dataset). model, dataset: the composed nodes or their
+    schema objects; one without `inputs` is an image one."""
+    def get(node: Any, key: str, default: Any = None) -> Any:
+        if isinstance(node, DictConfig):  # a key, else the schema's class attribute (a dataset's `inputs`)
+            return node.get(key, getattr(OmegaConf.get_type(node), key, default))
+        return node.get(key, default) if isinstance(node, dict) else getattr(node, key, default)
+
+    takes, gives = get(model, "inputs", "image"), get(dataset, "inputs", "image")
+    if takes != gives:
+        raise ConfigError(
+            f"model.name={get(model, 'name')} takes {INPUT_KINDS[takes][0]} and "
+            f"dataset.name={get(dataset, 'name')} gives "
+            f"{INPUT_KINDS[gives][0]}: the model cannot read the data. Fix: a {takes} dataset for this model (e.g. "
+            f"{INPUT_KINDS[takes][2]}), or a {gives} model for this dataset (e.g. {INPUT_KINDS[gives][1]})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,8 +488,8 @@ class Config(Checked):
     overwrite: bool = MISSING
     trainer: Trainer = MISSING
     paths: Paths = MISSING
-    model: Model = MISSING
-    dataset: Dataset = MISSING
+    model: Any = MISSING  # the schema its YAML file names: Model (timm) or HubModel
+    dataset: Any = MISSING  # Dataset (images) or TextDataset
     method: Any = MISSING
     hardware: Hardware = MISSING
     optimizer: Any = MISSING
@@ -422,6 +498,7 @@ class Config(Checked):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_inputs(self.model, self.dataset)
         if not (self.resume is None or isinstance(self.resume, (bool, str))):
             raise invalid("resume", self.resume, "must be true, false, null, auto or a path to a last.ckpt",
                           "resume=true with hydra.run.dir=<the interrupted run's folder>")
@@ -457,7 +534,8 @@ class Config(Checked):
                           f"method=<name>, which sets method.name (method={trains} is what these settings train)")
 
 
-SCHEMAS = {"config_schema": Config, "dataset_schema": Dataset, "vanilla_method_schema": VanillaMethod,
+SCHEMAS = {"config_schema": Config, "timm_model_schema": Model, "hub_model_schema": HubModel,
+           "dataset_schema": Dataset, "text_dataset_schema": TextDataset, "vanilla_method_schema": VanillaMethod,
            "lora_method_schema": LoraMethod, "svd_llm_method_schema": SvdLlmMethod,
            "velora_method_schema": VeloraMethod, "lora_fa_method_schema": LoraFaMethod,
            "galore_method_schema": GaloreMethod, "pretrain_method_schema": PretrainMethod,

@@ -9,23 +9,23 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import re
 import statistics
 import time
 import warnings
 import weakref
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 import wasi
+from experiments.builders.inputs import Inputs, logits, sample_name, size, take
 from experiments.builders.variant import Variant, train_step
 from wasi import factored_layers
 
@@ -43,12 +43,16 @@ __all__ = [
 ]
 
 
-def measure(variant: Variant, x: torch.Tensor, y: torch.Tensor, *, grad_clip: float | None,
-            amp: contextlib.AbstractContextManager, image_size: int, device: torch.device, repeats: int = 5) -> dict:
-    """Every cost metric of one training step on the batch x: (B, 3, S, S), y: (B,), and of inference.
+def measure(variant: Variant, x: Inputs, y: torch.Tensor, *, grad_clip: float | None,
+            amp: contextlib.AbstractContextManager, device: torch.device, repeats: int = 5) -> dict:
+    """Every cost metric of one training step on the batch x (images (B, 3, S, S), or token ids and masks (B, L)),
+    y: (B,), and of inference on one sample of it (`flops/inference_per_image`, or `..._per_sequence` for text).
 
-    One untimed step first, so optimizer state exists as in any later step. This takes optimizer
-    steps: measure after training (or on a throwaway variant). `repeats=0` leaves out time/*.
+    Whole step: flops/train_step, memory/activation_bytes, weight_bytes, peak_bytes. Over the fine-tuned layers
+    (`variant.tuned`, the paper's count; `tuned_layers`): flops/layers_train_step, flops/layers_inference and, for a
+    model with converted layers, their activation and weight memory next to the same layers' dense ones
+    (`compressed_layers_bytes`). One untimed step first, so optimizer state exists as in any later step. This takes
+    optimizer steps: measure after training (or on a throwaway variant). `repeats=0` leaves out time/*.
     """
     model, optimizer = variant.model, variant.optimizer
     step = lambda: train_step(model, optimizer, x, y, grad_clip, amp)  # noqa: E731
@@ -56,25 +60,106 @@ def measure(variant: Variant, x: torch.Tensor, y: torch.Tensor, *, grad_clip: fl
 
     def forward() -> torch.Tensor:
         with amp:
-            return F.cross_entropy(model(x), y)
+            return F.cross_entropy(logits(model, x), y)
 
     deployed = variant.method.inference_model(model)
+    per = sample_name(x)
+    infer_flops = inference_flops_by_module(deployed, take(x, 1), device)
     out = {
-        "flops/inference_per_image": inference_flops(deployed, image_size, device),
+        f"flops/inference_per_{per}": infer_flops[""],
         "flops/train_step": train_step_flops(step),
         "memory/activation_bytes": activation_bytes(forward, model),
         "memory/weight_bytes": weight_bytes(model, optimizer),
         "memory/peak_bytes": peak_bytes(step, device, model, optimizer),
+        "flops/layers_inference": tuned_layers(infer_flops, deployed, variant.tuned),
+        **tuned_layer_bytes(model, variant.tuned, forward),
         **compressed_layers_bytes(model),
+        "flops/layers_train_step": tuned_layers_train_flops(model, variant.tuned, forward),  # last: it leaves .grads
     }
     if repeats:
         out["time/train_step_s"] = median_time(step, repeats=repeats, device=device)
         deployed.eval()
         with torch.no_grad(), amp:
-            per_batch = median_time(lambda: deployed(x), repeats=repeats, device=device)
-            out["time/inference_per_image_s"] = per_batch / len(x)
+            per_batch = median_time(lambda: logits(deployed, x), repeats=repeats, device=device)
+            out[f"time/inference_per_{per}_s"] = per_batch / size(x)
         model.train()
     return out
+
+
+def tuned_layers(by_module: dict[str, int], model: nn.Module, names: Sequence[str]) -> int:
+    """The part of a per-module count (`by_module`: qualified module name -> FLOPs of its calls, children included;
+    "" the whole model) that the layers `names` did: for each, its own count, else that of the nearest enclosing
+    module that counted any (a fused MLP runs its linears as one function: wasi.mlp), each module once. The modules
+    summed are disjoint: a linear has a count of its own exactly when it ran as a module."""
+    chosen: set[str] = set()
+    for name in names:
+        parts = name.split(".")
+        while parts and not by_module.get(".".join(parts)):
+            parts.pop()
+        if parts:
+            chosen.add(".".join(parts))
+    return sum(by_module[n] for n in chosen if not any(n.startswith(o + ".") for o in chosen))
+
+
+def tuned_layers_train_flops(model: nn.Module, names: Sequence[str], forward: Callable[[], Any]) -> int:
+    """FLOPs of the fine-tuned layers' own training work, the paper's per-layer count: each layer's forward and
+    backward (its weight gradient, compressed for ASI/WASI, and its input gradient when its input needs one) on the
+    input it receives in a training forward (`forward`). A layer that does not run as a module of its own (the
+    linears of a fused MLP, wasi.mlp) is counted through the nearest module of its block that ran (the MLP, once).
+
+    Each such module is rerun alone on a copy of its first call's inputs (requires_grad as in the step) and
+    backpropagated from a ones gradient under ``FlopCounterMode`` (which attributes a whole backward reliably, not
+    a module's share of one). Not counted: the optimizer's update of those layers, and a block's recomputation.
+    It leaves gradients in ``.grad``: call it last, or clear them."""
+    if not names:
+        return 0
+    blocks = wasi.find_blocks(model)
+    modules = dict(model.named_modules())
+    inside = {}
+    for name in names:  # the layer and its ancestors within its block: where its work may be counted
+        block = next((b for b in blocks if name.startswith(b + ".")), None)
+        parts = name.split(".")
+        chain = []
+        while parts and (block is None or len(".".join(parts)) > len(block)):
+            chain.append(".".join(parts))
+            parts.pop()
+        inside[name] = chain if block is not None else chain[:1]
+    calls: dict[str, tuple[tuple, dict]] = {}
+
+    def capture(name: str) -> Callable[..., None]:
+        def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if name not in calls:
+                calls[name] = tree_map(_detached_copy, (args, kwargs))
+        return keep
+
+    watched = {n for chain in inside.values() for n in chain}
+    handles = [modules[n].register_forward_pre_hook(capture(n), with_kwargs=True) for n in watched]
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    units = {next(n for n in chain if n in calls) for chain in inside.values() if any(n in calls for n in chain)}
+    units = {u for u in units if not any(u.startswith(o + ".") for o in units)}
+    total = 0
+    for unit in sorted(units):
+        args, kwargs = calls[unit]
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = modules[unit](*args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                out = next(t for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            if out.requires_grad:
+                out.backward(torch.ones_like(out))
+        total += int(counter.get_total_flops())
+    return total
+
+
+def _detached_copy(value: Any) -> Any:
+    """A tensor's copy outside the graph, requiring grad as the tensor did; anything else as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone().requires_grad_(value.requires_grad and value.is_floating_point())
+    return value
 
 
 def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
@@ -88,17 +173,35 @@ def _sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
     return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
 
 
-def inference_flops(model: nn.Module, image_size: int, device: str | torch.device = "cpu") -> int:
-    """FLOPs of one eval-mode forward pass on one image ``(1, 3, image_size, image_size)``.
+class _KeywordForward(nn.Module):
+    """`model(**dict(zip(keys, tensors)))`'s logits as a module of positional tensors, which a tracer takes."""
+
+    def __init__(self, model: nn.Module, keys: Sequence[str]) -> None:
+        super().__init__()
+        self.model, self.keys = model, list(keys)
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        return logits(self.model, dict(zip(self.keys, tensors)))
+
+
+def inference_flops(model: nn.Module, inputs: int | Inputs, device: str | torch.device = "cpu") -> int:
+    """FLOPs of one eval-mode forward pass on one image ``(1, 3, image_size, image_size)`` (``inputs`` an int, the
+    image size) or on the given inputs (a batch of images, or of token ids and masks, e.g. one sample of a batch).
 
     Counted with fvcore's ``FlopCountAnalysis``, which counts one fused multiply-add as one
     flop (a linear ``(*, I) -> (*, O)`` is ``prod(*)·O·I``, bias not counted). We report
     ``FLOPs = 2 × fvcore's count`` so the unit matches ``torch.utils.flop_counter`` (a
     multiply-add is two FLOPs). Beyond fvcore's defaults, ``aten::scaled_dot_product_attention``
-    is counted as its two matmuls (timm's fused attention would otherwise be skipped).
+    is counted as its two matmuls (timm's and transformers' fused attention would otherwise be skipped).
     Elementwise ops are not counted; operators fvcore skips are listed at debug level.
     The model's train/eval mode is restored afterwards.
     """
+    return inference_flops_by_module(model, inputs, device)[""]
+
+
+def inference_flops_by_module(model: nn.Module, inputs: int | Inputs, device: str | torch.device = "cpu"
+                              ) -> dict[str, int]:
+    """`inference_flops` of the whole model ("") and of each of its modules (qualified name, children included)."""
     with warnings.catch_warnings():  # fvcore.nn's import scripts a loss with deprecated torch.jit.script
         warnings.simplefilter("ignore", FutureWarning)
         from fvcore.nn import FlopCountAnalysis
@@ -106,21 +209,26 @@ def inference_flops(model: nn.Module, image_size: int, device: str | torch.devic
     was_training = model.training
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    x = torch.zeros(1, 3, image_size, image_size, device=device, dtype=dtype)
+    if isinstance(inputs, int):
+        inputs = torch.zeros(1, 3, inputs, inputs, device=device, dtype=dtype)
+    traced, args, prefix = ((_KeywordForward(model, list(inputs)), tuple(inputs.values()), "model.")
+                            if isinstance(inputs, Mapping) else (model, (inputs,), ""))
     try:
         model.eval()
-        analysis = FlopCountAnalysis(model, (x,))
+        analysis = FlopCountAnalysis(traced, args)
         analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_macs)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            macs = analysis.total()
+            macs = analysis.by_module()
         skipped = analysis.unsupported_ops()
         if skipped:
             _logger.debug("fvcore skipped operators (not counted): %s", dict(skipped))
     finally:
         model.train(was_training)
-    return 2 * int(macs)
+    out = {name.removeprefix(prefix): 2 * int(count) for name, count in macs.items() if name.startswith(prefix)}
+    out[""] = 2 * int(macs[""])
+    return out
 
 
 def train_step_flops(step_fn: Callable[[], Any]) -> int:
@@ -165,12 +273,18 @@ def held_activations(forward: Callable[[], Any], model: nn.Module) -> dict[str, 
     inputs), layer caches (Tucker warm-start factors, themselves saved). Each storage counts once at its
     full ``nbytes``. Not counted: the returned loss, tensors that existed before (the input batch,
     parameters, buffers) and storages of the model's parameters and buffers. The graph is freed on return.
-    Keys: ``"<module> (<type>) / <op>"``, the innermost module running when the storage was created
-    (``blocks.<i>.`` and ``layers.<s>.`` dropped, so all blocks add up; ``(outside the model)`` for the
-    loss) and the aten op that created it.
+    Keys: ``"<module> (<type>) / <op>"``, the innermost module running when the storage was created, named
+    within its transformer block (``wasi.find_blocks``: timm ``blocks.<i>.``, Swin ``layers.<s>.blocks.<i>.``,
+    Llama ``model.layers.<i>.`` dropped, so all blocks add up; ``block`` for the block itself, ``(outside the
+    model)`` for the loss) and the aten op that created it.
     """
-    names = {m: re.sub(r"^(layers\.\d+\.)?blocks\.\d+(\.|$)", "", n) or ("block" if n else "model")
-             for n, m in model.named_modules()}
+    blocks = wasi.find_blocks(model)
+
+    def within(name: str) -> str:
+        block = next((b for b in blocks if name == b or name.startswith(b + ".")), None)
+        return (name[len(block) + 1:] or "block") if block is not None else (name or "model")
+
+    names = {m: within(n) for n, m in model.named_modules()}
     stack: list[nn.Module] = []
 
     def label(func: Any) -> str:
@@ -407,3 +521,44 @@ def compressed_layers_bytes(model: nn.Module) -> dict[str, int]:
         "memory/compressed_layers_vanilla_bytes": sum(r["dense_activation_bytes"] + r["dense_weight_bytes"]
                                                       for r in reports),
     }
+
+
+def tuned_layer_bytes(model: nn.Module, names: Sequence[str], forward: Callable[[], Any]) -> dict[str, int]:
+    """The paper's memory count over the fine-tuned layers `names`, activation and weight apart, next to the same
+    layers dense, from one training forward (`forward`, as for `held_activations`):
+    - memory/layers_activation_bytes: what each keeps of its input for the weight gradient: an ASI/WASI layer its
+      Tucker factors (S + Σ U_m), any other layer its input x;
+    - memory/layers_weight_bytes: its weight: a WSI/WASI layer L + R + b, any other layer its parameters (W + b);
+    - memory/layers_activation_dense_bytes, memory/layers_weight_dense_bytes: x and W + b of every one of them.
+    {} for no names. Converted layers report themselves (`memory_report`); a dense layer's input is read by a
+    forward hook (its first call)."""
+    if not names:
+        return {}
+    seen: dict[str, int] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def read(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+            seen.setdefault(name, x.numel() * x.element_size())
+        return read
+
+    layers = {name: model.get_submodule(name) for name in names}
+    dense = {n: m for n, m in layers.items() if not isinstance(m, (wasi.ASILinear, wasi.WSILinear))}
+    handles = [m.register_forward_pre_hook(hook(n), with_kwargs=True) for n, m in dense.items()]
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    out = dict.fromkeys(("memory/layers_activation_bytes", "memory/layers_weight_bytes",
+                         "memory/layers_activation_dense_bytes", "memory/layers_weight_dense_bytes"), 0)
+    for name, layer in layers.items():
+        if name in dense:
+            own = (seen.get(name, 0), sum(p.numel() * p.element_size() for p in layer.parameters()))
+            counts = (*own, *own)
+        else:
+            r = layer.memory_report()
+            counts = (r["activation_bytes"], r["weight_bytes"], r["dense_activation_bytes"], r["dense_weight_bytes"])
+        for key, count in zip(out, counts):
+            out[key] += count
+    return out

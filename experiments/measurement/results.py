@@ -5,7 +5,8 @@
     train/loss, train/steps     the last training loss; optimizer steps taken
     params/*                    parameter counts (metrics.count_parameters)
     method/*                    what the method reported when applied (per-layer ranks, ...), flattened
-    flops/*, memory/*, time/*   the cost of one training step and of inference (metrics.measure; trainer.measure)
+    flops/*, memory/*, time/*   the cost of one training step and of inference, over the whole step and over the
+                                fine-tuned layers (metrics.measure; trainer.measure)
     versions/*, machine/*       library versions and the machine (environment.environment)
     config/*                    the resolved config, flattened
 """
@@ -55,8 +56,7 @@ def assemble_results(cfg: DictConfig, config: dict, variant: Variant, progress: 
         write_results(write_to, results)
     if cfg.trainer.measure:
         x, y = first_batch(loaders.train, loaders.device)
-        results.update(metrics.measure(variant, x, y, grad_clip=cfg.trainer.grad_clip, amp=amp,
-                                       image_size=cfg.model.image_size, device=loaders.device,
+        results.update(metrics.measure(variant, x, y, grad_clip=cfg.trainer.grad_clip, amp=amp, device=loaders.device,
                                        repeats=cfg.trainer.timing_repeats))
         if write_to is not None:
             write_results(write_to, results)
