@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -111,6 +112,7 @@ def test_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):
         torch.testing.assert_close(a[f"{i}.g"] @ a[f"{i}.p"].T, dense)
 
 
+@pytest.mark.slow  # a subprocess run of its own; make test-slow
 def test_torchrun_two_processes_match_one_process_run(tmp_path):
     """`torchrun --nproc_per_node=2 train.py` with batch 8 per process trains like one process with batch 16."""
     overrides = ["model=vit_tiny_cpu", "model.kwargs.depth=2",

@@ -138,6 +138,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a subprocess run of its own; make test-slow
 def test_online_wandb_without_a_network_logs_offline_in_seconds_and_a_ctrl_c_while_it_waits_stops_the_run(tmp_path):
     """Two runs at once (their waits overlap): one left alone falls back to an offline W&B run and finishes; the
     other gets Ctrl-C while W&B waits for the network, and stops there, without starting the offline run or

@@ -229,6 +229,7 @@ def test_bench_gives_the_adamw_peers_their_optimizer_and_measures_them(tmp_path)
     assert table.loc["galore", "memory/weight_bytes"] > table.loc["lora", "memory/weight_bytes"]
 
 
+@pytest.mark.slow  # a subprocess run of its own; make test-slow
 def test_every_peer_trains_in_a_train_py_run(tmp_path):
     """`train.py -m method=velora,lora_fa,galore optimizer=adamw`, a few steps each, every metric written."""
     sweep = tmp_path / "sweep"
