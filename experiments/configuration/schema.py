@@ -317,7 +317,8 @@ def check_inputs(model: Any, dataset: Any) -> None:
             f"model.name={get(model, 'name')} takes {INPUT_KINDS[takes][0]} and "
             f"dataset.name={get(dataset, 'name')} gives "
             f"{INPUT_KINDS[gives][0]}: the model cannot read the data. Fix: a {takes} dataset for this model (e.g. "
-            f"{INPUT_KINDS[takes][2]}), or a {gives} model for this dataset (e.g. {INPUT_KINDS[gives][1]})")
+            f"{INPUT_KINDS[takes][2]}), or {'an' if gives == 'image' else 'a'} {gives} model for this dataset "
+            f"(e.g. {INPUT_KINDS[gives][1]})")
 
 
 # ---------------------------------------------------------------------------------------------
