@@ -12,7 +12,12 @@ calls), bench, report, export, inference, pretrain. The rest is in packages name
     configuration/  the config schema (types, allowed values, one-line errors), the Literal options,
                     settings as command-line overrides
 """
+import logging
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO_ROOT / "conf"
+
+# bitsandbytes (galore-torch's dependency, imported through PEFT) warns at import on CPUs with AVX512-BF16 that an
+# optional 4-bit kernel package is missing; nothing here quantizes, so only its errors are shown.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
