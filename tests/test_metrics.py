@@ -94,6 +94,14 @@ def test_train_step_flops_mlp_hand_count(input_grad):
     assert metrics.train_step_flops(step) == forward + backward
 
 
+def test_train_step_flops_counts_in_place_matmuls():
+    """The factored optimizer step updates R in place (`R'.addmm_(L'ᵀG, Pᵀ)`): 2·m·n·k like out-of-place addmm."""
+    m, k, n = 5, 3, 7
+    a, b, c = torch.randn(m, k), torch.randn(k, n), torch.zeros(m, n)
+    assert metrics.train_step_flops(lambda: c.addmm_(a, b, alpha=-0.1)) == 2 * m * n * k
+    assert metrics.train_step_flops(lambda: (c.addmm_(a, b), torch.addmm(c, a, b))) == 4 * m * n * k
+
+
 def test_train_step_flops_skips_qr():
     a = torch.randn(32, 8)
     assert metrics.train_step_flops(lambda: torch.linalg.qr(a)) == 0

@@ -328,6 +328,23 @@ def test_subspace_step_many_columns_uses_householder():
     torch.testing.assert_close(cosines, torch.ones(4, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
+def test_subspace_step_many_columns_costs_no_r_by_r_product():
+    """WSI's exact gradient has one column per token (r = B·N ≫ K): the step's multiply-adds are linear in r,
+    counted by hand: C = LᵀG, Q = Aᵀ − η P Cᵀ, X = A Q, Y = PᵀQ, W'Q = L X − η G Y, L'ᵀL and L'ᵀG (QR uncounted).
+    Also with a decay `scale`, against the materialised formulas."""
+    from experiments.measurement.metrics import flop_counter
+    from wasi.optim import subspace_step
+    o, i, k, r = 48, 16, 4, 300
+    L, A, G, P = _subspace_problem(o, i, k, r, dtype=torch.float64)
+    counter = flop_counter()
+    with counter:
+        new_l, _, _, cholesky = subspace_step(L, A, G, P, 0.1, scale=0.9)
+    assert not cholesky
+    assert counter.get_total_flops() == 2 * (3 * k * o * r + 2 * i * r * k + k * k * i + 2 * o * k * k)
+    ref, _ = _dense_subspace_step(L, 0.9 * A, G, P, 0.1)
+    torch.testing.assert_close((new_l * ref).sum(0).abs(), torch.ones(k, dtype=torch.float64), atol=1e-9, rtol=0)
+
+
 def test_reorthonormalise_restores_orthonormal_columns_and_keeps_w():
     from wasi.optim import reorthonormalise
     L, A, _, _ = _subspace_problem(30, 20, 5, 1, dtype=torch.float32)

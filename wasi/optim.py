@@ -211,13 +211,17 @@ def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: 
     (XT⁻¹)ᵀ(LᵀL − I)(XT⁻¹) plus rounding); the optimizer re-orthonormalises when it drifts
     (`reorthonormalise`). When r > K (a dense saved input: one column per token), or when the Gram is not
     numerically positive definite (W'Q rank-deficient, min Tᵢᵢ < CHOLESKY_MIN_PIVOT · max Tᵢᵢ), W'Q is formed
-    and orthonormalised by Householder QR instead.
+    and orthonormalised by Householder QR instead; for r > K, X and Y come from Q (no (r, r) product PᵀP).
     """
     k, r = L.shape[1], G.shape[1]
     c = L.T @ G
-    ap = A @ P
-    x = torch.addmm(A @ A.T, ap, c.T, beta=scale * scale, alpha=-lr * scale)
-    y = torch.addmm(ap.T, P.T @ P, c.T, beta=scale, alpha=-lr)
+    if r > k:  # X, Y through Q itself: (PᵀP) would be an (r, r) product, r·r·I multiply-adds
+        q = torch.addmm(A.T, P, c.T, beta=scale, alpha=-lr)
+        x, y = scale * (A @ q), P.T @ q
+    else:
+        ap = A @ P
+        x = torch.addmm(A @ A.T, ap, c.T, beta=scale * scale, alpha=-lr * scale)
+        y = torch.addmm(ap.T, P.T @ P, c.T, beta=scale, alpha=-lr)
     if r <= k:
         xd, yd, cd, sd = x.double(), y.double(), c.double(), (G.T @ G).double()
         cross = (xd.T @ cd) @ yd
