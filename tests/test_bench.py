@@ -158,6 +158,12 @@ def test_weights_line_names_a_model_configs_own_checkpoint(tmp_path: Path) -> No
     assert not (tmp_path / "c").exists()
 
 
+def test_repeated_set_flags_add_up() -> None:
+    args = bench.parse_args(["--set", "method.last_n=5", "seed=1", "--batch", "8", "--set", "model.pretrained=false"])
+    assert args.set == ["method.last_n=5", "seed=1", "model.pretrained=false"]
+    assert bench.parse_args([]).set == [] and bench.parse_args([]).set is not bench.parse_args([]).set
+
+
 def test_pi_preset_sets_defaults_that_later_flags_override() -> None:
     args = bench.parse_args(["--preset", "pi", "--hardware", "cpu", "--batch", "8"])
     assert (args.hardware, args.measure, args.batch, str(args.out_root)) == ("cpu", ["time"], 8, "outputs/pi_latency")
