@@ -500,7 +500,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    "profile table shows before → after")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds")
     p.add_argument("--reps", type=int, default=10, help="timed rounds")
-    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", 
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="Hydra overrides for every variant (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="default: <--out-root>/<--tag or timestamp>")
     p.add_argument("--out-root", type=Path, default=Path("outputs/bench"))
