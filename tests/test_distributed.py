@@ -88,6 +88,7 @@ def worker(rank: int, port: int, out: str) -> None:
         torch.save(results, f"{out}/rank{rank}.pt")
 
 
+@pytest.mark.slow  # make test-slow
 def test_two_gloo_ranks_stay_identical_and_match_one_process(tmp_path):
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

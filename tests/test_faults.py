@@ -567,6 +567,7 @@ def test_an_empty_run_folder_is_refused_before_anything_is_written(tmp_path, fla
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow  # make test-slow
 def test_the_suite_installs_as_packages_and_runs_from_any_folder(tmp_path):
     """The wheel of this repository holds every package of the suite; installed alone (no repository on the
     path), `python -m experiments.bench --help` runs from any folder."""

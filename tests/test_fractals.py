@@ -34,6 +34,7 @@ def test_fewer_classes_are_a_prefix_of_more(classes):
     assert np.array_equal(five.maps, classes.maps[:5]) and np.array_equal(five.n_maps, classes.n_maps[:5])
 
 
+@pytest.mark.slow  # make test-slow
 def test_stricter_fill_rate_accepts_fuller_attractors(classes):
     strict = F.search_classes(4, seed=0, fill_rate=0.24)
     assert (strict.fill >= 0.24).all() and strict.candidates > F.search_classes(4, seed=0).candidates

@@ -207,6 +207,7 @@ def test_configs_are_the_authors_fine_tuning_recipes(make_cfg):
     assert (lora_fa.r, lora_fa.alpha) == (8, 16)
 
 
+@pytest.mark.slow  # make test-slow
 def test_bench_gives_the_adamw_peers_their_optimizer_and_measures_them(tmp_path):
     args = bench.parse_args(["--model", "vit_tiny_cpu", "--methods", "vanilla", "lora", "velora", "lora_fa", "galore",
                              "--recompute", "none", "block"])

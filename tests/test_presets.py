@@ -120,6 +120,7 @@ def jobs(cfg) -> list[list[str]]:
     return [[f"{k}={v}" for k, v in zip(params, values)] for values in itertools.product(*params.values())]
 
 
+@pytest.mark.slow  # make test-slow
 def test_the_tinyllama_presets_are_the_authors_boolq_runs():
     cfg = composed("experiment=tinyllama_boolq")
     assert (cfg.model.name, cfg.dataset.name, cfg.hardware.name) == ("tinyllama", "boolq", "cuda")

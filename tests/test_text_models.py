@@ -80,6 +80,7 @@ def fake_hub_repo(cache: Path, repo: str, files: dict[str, Path]) -> None:
         (snapshot / name).write_bytes(source.read_bytes())
 
 
+@pytest.mark.slow  # make test-slow
 def test_tinyllama_from_the_cache_loads_its_weights_without_the_network(tmp_path, monkeypatch):
     """A TinyLlama-shaped checkpoint (small widths) and the word tokenizer written into the cache as the hub lays
     them out: from_pretrained reads them with the network off, weights and all, and a fresh `score` head."""
