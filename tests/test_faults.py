@@ -360,8 +360,10 @@ def test_bench_refuses_a_wrong_argument_in_one_line_before_building_anything(tmp
     assert not (tmp_path / "out").exists()
 
 
-def test_ctrl_c_twice_stops_at_once_with_status_130_and_one_line(monkeypatch, capsys):
+@pytest.mark.parametrize("inherited", [signal.default_int_handler, signal.SIG_IGN])  # SIG_IGN: a background job's
+def test_ctrl_c_twice_stops_at_once_with_status_130_and_one_line(monkeypatch, capsys, inherited):
     monkeypatch.setenv("HYDRA_FULL_ERROR", "0")  # errors.main sets it for Hydra; restored after the test
+    outer = signal.signal(signal.SIGINT, inherited)
 
     def training() -> None:  # what train.py's task does, with the loop's StopRequest around the steps
         with errors.logged(), StopRequest() as stop:
@@ -370,11 +372,14 @@ def test_ctrl_c_twice_stops_at_once_with_status_130_and_one_line(monkeypatch, ca
             signal.raise_signal(signal.SIGINT)  # the second: at once
 
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(SystemExit) as info:
-        errors.main(training)
-    assert info.value.code == 130
-    assert one_line(capsys.readouterr().err).startswith("error: interrupted by Ctrl-C (SIGINT)")
-    assert signal.getsignal(signal.SIGINT) is before  # the handler was given back
+    try:
+        with pytest.raises(SystemExit) as info:
+            errors.main(training)
+        assert info.value.code == 130
+        assert one_line(capsys.readouterr().err).startswith("error: interrupted by Ctrl-C (SIGINT)")
+        assert signal.getsignal(signal.SIGINT) is before  # the handler was given back
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 @pytest.mark.slow

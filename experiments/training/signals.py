@@ -102,7 +102,10 @@ class StopRequest:
 
     def _handle(self, signum: int, frame: object) -> None:
         if signum == signal.SIGINT and self.signum == signal.SIGINT:
-            signal.signal(signum, self._previous[signum])
+            previous = self._previous[signum]
+            signal.signal(signum, previous)
+            if not callable(previous):  # SIGINT was ignored or default (a background job): still stop at once
+                raise KeyboardInterrupt
             signal.raise_signal(signum)
         self.signum = signum
         if self._at_once:
