@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch._dynamo as dynamo
 import torch.nn.functional as F
+from torch import nn
 
 import wasi
 from tests.families import FAMILIES
@@ -14,6 +15,15 @@ from wasi.mlp import GatedMlp, GluMlp, PlainMlp, fused_form
 from wasi.probe import logits_of, run_model
 
 torch.set_num_threads(1)
+
+
+def _assert_same_state(eager: nn.Module, compiled: nn.Module) -> None:
+    """Weights, buffers and the Tucker warm-start factors of two models after the same steps."""
+    for (key, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=key)
+    for (key, a), (_, b) in zip(wasi.factored_layers(eager), wasi.factored_layers(compiled)):
+        for u, v in zip(a.warm_start_state(), b.warm_start_state()):
+            torch.testing.assert_close(v, u, atol=1e-5, rtol=1e-4, msg=key)
 
 
 def _step(model, opt, x, y, forward=None):
@@ -69,11 +79,7 @@ def _compiled_against_eager(backend, recompute="mlp", steps=4, eager_first=False
         loss_eager = _step(eager, opts[0], x, y)
         loss_compiled = _step(compiled, opts[1], x, y, forward)
         torch.testing.assert_close(loss_compiled, loss_eager, atol=1e-5, rtol=1e-5)
-    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=name)
-    for (name, a), (_, b) in zip(wasi.factored_layers(eager), wasi.factored_layers(compiled)):
-        for u, v in zip(a.warm_start_state(), b.warm_start_state()):
-            torch.testing.assert_close(v, u, atol=1e-5, rtol=1e-4, msg=name)
+    _assert_same_state(eager, compiled)
 
 
 def test_compiled_training_equals_eager():
@@ -168,11 +174,7 @@ def test_compiled_family_training_equals_eager(name, recompute, exercised):
             opt.step()
             losses.append(loss.detach())
         torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
-    for (key, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
-        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4, msg=key)
-    for (key, a), (_, b) in zip(wasi.factored_layers(eager), wasi.factored_layers(compiled)):
-        for u, v in zip(a.warm_start_state(), b.warm_start_state()):
-            torch.testing.assert_close(v, u, atol=1e-5, rtol=1e-4, msg=key)
+    _assert_same_state(eager, compiled)
 
 
 def test_llama_decoder_layers_compiled_one_by_one_share_one_graph():
