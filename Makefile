@@ -26,8 +26,8 @@ run: setup  ## the main job: vanilla, WASI as the paper ran it and WASI alone fi
 	$(PY) train.py -m experiment=demo hydra.sweep.dir=$(RUN_DIR) $(RUN_ARGS)
 	$(PY) -m experiments.report $(RUN_DIR) --out $(or $(REPORT_OUT),$(RUN_DIR)/report)
 
-test: setup lint  ## lint, then the default (fast) test suite
-	$(PY) -m pytest -q -m "not slow"
+test: setup lint  ## lint, then the default (fast) test suite, two files at a time (pytest-xdist)
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 lint: setup  ## ruff on everything, mypy on the library and the training loop's modules (pyproject.toml)
 	$(VENV)/bin/ruff check .

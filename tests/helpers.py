@@ -15,6 +15,10 @@ from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+#: The environment of every subprocess a test starts: offline, quiet, one OpenMP thread that sleeps when idle (tests
+#: run two at a time on 2-core machines, `pytest -n 2`; a spinning second thread would slow the other test down).
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1",
+       "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1"}
 METHODS = ["vanilla", "lora", "svd_llm", "wsi", "asi", "wasi"]
 #: A short run of the tiny model (2 blocks, 6 steps, 2 evaluation batches); SHAPES: a small generated dataset.
 QUICK = ["model=vit_tiny_cpu", "model.kwargs.depth=2", "trainer.epochs=2", "trainer.batch_size=16",
@@ -38,7 +42,7 @@ def compose(*overrides: str, run_dir: Path | None = None, hydra: bool = False) -
 def train(*overrides: str, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python train.py *overrides` in the repo root (extra environment variables: env); asserts success
     unless check=False."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "2", **(env or {})}
+    env = {**ENV, **(env or {})}
     proc = subprocess.run([sys.executable, "train.py", *overrides], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=900)
     if check:

@@ -29,7 +29,7 @@ from experiments.training.checkpoint import (
     Progress,
 )
 from experiments.training.signals import StopRequest, TrainingInterrupted
-from tests.helpers import ROOT, compose
+from tests.helpers import ENV, ROOT, compose
 from tests.wandb_log import offline_runs
 
 # WASI with momentum, dropout and random flips, so optimizer state, Tucker warm start and every RNG matter.
@@ -126,8 +126,7 @@ def test_resume_after_a_crash_matches_the_uninterrupted_run_and_continues_its_wa
 def test_sigterm_checkpoints_at_a_step_boundary_then_resume_is_exact(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     overrides = [*TINY, "trainer.checkpoint_every=2", f"hydra.run.dir={run_dir}", f"paths.cache_dir={tmp_path}/cache"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", *overrides], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, "train.py", *overrides], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     while not (run_dir / "last.ckpt").exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -16,7 +16,7 @@ import wasi
 import wasi.distributed
 from experiments.builders.variant import train_step
 from experiments.training import checkpoint, distributed
-from tests.helpers import ROOT, compose
+from tests.helpers import ENV, ROOT, compose
 from tests.tiny_models import vit
 
 STEPS, GLOBAL_BATCH = 3, 8
@@ -120,11 +120,10 @@ def test_torchrun_two_processes_match_one_process_run(tmp_path):
                  "dataset.source.train_size=160", "dataset.source.test_size=64",
                  "trainer.epochs=1", "trainer.measure=false", "logger.mode=disabled", "method=wsi",
                  "optimizer.momentum=0.9", "hardware.threads=1"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     two = tmp_path / "two"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train.py", *overrides, "trainer.batch_size=8", f"hydra.run.dir={two}",
-                           f"paths.cache_dir={tmp_path}/cache"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           f"paths.cache_dir={tmp_path}/cache"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                           check=False, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     one = run_module.run(compose(*overrides, "trainer.batch_size=16", run_dir=tmp_path / "one"))

@@ -38,12 +38,11 @@ from experiments.training import checkpoint, errors, run_folder, storage
 from experiments.training.checkpoint import Progress
 from experiments.training.hardware import setup_hardware, usable_cpus
 from experiments.training.signals import StopRequest
-from tests.helpers import ROOT, compose, train
+from tests.helpers import ENV, ROOT, compose, train
 
 SMALL = ["model.kwargs.depth=2", "dataset.source.train_size=160", "dataset.source.test_size=64", "trainer.epochs=1",
          "trainer.batch_size=16", "trainer.max_steps=2", "trainer.eval_batches=1", "trainer.measure=false",
          "logger.mode=disabled"]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
 needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
 
 

@@ -5,7 +5,6 @@ one resumed, its missing one started."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -21,9 +20,7 @@ from experiments import run as run_module
 from experiments.configuration.overrides import flatten
 from experiments.training import checkpoint, errors, run_folder
 from experiments.training.checkpoint import Checkpointing
-from tests.helpers import METHODS, QUICK, ROOT, SHAPES, compose
-
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+from tests.helpers import ENV, METHODS, QUICK, ROOT, SHAPES, compose
 
 
 def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
