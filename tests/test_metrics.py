@@ -282,3 +282,17 @@ def test_compressed_layers_bytes_matches_factor_shapes():
         "memory/compressed_layers_vanilla_bytes": 4 * vanilla,
     }
     assert compressed_layers_bytes(nn.Linear(2, 2)) == {}
+
+
+def test_the_environment_record_names_the_commit_and_the_openmp_wait_policy(monkeypatch):
+    import subprocess
+
+    from experiments.measurement.environment import environment
+    from tests.helpers import ROOT
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    record = environment()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert record["code"]["commit"] == (head or None)
+    assert record["machine"]["omp_wait_policy"] == "PASSIVE"
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert environment()["machine"]["omp_wait_policy"] is None

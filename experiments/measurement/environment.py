@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -12,17 +13,34 @@ import torch
 LIBRARIES = ("torch", "torchvision", "timm", "hydra-core", "wandb", "fvcore", "peft", "numpy", "safetensors")
 
 
+def revision() -> dict[str, Any]:
+    """{"commit": the repository's HEAD, "dirty": whether tracked files differ from it}; None values outside a git
+    checkout."""
+    root = Path(__file__).resolve().parents[2]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        diff = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                              text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    return {"commit": head.stdout.strip(), "dirty": bool(diff.stdout.strip())}
+
+
 def environment(device: torch.device | None = None) -> dict[str, dict[str, Any]]:
-    """{"versions": Python's and each of LIBRARIES', "machine": architecture, CPU model, logical CPUs, torch
-    threads, and the device (with the GPU's name on CUDA)}."""
+    """{"code": `revision()`, "versions": Python's and each of LIBRARIES', "machine": architecture, CPU model,
+    logical CPUs, torch threads, OMP_WAIT_POLICY (None: OpenMP's default) and the device (with the GPU's name on
+    CUDA)}."""
     versions = {"python": platform.python_version(), **{name: version(name) for name in LIBRARIES}}
     info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
     cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith(("model name", "Model"))),
                platform.processor())
     machine: dict[str, Any] = {"architecture": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(),
-                               "torch_threads": torch.get_num_threads()}
+                               "torch_threads": torch.get_num_threads(),
+                               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if device is not None:
         machine["device"] = str(device)
         if device.type == "cuda":
             machine["gpu"] = torch.cuda.get_device_name(device)
-    return {"versions": versions, "machine": machine}
+    return {"code": revision(), "versions": versions, "machine": machine}
