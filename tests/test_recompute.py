@@ -14,6 +14,21 @@ from wasi import checkpoint_blocks
 from wasi.recompute import is_checkpointed
 
 
+def assert_same_training(base, other, data, bf16: bool) -> None:
+    """Train both on `data`: the same state dicts, Tucker warm-start factors and memory reports of every layer."""
+    for m in (base, other):
+        train(m, data, bf16=bf16)
+    expected, got = base.state_dict(), other.state_dict()
+    assert got.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=1e-5, msg=k)
+    for (name, a), (_, b) in zip(wasi.factored_layers(base), wasi.factored_layers(other)):
+        assert len(a.warm_start_state()) == len(b.warm_start_state())
+        for u, v in zip(a.warm_start_state(), b.warm_start_state()):
+            torch.testing.assert_close(v, u, msg=name)
+        assert a.memory_report() == b.memory_report()
+
+
 @pytest.mark.parametrize("model_name", ["vit", "swin"])
 @pytest.mark.parametrize("config", [{}, {"recompute_none_is": "mlp"}, {"activation": False}, {"train_rest": True},
                                     {"bf16": True}])
@@ -28,18 +43,7 @@ def test_block_run_equals_none_run(model_name, config):
     assert all(is_checkpointed(block.get_submodule(n)) for n in wasi.blocks.find_blocks(block))
     fused = [m for m in block.modules() if wasi.mlp.is_fused(m)]  # low-rank MLPs also recompute u Lᵀ
     assert len(fused) == (len(wasi.blocks.find_blocks(block)) if config.get("weight", True) else 0)
-    data = batches(MODELS[model_name][1])
-    for m in (base, block):
-        train(m, data, bf16=bf16)
-    expected, got = base.state_dict(), block.state_dict()
-    assert got.keys() == expected.keys()
-    for k in expected:
-        torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=1e-5, msg=k)
-    for (name, a), (_, b) in zip(wasi.factored_layers(base), wasi.factored_layers(block)):
-        assert len(a.warm_start_state()) == len(b.warm_start_state())
-        for u, v in zip(a.warm_start_state(), b.warm_start_state()):
-            torch.testing.assert_close(v, u, msg=name)
-        assert a.memory_report() == b.memory_report()
+    assert_same_training(base, block, batches(MODELS[model_name][1]), bf16)
 
 
 def test_recomputation_takes_no_second_subspace_step(monkeypatch):
@@ -151,17 +155,7 @@ def test_attn_run_equals_none_run(model_name, config):
     assert not any(is_checkpointed(attn.get_submodule(b)) for b in blocks)
     fused = [m for m in attn.modules() if wasi.mlp.is_fused(m)]
     assert len(fused) == (len(blocks) if config.get("weight", True) else 0)
-    data = batches(MODELS[model_name][1])
-    for m in (base, attn):
-        train(m, data, bf16=bf16)
-    expected, got = base.state_dict(), attn.state_dict()
-    assert got.keys() == expected.keys()
-    for k in expected:
-        torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=1e-5, msg=k)
-    for (name, a), (_, b) in zip(wasi.factored_layers(base), wasi.factored_layers(attn)):
-        for u, v in zip(a.warm_start_state(), b.warm_start_state()):
-            torch.testing.assert_close(v, u, msg=name)
-        assert a.memory_report() == b.memory_report()
+    assert_same_training(base, attn, batches(MODELS[model_name][1]), bf16)
 
 
 def test_attn_recomputation_replays_tucker_factors_of_attention_layers(monkeypatch):
