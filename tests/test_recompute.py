@@ -46,21 +46,45 @@ def test_block_run_equals_none_run(model_name, config):
     assert_same_training(base, block, batches(MODELS[model_name][1]), bf16)
 
 
+def count_subspace_calls(monkeypatch) -> dict[str, int]:
+    """{"tucker": Tucker steps, "grad": factored gradients accumulated}, counted from now on."""
+    calls = {"tucker": 0, "grad": 0}
+    tucker, accumulate = wasi.layers.tucker, wasi.WSILinear.accumulate_factored_grad
+
+    def counted_tucker(*a, **k):
+        calls["tucker"] += 1
+        return tucker(*a, **k)
+
+    def counted_accumulate(self, g, p):
+        calls["grad"] += 1
+        return accumulate(self, g, p)
+
+    monkeypatch.setattr(wasi.layers, "tucker", counted_tucker)
+    monkeypatch.setattr(wasi.WSILinear, "accumulate_factored_grad", counted_accumulate)
+    return calls
+
+
 def test_recomputation_takes_no_second_subspace_step(monkeypatch):
     """One tucker call and one accumulate_factored_grad per layer per step, as without recompute."""
     model = injected("vit", recompute="block")
-    calls = {"tucker": 0, "grad": 0}
-    tucker = wasi.layers.tucker
-    monkeypatch.setattr(wasi.layers, "tucker", lambda *a, **k: calls.__setitem__("tucker", calls["tucker"] + 1)
-                        or tucker(*a, **k))
-    accumulate = wasi.WSILinear.accumulate_factored_grad
-    monkeypatch.setattr(wasi.WSILinear, "accumulate_factored_grad",
-                        lambda self, g, p: calls.__setitem__("grad", calls["grad"] + 1) or accumulate(self, g, p))
+    calls = count_subspace_calls(monkeypatch)
     state = torch.get_rng_state()
     x, y = batches(32, n=1)[0]
     F.cross_entropy(model(x), y).backward()
     assert calls == {"tucker": 4, "grad": 4}
     assert torch.equal(torch.get_rng_state(), state)  # ViT has no dropout: nothing draws from the global RNG
+
+
+def assert_same_dense_grads(plain, ckpt, size: int):
+    """The grads of one batch of `size`-pixel images through both models agree, and so do their state_dict keys;
+    returns the batch."""
+    x, y = batches(size, n=1)[0]
+    expected, got = gradients(plain, x, y), gradients(ckpt, x, y)
+    assert got.keys() == expected.keys() and len(got) > 10
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=1e-5, msg=k)
+    assert list(ckpt.state_dict()) == list(plain.state_dict())
+    return x, y
 
 
 @pytest.mark.parametrize("make", [vit, swin])
@@ -71,13 +95,7 @@ def test_vanilla_model_dense_grads_equal(make):
     names = checkpoint_blocks(ckpt)
     assert names == wasi.blocks.find_blocks(plain) and len(names) in (2, 4)
     assert checkpoint_blocks(ckpt) == names  # idempotent
-    size = 32 if make is vit else 56
-    x, y = batches(size, n=1)[0]
-    expected, got = gradients(plain, x, y), gradients(ckpt, x, y)
-    assert got.keys() == expected.keys() and len(got) > 10
-    for k in expected:
-        torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=1e-5, msg=k)
-    assert list(ckpt.state_dict()) == list(plain.state_dict())
+    x, y = assert_same_dense_grads(plain, ckpt, 32 if make is vit else 56)
     copied = copy.deepcopy(ckpt)  # the wrapped forward follows the copy
     assert all(copied.get_submodule(n).forward.args[0] is copied.get_submodule(n) for n in names)
     buffer = io.BytesIO()
@@ -162,13 +180,7 @@ def test_attn_recomputation_replays_tucker_factors_of_attention_layers(monkeypat
     """targets="mlp+attn": qkv and proj are WASI layers inside the recomputed attention. One Tucker step and one
     factored gradient per layer per step, as without recompute; the gradients are none's; no RNG is drawn."""
     base, attn = (injected("vit", recompute=mode, targets="mlp+attn") for mode in ("none", "attn"))
-    calls = {"tucker": 0, "grad": 0}
-    tucker = wasi.layers.tucker
-    monkeypatch.setattr(wasi.layers, "tucker", lambda *a, **k: calls.__setitem__("tucker", calls["tucker"] + 1)
-                        or tucker(*a, **k))
-    accumulate = wasi.WSILinear.accumulate_factored_grad
-    monkeypatch.setattr(wasi.WSILinear, "accumulate_factored_grad",
-                        lambda self, g, p: calls.__setitem__("grad", calls["grad"] + 1) or accumulate(self, g, p))
+    calls = count_subspace_calls(monkeypatch)
     x, y = batches(32, n=1)[0]
     expected = gradients(base, x, y)
     calls.update(tucker=0, grad=0)
@@ -189,13 +201,7 @@ def test_vanilla_attention_checkpoint_dense_grads_equal(make):
     names = wasi.checkpoint_attention(ckpt)
     assert names == [f"{b}.attn" for b in wasi.blocks.find_blocks(plain)]
     assert wasi.checkpoint_attention(ckpt) == names  # idempotent
-    size = 32 if make is vit else 56
-    x, y = batches(size, n=1)[0]
-    expected, got = gradients(plain, x, y), gradients(ckpt, x, y)
-    assert got.keys() == expected.keys() and len(got) > 10
-    for k in expected:
-        torch.testing.assert_close(got[k], expected[k], atol=1e-6, rtol=1e-5, msg=k)
-    assert list(ckpt.state_dict()) == list(plain.state_dict())
+    x, y = assert_same_dense_grads(plain, ckpt, 32 if make is vit else 56)
     torch.save(copy.deepcopy(ckpt), io.BytesIO())
 
 
