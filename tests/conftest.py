@@ -52,4 +52,3 @@ def make_cfg(tmp_path):
         return compose(*overrides, run_dir=tmp_path / "run")
 
     return _make
-

@@ -14,13 +14,13 @@ LIBRARIES = ("torch", "torchvision", "timm", "hydra-core", "wandb", "fvcore", "p
 
 
 def revision() -> dict[str, Any]:
-    """{"commit": the repository's HEAD, "dirty": whether tracked files differ from it}; None values outside a git
-    checkout."""
+    """{"commit": the repository's HEAD, "dirty": whether tracked files other than results/ and Markdown (what
+    measurements write) differ from it}; None values outside a git checkout."""
     root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        diff = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
-                              text=True, timeout=10)
+        diff = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results",
+                               ":(exclude)*.md"], cwd=root, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return {"commit": None, "dirty": None}
     if head.returncode != 0:
