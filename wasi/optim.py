@@ -222,7 +222,6 @@ def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: 
         ap = (P.T @ A.T).T
         x = torch.addmm(A @ A.T, ap, c.T, beta=scale * scale, alpha=-lr * scale)
         y = torch.addmm(ap.T, P.T @ P, c.T, beta=scale, alpha=-lr)
-    if r <= k:
         xd, yd, cd, sd = x.double(), y.double(), c.double(), (G.T @ G).double()
         # Gram = Xᵀ(X − η C Y) + Yᵀ(η² S Y − η Cᵀ X): one (K, K, K) product and two of inner size r
         u = torch.addmm(xd, cd, yd, alpha=-lr)
@@ -237,9 +236,9 @@ def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: 
             ltl = torch.addmm(xt, cd, yt, alpha=-lr).T.to(L.dtype)
             ltg = torch.addmm(xt.T @ cd, yt.T, sd, alpha=-lr).to(L.dtype)
             return new_l, ltl, ltg, True
-    v = L @ x
-    v.addmm_(G, y, alpha=-lr)
-    new_l = orth(v)
+    wq = L @ x  # W'Q, orthonormalised by Householder QR
+    wq.addmm_(G, y, alpha=-lr)
+    new_l = orth(wq)
     return new_l, new_l.T @ L, new_l.T @ G, False
 
 
