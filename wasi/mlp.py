@@ -28,7 +28,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from wasi.adapters import is_linear_like
-from wasi.functional import LinearParams, bias_grad, compute_dtype, input_grad, linear_forward, weight_grad
+from wasi.functional import (
+    LinearParams,
+    bias_grad,
+    compute_dtype,
+    input_grad,
+    linear_forward,
+    low_rank_output,
+    weight_grad,
+)
 from wasi.layers import WSILinear
 
 __all__ = ["MLP_FORMS", "GatedMlp", "GluMlp", "MlpForm", "PlainMlp", "UnfusedMlp", "form_of", "fuse", "fused_form",
@@ -370,7 +378,7 @@ class _FusedMlpFn(torch.autograd.Function):
             if need_dh or ((dense_o or factored_o) and not ctx.tucker_out):
                 for (_, u), p in zip(firsts, ps):
                     assert p.L is not None
-                    hs.append(F.linear(u, p.L.to(u.dtype), None if p.bias is None else p.bias.to(u.dtype)))
+                    hs.append(low_rank_output(u, p.L.to(u.dtype), None if p.bias is None else p.bias.to(u.dtype)))
             if ctx.tucker_out:
                 put(n, weight_grad(dy, ps[n], dense_o, factored_o, core=out_factors[0], factors=out_factors[1:]))
             elif dense_o or factored_o:
