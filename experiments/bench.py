@@ -24,8 +24,9 @@ its FLOPs ratio a variant's measured speed-up achieves. A method that lacks a re
 the training step under torch.compile (both: eager and compiled rows side by side); `--profile-baseline`
 puts another run's profile.csv (the same command on the code before a change) next to this one's.
 Writes under --out: variants.csv (one row per variant), summary.md, saved_tensors.csv (cost), timing.csv,
-timing_raw.csv, latency.png (time), energy.csv (energy), profile.csv (profile: torch.profiler's time in the
-library's Tucker step, compressed gradient and factored update) and run.json.
+timing_raw.csv, latency.png (time), energy.csv (energy), profile.csv and ops.csv (profile: torch.profiler's time
+in the library's Tucker step, compressed gradient and factored update, and in the ops that take the most of
+the step) and run.json.
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ log = logging.getLogger(__name__)
 CONF = CONF_DIR
 PHASES = ("forward", "backward", "optimizer", "train_step", "inference")
 REGIONS = ("wasi.tucker", "wasi.compressed_grad", "wasi.factored_update")  # record_function labels in wasi/
+TOP_OPS = 15  # ops.csv: this many (op, input shapes) pairs per variant, by self time
 COST = ("memory/activation_bytes", "memory/peak_bytes", "memory/weight_bytes", "flops/train_step",
         "flops/inference_per_image", "flops/inference_per_sequence", "memory/layers_activation_bytes",
         "memory/layers_weight_bytes", "flops/layers_train_step", "flops/layers_inference")
@@ -266,17 +268,20 @@ def time_round_robin(built: list[tuple[Spec, Variant, DictConfig]], x: Inputs, y
 
 
 def profile_regions(built: list[tuple[Spec, Variant, DictConfig]], x: Inputs, y: torch.Tensor,
-                    device: torch.device, warmup: int, reps: int) -> pd.DataFrame:
-    """Calls and time per training step inside each of the library's labelled regions (REGIONS), by
-    torch.profiler over `reps` steps after `warmup`, one variant at a time; share = region time / step time
-    (CPU time, which is wall time on CPU; with CUDA the regions' host time). One row per (label, region)."""
+                    device: torch.device, warmup: int, reps: int, top: int = TOP_OPS
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Where a training step's time goes, by torch.profiler over `reps` steps after `warmup`, one variant at a
+    time (CPU time, which is wall time on CPU; with CUDA the host time). Returns two frames:
+    regions, one row per (label, region) of ("step", *REGIONS): seconds and calls per step, share = region
+    time / step time; ops, the `top` (op, input shapes) pairs of each label by self time (time inside the op
+    itself, its children excluded, so the rows never count a time twice): seconds and calls per step, share."""
     from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
-    rows = []
+    regions, ops = [], []
     for spec, variant, cfg in built:
         variant.model.train()
         window = schedule(wait=0, warmup=warmup, active=reps, repeat=1)  # warm-up steps run but are not counted
-        with profile(activities=[ProfilerActivity.CPU], schedule=window) as prof:
+        with profile(activities=[ProfilerActivity.CPU], schedule=window, record_shapes=True) as prof:
             for _ in range(warmup + reps):
                 with record_function("step"):
                     train_step(variant.model, variant.optimizer, x, y, cfg.trainer.grad_clip,
@@ -284,11 +289,15 @@ def profile_regions(built: list[tuple[Spec, Variant, DictConfig]], x: Inputs, y:
                 prof.step()
         events = {e.key: e for e in prof.key_averages()}
         seconds = {key: e.cpu_time_total / reps / 1e6 for key, e in events.items()}
-        rows += [{"label": spec.label, "region": region, "seconds": seconds.get(region, 0.0),
-                  "calls": events[region].count / reps if region in events else 0,
-                  "share": seconds.get(region, 0.0) / seconds["step"]} for region in ("step", *REGIONS)]
+        regions += [{"label": spec.label, "region": region, "seconds": seconds.get(region, 0.0),
+                     "calls": events[region].count / reps if region in events else 0,
+                     "share": seconds.get(region, 0.0) / seconds["step"]} for region in ("step", *REGIONS)]
+        by_shape = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+        ops += [{"label": spec.label, "op": e.key, "shapes": " ".join(str(s) for s in e.input_shapes if s),
+                 "seconds": e.self_cpu_time_total / reps / 1e6, "calls": e.count / reps,
+                 "share": e.self_cpu_time_total / reps / 1e6 / seconds["step"]} for e in by_shape[:top]]
         log.info("profiled %s", spec.label)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(regions), pd.DataFrame(ops)
 
 
 def timing_stats(raw: pd.DataFrame, reference: str, threads: int) -> pd.DataFrame:
@@ -367,9 +376,10 @@ def profile_table(profiled: pd.DataFrame, baseline: pd.DataFrame | None = None) 
 
 
 def markdown(table: pd.DataFrame, breakdown: dict[str, dict[str, int]], header: str,
-             profiled: pd.DataFrame | None = None, baseline: pd.DataFrame | None = None) -> str:
+             profiled: pd.DataFrame | None = None, baseline: pd.DataFrame | None = None,
+             ops: pd.DataFrame | None = None) -> str:
     """summary.md: the main table (MiB, GFLOPs, ms, × vs the reference), ranks, saved-tensor sources,
-    profiled regions."""
+    profiled regions and the heaviest ops."""
     mib, g = 2.0**20, 1e9
     cols = {"label": ("variant", None), "K_mean": ("K mean", 1), "memory/compressed_layers_bytes": ("layers MiB", mib),
             "layers ×": ("layers ×", 1), "memory/activation_bytes": ("act MiB", mib),
@@ -405,6 +415,11 @@ def markdown(table: pd.DataFrame, breakdown: dict[str, dict[str, int]], header: 
         what = "; before → after, before from --profile-baseline" if baseline is not None else ""
         lines += ["", f"Time per step in the library's labelled regions (torch.profiler; % of the step{what}):", "",
                   profile_table(profiled, baseline).to_markdown()]
+    for label, rows in ([] if ops is None else ops.groupby("label", sort=False)):
+        shown = pd.DataFrame({"op": rows.op, "input shapes": rows.shapes, "ms per step": (1e3 * rows.seconds).round(1),
+                              "calls per step": rows.calls.round(1), "% of the step": (100 * rows.share).round(1)})
+        lines += ["", f"{label}: the ops with the most self time per step (their children excluded):", "",
+                  shown.to_markdown(index=False)]
     return "\n".join(lines) + "\n"
 
 
@@ -576,11 +591,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
         table.to_csv(out / "variants.csv", index=False)  # after every variant: a stopped run keeps what it has
     if breakdown:
         pd.DataFrame(breakdown).fillna(0).astype(int).rename_axis("source").to_csv(out / "saved_tensors.csv")
-    profiled = None
+    profiled = ops = None
     baseline = None if args.profile_baseline is None else pd.read_csv(args.profile_baseline)
     if "profile" in args.measure:
-        profiled = profile_regions(built, x, y, device, args.warmup, args.reps)
+        profiled, ops = profile_regions(built, x, y, device, args.warmup, args.reps)
         profiled.to_csv(out / "profile.csv", index=False)
+        ops.to_csv(out / "ops.csv", index=False)
     if timed:
         raw = time_round_robin(built, x, y, device, args.warmup, args.reps, meter)
         stats = timing_stats(raw, reference, torch.get_num_threads())
@@ -597,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 table[f"energy/{domain}/{phase}_j"] = table.label.map(group.set_index("label").mean_j)
         table = add_efficiency(table)
         table.to_csv(out / "variants.csv", index=False)
-    (out / "summary.md").write_text(markdown(table, breakdown, header, profiled, baseline))
+    (out / "summary.md").write_text(markdown(table, breakdown, header, profiled, baseline, ops))
     (out / "run.json").write_text(json.dumps({"argv": list(sys.argv[1:] if argv is None else argv),
                                               "environment": environment(device), "reference": reference,
                                               "weights": weights, "inputs": inputs, "notes": notes}, indent=2))

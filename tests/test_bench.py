@@ -2,6 +2,7 @@
 hand-counted layer bytes, the held-memory breakdown, timing statistics and round-robin order."""
 from __future__ import annotations
 
+import ast
 import json
 import statistics
 import subprocess
@@ -96,7 +97,7 @@ def test_profile_counts_one_call_per_layer_and_step(out: Path) -> None:
 def test_summary_and_plot(out: Path) -> None:
     text = (out / "summary.md").read_text()
     for needle in ("Weights: random init", "training images of dataset=shapes", "| vanilla ", "| wasi ε=0.6 ",
-                   "K=[", "mlp.fc1 (Linear) / addmm"):
+                   "K=[", "mlp.fc1 (Linear) / addmm", "wasi ε=0.6: the ops with the most self time per step"):
         assert needle in text
     with Image.open(out / "latency.png") as im:
         assert im.format == "PNG" and im.size[0] > 100
@@ -235,3 +236,18 @@ def test_profile_baseline_shows_before_and_after() -> None:
     cells = bench.profile_table(after, pd.DataFrame(rows))
     assert cells.loc["wasi", "wasi.factored_update"] == "500 ms (25.0%) → 250 ms (25.0%)"
     assert bench.profile_table(after).loc["wasi", "step"] == "1000 ms (100.0%)"
+
+
+def test_ops_add_up_to_no_more_than_the_step(out: Path) -> None:
+    """ops.csv: each variant's heaviest ops by self time, heaviest first, with their input shapes; self times
+    exclude children, so together they are at most the step; WASI's include a matmul with a factor of rank K."""
+    ops = pd.read_csv(out / "ops.csv", keep_default_na=False)
+    step = pd.read_csv(out / "profile.csv").set_index(["label", "region"]).seconds
+    for label, rows in ops.groupby("label"):
+        assert 0 < len(rows) <= bench.TOP_OPS
+        assert list(rows.seconds) == sorted(rows.seconds, reverse=True)
+        assert 0 < rows.seconds.sum() <= step[label, "step"] * (1 + 1e-9)
+        assert rows.share.to_numpy() == pytest.approx((rows.seconds / step[label, "step"]).to_numpy())
+    ranks = set(ast.literal_eval(pd.read_csv(out / "variants.csv").set_index("label").loc["wasi ε=0.6", "K"]))
+    wasi = ops[(ops.label == "wasi ε=0.6") & ops.op.isin(["aten::mm", "aten::addmm"])]
+    assert any(f", {k}]" in shapes or f"[{k}," in shapes for shapes in wasi.shapes for k in ranks)
