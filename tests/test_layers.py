@@ -1,4 +1,6 @@
 """ASI / WSI / WASI layers against dense autograd, explicit reconstructions and hand byte counts."""
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -231,3 +233,36 @@ def test_random_tucker_start_is_reproducible_from_the_seed_and_leaves_the_global
     assert all(torch.equal(u, v) for u, v in zip(a, b))
     assert not torch.allclose(a[1], first[4][0][1])
     assert layer.seed == 4 and "_seed" not in layer.state_dict()
+
+
+def _ops_called(fn: Callable[[], object]) -> set[str]:
+    """Names of the aten/mkldnn ops fn dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    names: set[str] = set()
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            names.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return names
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_factor_product_is_f_linear_through_onednn_on_the_cpu(bias):
+    """x factorᵀ + b for (…, n) inputs and factors laid out either way, equal to F.linear; float32 on the CPU runs
+    oneDNN's linear and nothing else, float64 runs F.linear's own ops."""
+    from wasi.functional import factor_product
+
+    x = torch.randn(3, 5, 16)
+    b = torch.randn(8) if bias else None
+    for factor in (torch.randn(8, 16), torch.randn(16, 8).T):  # contiguous, and a transposed view as dy L passes
+        assert torch.allclose(factor_product(x, factor, b), nn.functional.linear(x, factor, b), atol=1e-5)
+        if torch._C._has_mkldnn:  # PyTorch's CPU wheels have it
+            assert _ops_called(lambda f=factor: factor_product(x, f, b)) == {"mkldnn._linear_pointwise"}
+    x64, f64 = x.double(), torch.randn(8, 16, dtype=torch.float64)
+    assert "mkldnn._linear_pointwise" not in _ops_called(lambda: factor_product(x64, f64))
+    assert torch.equal(factor_product(x64, f64), nn.functional.linear(x64, f64))

@@ -102,6 +102,17 @@ def test_train_step_flops_counts_in_place_matmuls():
     assert metrics.train_step_flops(lambda: (c.addmm_(a, b), torch.addmm(c, a, b))) == 4 * m * n * k
 
 
+def test_train_step_flops_counts_the_factor_products_like_f_linear():
+    """On the CPU a low-rank factor product runs oneDNN's linear (wasi.functional.factor_product): 2·T·n·m FLOPs
+    for x: (T, n) and a factor (m, n), as F.linear's matmul, bias not counted."""
+    from wasi.functional import factor_product
+
+    x, factor, bias = torch.randn(3, 5, 7), torch.randn(4, 7), torch.randn(4)
+    assert metrics.train_step_flops(lambda: factor_product(x, factor, bias)) == 2 * 15 * 7 * 4
+    assert metrics.train_step_flops(lambda: factor_product(x, factor.T.contiguous().T)) == 2 * 15 * 7 * 4
+    assert metrics.train_step_flops(lambda: torch.nn.functional.linear(x, factor, bias)) == 2 * 15 * 7 * 4
+
+
 def test_train_step_flops_skips_qr():
     a = torch.randn(32, 8)
     assert metrics.train_step_flops(lambda: torch.linalg.qr(a)) == 0

@@ -207,16 +207,17 @@ def test_vanilla_attention_checkpoint_dense_grads_equal(make):
 
 def test_attn_holds_nothing_of_heads_and_costs_a_fraction_of_block_recompute():
     """Saved tensors of one training forward (autograd's saved-tensor hooks) and FLOPs of forward + backward
-    (torch.utils.flop_counter): "attn" saves no (B, heads, N, d) tensor and less than "mlp"; what it recomputes is at
-    most the attention's forward (counted alone) and far below what "block" recomputes."""
-    from torch.utils.flop_counter import FlopCounterMode
+    (experiments.measurement.metrics.flop_counter, which counts oneDNN's linear too): "attn" saves no
+    (B, heads, N, d) tensor and less than "mlp"; what it recomputes is at most the attention's forward (counted
+    alone) and far below what "block" recomputes."""
+    from experiments.measurement.metrics import flop_counter
 
     x, y = batches(32, n=1)[0]
     flops, saved_bytes, per_head = {}, {}, {}
     for mode in ("mlp", "attn", "block"):
         model = injected("vit", recompute=mode)
         F.cross_entropy(model(x), y).backward()  # warm start exists
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             loss, saved = saved_tensors(lambda m=model: F.cross_entropy(m(x), y))
             loss.backward()
         flops[mode], saved_bytes[mode] = counter.get_total_flops(), sum(t.numel() * t.element_size() for t in saved)
@@ -229,7 +230,7 @@ def test_attn_holds_nothing_of_heads_and_costs_a_fraction_of_block_recompute():
         block.attn.register_forward_hook(lambda mod, args, out, i=i: inputs.__setitem__(i, args[0]))
     with torch.no_grad():
         model(x)
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             for i, block in enumerate(model.blocks):
                 block.attn(inputs[i])
     attention_forward = counter.get_total_flops()

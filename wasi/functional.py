@@ -24,8 +24,8 @@ from torch.profiler import record_function
 
 from wasi.subspace import cheapest_order, mode_product
 
-__all__ = ["LinearParams", "SubspaceLinearFn", "bias_grad", "compute_dtype", "dense_weight_grad", "factored_carriers",
-           "input_grad", "linear_forward", "low_rank_output", "tucker_weight_grad", "weight_grad"]
+__all__ = ["LinearParams", "SubspaceLinearFn", "bias_grad", "compute_dtype", "dense_weight_grad", "factor_product",
+           "factored_carriers", "input_grad", "linear_forward", "tucker_weight_grad", "weight_grad"]
 
 
 def factored_carriers(r: int, out_features: int, in_features: int, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -98,18 +98,24 @@ def linear_forward(x: Tensor, p: LinearParams) -> tuple[Tensor, Tensor | None]:
             assert p.weight is not None
             return F.linear(x, p.weight.to(dtype), b), None
         assert p.R is not None
-        u = F.linear(x, p.R.to(dtype))
-        return low_rank_output(u, p.L.to(dtype), b), u
+        u = factor_product(x, p.R.to(dtype))
+        return factor_product(u, p.L.to(dtype), b), u
 
 
-def low_rank_output(u: Tensor, L: Tensor, bias: Tensor | None) -> Tensor:
-    """h = u Lᵀ + b, u: (…, K), L: (O, K) -> (…, O), L and bias in u.dtype. On the CPU the product, then the bias
-    added in place: faster than addmm, which first copies the broadcast bias into the whole (…, O) output (a
-    WASI ViT-B/32 step at batch 32 on 2 cores, both ways interleaved in one process: 1412 -> 1390 ms at ε = 0.4,
-    1914 -> 1879 ms at ε = 0.8, medians). Elsewhere addmm (CUDA fuses the bias into the product)."""
-    if bias is None or u.device.type != "cpu":
-        return F.linear(u, L, bias)
-    return F.linear(u, L).add_(bias)
+def factor_product(x: Tensor, factor: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x factorᵀ + b (as F.linear) for one factor of a low-rank weight: x: (…, n), factor: (m, n) -> (…, m).
+
+    float32 on the CPU goes through oneDNN, PyTorch's CPU kernel library (`torch.ops.mkldnn._linear_pointwise`,
+    which inductor uses for CPU linears with constant weights), with the bias added in the product. MKL's matrix
+    product, which F.linear calls, is slower for these thin shapes in a training step: a WASI ViT-B/32 step at
+    batch 32 on 2 x86 cores, both ways interleaved in one process (10 rounds, medians), took 1304 -> 1255 ms at
+    ε = 0.4 (rank 61) and 1756 -> 1731 ms at ε = 0.8 (rank 246). Elsewhere F.linear (CUDA adds the bias in
+    the product too), and under torch.compile, whose inductor takes this op only with constant weights and picks
+    its own kernels."""
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and torch._C._has_mkldnn
+            and not torch.compiler.is_compiling()):
+        return torch.ops.mkldnn._linear_pointwise(x, factor, bias, "none", [], "")
+    return F.linear(x, factor, bias)
 
 
 def input_grad(dy: Tensor, p: LinearParams) -> Tensor:
@@ -118,7 +124,7 @@ def input_grad(dy: Tensor, p: LinearParams) -> Tensor:
         assert p.weight is not None
         return dy @ p.weight.to(dy.dtype)
     assert p.R is not None
-    return (dy @ p.L.to(dy.dtype)) @ p.R.to(dy.dtype)
+    return factor_product(dy, p.L.to(dy.dtype).T) @ p.R.to(dy.dtype)
 
 
 def bias_grad(dy: Tensor, bias: Tensor) -> Tensor:

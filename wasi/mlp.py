@@ -32,9 +32,9 @@ from wasi.functional import (
     LinearParams,
     bias_grad,
     compute_dtype,
+    factor_product,
     input_grad,
     linear_forward,
-    low_rank_output,
     weight_grad,
 )
 from wasi.layers import WSILinear
@@ -378,7 +378,7 @@ class _FusedMlpFn(torch.autograd.Function):
             if need_dh or ((dense_o or factored_o) and not ctx.tucker_out):
                 for (_, u), p in zip(firsts, ps):
                     assert p.L is not None
-                    hs.append(low_rank_output(u, p.L.to(u.dtype), None if p.bias is None else p.bias.to(u.dtype)))
+                    hs.append(factor_product(u, p.L.to(u.dtype), None if p.bias is None else p.bias.to(u.dtype)))
             if ctx.tucker_out:
                 put(n, weight_grad(dy, ps[n], dense_o, factored_o, core=out_factors[0], factors=out_factors[1:]))
             elif dense_o or factored_o:

@@ -236,17 +236,24 @@ def _addmm_inplace_flops(self_shape: Any, a_shape: Any, b_shape: Any, out_shape:
     return 2 * m * n * k
 
 
+def _onednn_linear_flops(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * math.prod(x_shape) * w_shape[0]
+
+
 def flop_counter() -> FlopCounterMode:
     """``torch.utils.flop_counter.FlopCounterMode`` that also counts the in-place ``addmm_`` (which it leaves out:
-    torch 2.x registers only ``addmm``), as the factored optimizer step computes ``R' += L'ᵀG Pᵀ`` in place."""
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_inplace_flops})
+    torch 2.x registers only ``addmm``), as the factored optimizer step computes ``R' += L'ᵀG Pᵀ`` in place, and
+    oneDNN's ``mkldnn._linear_pointwise`` (x: (…, n) times a weight (m, n)), which the low-rank layers' factor
+    products use on the CPU (`wasi.functional.factor_product`)."""
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_inplace_flops,
+                                                          torch.ops.mkldnn._linear_pointwise: _onednn_linear_flops})
 
 
 def train_step_flops(step_fn: Callable[[], Any]) -> int:
     """FLOPs of one call of ``step_fn`` (forward + backward + optimizer step).
 
     Counted by ``flop_counter()``: matmuls (``mm``, ``addmm``, ``addmm_``,
-    ``bmm``, ``baddbmm``), convolutions and attention kernels, forward and backward, with a
+    ``bmm``, ``baddbmm``, oneDNN's linear), convolutions and attention kernels, forward and backward, with a
     multiply-add as two FLOPs. It does not count elementwise ops (activations, norms, softmax,
     the optimizer's updates), reductions, or decompositions such as QR/SVD/eigh, so the
     subspace iterations of WSI/ASI contribute only their matmuls.
