@@ -1,7 +1,8 @@
 """The experiment suite: builds model, data and method from a config, trains, measures, logs, deploys.
 
 Entry points sit at this level (`python -m experiments.<name>`): run (the training loop, what train.py
-calls), bench, report, export, inference, pretrain. The rest is in packages named by role:
+calls), bench, gemm (dense product rates: PyTorch's GEMM against oneDNN), report, export, inference, pretrain,
+tables. The rest is in packages named by role:
 
     training/       the loop's infrastructure: checkpoints, stop signals, LR schedules, processes, hardware,
                     logging, errors, writing files (storage), the run folder (its setting, owner, lock)

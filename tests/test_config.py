@@ -102,6 +102,12 @@ def test_methods_instantiate(make_cfg, method):
     (["resume=5"], "resume=5: must be true, false, null, auto or a path to a last.ckpt"),
     (["hardware.precision=fp16"], "hardware.precision=fp16: must be one of fp32, bf16. Fix: hardware.precision=fp32"),
     (["hardware.threads=0"], "hardware.threads=0: must be an int >= 1"),
+    (["hardware.dense_linear=mkl"], "hardware.dense_linear=mkl: must be one of aten, onednn"),
+    (["hardware=cuda", "hardware.dense_linear=onednn"], "hardware.dense_linear=onednn: oneDNN's linear is the "
+     "float32 CPU kernel, and hardware=cuda runs fp32 on cuda. Fix: hardware.dense_linear=aten"),
+    (["hardware.precision=bf16", "hardware.dense_linear=onednn"], "hardware.dense_linear=onednn: oneDNN's linear "
+     "is the float32 CPU kernel, and hardware=cpu runs bf16 on cpu"),
+    (["hardware.dense_linear=onednn"], None),
     (["logger.mode=on"], "logger.mode=on: must be one of offline, online, disabled"),
     (["model.image_size=0"], "model.image_size=0: must be an int >= 1"),
     (["method.targets=all"], "method.targets=all: must be one of mlp, mlp+attn"),
@@ -183,6 +189,7 @@ def test_wasi_defaults_are_the_librarys(make_cfg):
 @pytest.mark.parametrize("literal, field", [
     (literals.Device, schema.Hardware.__dataclass_fields__["device"]),
     (literals.Precision, schema.Hardware.__dataclass_fields__["precision"]),
+    (literals.DenseLinear, schema.Hardware.__dataclass_fields__["dense_linear"]),
     (literals.LoggerMode, schema.Logger.__dataclass_fields__["mode"]),
     (literals.Shuffle, schema.Trainer.__dataclass_fields__["shuffle"]),
     (literals.Recompute, schema.VanillaMethod.__dataclass_fields__["recompute"]),

@@ -22,6 +22,7 @@ from experiments.builders.models import build_model
 from experiments.builders.spectrum import pretrained_like_
 from experiments.configuration.choices import Spectrum
 from experiments.data.loaders import Batch
+from experiments.training.hardware import set_dense_linears
 
 
 @dataclass
@@ -54,6 +55,7 @@ def build_variant(cfg: DictConfig, num_classes: int, calibration: Iterable[Batch
         pretrained_like_(model, targets)
     method = hydra.utils.instantiate(cfg.method)
     summary = method.apply(model, calibration, device)
+    set_dense_linears(model, cfg.hardware)  # the linears the method left dense: nn.Linear's kernel or oneDNN's
     optimizer = method.build_optimizer(model, hydra.utils.instantiate(cfg.optimizer))
     return Variant(model, method, optimizer, summary, wasi.tuned_targets(model, targets, cfg.method.get("last_n")))
 

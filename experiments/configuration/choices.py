@@ -7,6 +7,7 @@ from typing import Literal
 
 Device = Literal["cpu", "cuda"]  # hardware.device
 Precision = Literal["fp32", "bf16"]  # hardware.precision
+DenseLinear = Literal["aten", "onednn"]  # hardware.dense_linear
 LoggerMode = Literal["offline", "online", "disabled"]  # logger.mode
 Shuffle = Literal["per_epoch", "continued"]  # trainer.shuffle (experiments.training.distributed.EpochSampler)
 Recompute = Literal["none", "attn", "block"]  # method.recompute of vanilla, LoRA, SVD-LLM ("mlp" needs WSI/WASI)

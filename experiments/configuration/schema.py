@@ -42,7 +42,16 @@ from omegaconf.errors import (
 )
 
 import wasi
-from experiments.configuration.choices import Device, Finetune, Inputs, LoggerMode, Precision, Recompute, Shuffle
+from experiments.configuration.choices import (
+    DenseLinear,
+    Device,
+    Finetune,
+    Inputs,
+    LoggerMode,
+    Precision,
+    Recompute,
+    Shuffle,
+)
 from experiments.configuration.overrides import as_override
 from experiments.measurement.units import mib_to_bytes
 from wasi.config import TARGETS
@@ -199,6 +208,18 @@ class Hardware(Checked):
     device: str = setting(one_of_literal(Device), "hardware=cpu or hardware=cuda")
     threads: int | None = setting(at_least(1), "hardware.threads=4, or null (PyTorch's default)")
     precision: str = setting(one_of_literal(Precision), "hardware.precision=fp32")
+    dense_linear: str = setting(one_of_literal(DenseLinear), "hardware.dense_linear=aten")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_dense_linear(self)
+
+
+def check_dense_linear(hw: Any) -> None:
+    """hardware.dense_linear=onednn needs float32 on the CPU (a Hardware or the composed `hardware` node)."""
+    if hw.dense_linear == "onednn" and (hw.device, hw.precision) != ("cpu", "fp32"):
+        raise invalid("hardware.dense_linear", "onednn", "oneDNN's linear is the float32 CPU kernel, and "
+                      f"hardware={hw.name} runs {hw.precision} on {hw.device}", "hardware.dense_linear=aten")
 
 
 @dataclass
