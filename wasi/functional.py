@@ -108,8 +108,10 @@ def factor_product(x: Tensor, factor: Tensor, bias: Tensor | None = None) -> Ten
     float32 on the CPU goes through oneDNN, PyTorch's CPU kernel library (`torch.ops.mkldnn._linear_pointwise`,
     which inductor uses for CPU linears with constant weights), with the bias added in the product. MKL's matrix
     product, which F.linear calls, is slower for these thin shapes in a training step: a WASI ViT-B/32 step at
-    batch 32 on 2 x86 cores, both ways interleaved in one process (10 rounds, medians), took 1304 -> 1255 ms at
-    ε = 0.4 (rank 61) and 1756 -> 1731 ms at ε = 0.8 (rank 246). Elsewhere F.linear (CUDA adds the bias in
+    batch 32 on 2 cores of an Intel Xeon, both ways interleaved in one process (10 rounds, medians), took
+    1304 -> 1255 ms at ε = 0.4 (rank 61) and 1756 -> 1731 ms at ε = 0.8 (rank 246) with x Rᵀ, u Lᵀ + b and dy L
+    through oneDNN; taking (dy L) R through it too gave no gain there, and on 2 cores of an AMD EPYC (dense
+    linears through oneDNN as well) 1441 -> 1371 and 2282 -> 2187 ms. Elsewhere F.linear (CUDA adds the bias in
     the product too), and under torch.compile, whose inductor takes this op only with constant weights and picks
     its own kernels."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and torch._C._has_mkldnn
@@ -124,7 +126,7 @@ def input_grad(dy: Tensor, p: LinearParams) -> Tensor:
         assert p.weight is not None
         return dy @ p.weight.to(dy.dtype)
     assert p.R is not None
-    return factor_product(dy, p.L.to(dy.dtype).T) @ p.R.to(dy.dtype)
+    return factor_product(factor_product(dy, p.L.to(dy.dtype).T), p.R.to(dy.dtype).T)
 
 
 def bias_grad(dy: Tensor, bias: Tensor) -> Tensor:
