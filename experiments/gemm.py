@@ -105,6 +105,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
+    if not torch._C._has_mkldnn:
+        raise SystemExit(f"experiments.gemm: this PyTorch ({torch.__version__}) is built without oneDNN, so there "
+                         "is nothing to compare. Fix: a PyTorch wheel from PyPI")
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(args.seed)
     table = {name: calls for shape in args.shapes for name, calls in products(args.tokens, shape, generator).items()}

@@ -85,10 +85,13 @@ def test_the_setting_converts_the_linears_the_method_left_dense():
     assert torch.isfinite(torch.as_tensor(loss)).all()
 
 
-def test_the_setting_refuses_what_onednn_cannot_run():
+def test_the_setting_refuses_what_onednn_cannot_run(monkeypatch):
     hw = OmegaConf.create({"name": "cuda", "device": "cuda", "precision": "fp32", "dense_linear": "onednn"})
-    with pytest.raises(ConfigError, match="Fix: hardware.dense_linear=aten"):
+    with pytest.raises(ConfigError, match="runs fp32 on cuda. Fix: hardware.dense_linear=aten"):
         set_dense_linears(nn.Linear(2, 2), hw)
+    monkeypatch.setattr(torch._C, "_has_mkldnn", False)
+    with pytest.raises(ConfigError, match="is built without oneDNN. Fix: hardware.dense_linear=aten"):
+        set_dense_linears(nn.Linear(2, 2), OmegaConf.merge(hw, {"name": "cpu", "device": "cpu"}))
 
 
 def test_gemm_writes_each_product_of_each_backend_and_their_step_sum(tmp_path):

@@ -31,6 +31,7 @@ from dataclasses import MISSING as NO_DEFAULT
 from dataclasses import dataclass, field, fields, make_dataclass
 from typing import Any, ClassVar, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import (
@@ -217,9 +218,14 @@ class Hardware(Checked):
 
 def check_dense_linear(hw: Any) -> None:
     """hardware.dense_linear=onednn needs float32 on the CPU (a Hardware or the composed `hardware` node)."""
-    if hw.dense_linear == "onednn" and (hw.device, hw.precision) != ("cpu", "fp32"):
+    if hw.dense_linear != "onednn":
+        return
+    if (hw.device, hw.precision) != ("cpu", "fp32"):
         raise invalid("hardware.dense_linear", "onednn", "oneDNN's linear is the float32 CPU kernel, and "
                       f"hardware={hw.name} runs {hw.precision} on {hw.device}", "hardware.dense_linear=aten")
+    if not torch._C._has_mkldnn:
+        raise invalid("hardware.dense_linear", "onednn", f"this PyTorch ({torch.__version__}) is built without "
+                      "oneDNN", "hardware.dense_linear=aten, or a PyTorch wheel from PyPI")
 
 
 @dataclass
