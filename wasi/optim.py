@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 from wasi.distributed import reduce_factored_grads
+from wasi.functional import factor_product
 from wasi.layers import WSILinear, low_rank_factors
 from wasi.model import factored_layers
 from wasi.subspace import orth
@@ -169,7 +170,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         # A = alpha · a: without a momentum buffer, R scaled by 1 − ηλ inside the products (no (K, I) temporary)
         a, alpha = (r0, 1 - lr * wd) if c is None else ((1 - lr * wd) * r0 - lr * mu * c, 1.0)
         new_l, ltl, ltg, cholesky = subspace_step(l0, a, g, p, lr, alpha)
-        new_r = (alpha * ltl) @ a
+        new_r = factor_product(alpha * ltl, a.T)  # (K, K) @ (K, I); the three K²-by-n products through oneDNN
         new_r.addmm_(ltg, p.T, alpha=-lr)
         buf = None
         if mu:  # C <- L'ᵀ D, D = ∇W + λ L R + μ L C
@@ -220,7 +221,7 @@ def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: 
         x, y = scale * (A @ q), P.T @ q
     else:
         ap = (P.T @ A.T).T
-        x = torch.addmm(A @ A.T, ap, c.T, beta=scale * scale, alpha=-lr * scale)
+        x = torch.addmm(factor_product(A, A), ap, c.T, beta=scale * scale, alpha=-lr * scale)  # A Aᵀ
         y = torch.addmm(ap.T, P.T @ P, c.T, beta=scale, alpha=-lr)
         xd, yd, cd, sd = x.double(), y.double(), c.double(), (G.T @ G).double()
         # Gram = Xᵀ(X − η C Y) + Yᵀ(η² S Y − η Cᵀ X): one (K, K, K) product and two of inner size r
@@ -231,7 +232,7 @@ def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: 
         low, high = torch.aminmax(t.diagonal())
         if bool((info == 0) & (low > CHOLESKY_MIN_PIVOT * high)):
             xt, yt = torch.linalg.solve_triangular(t, torch.cat([xd, yd]), upper=True, left=False).split([k, r])
-            new_l = L @ xt.to(L.dtype)
+            new_l = factor_product(L, xt.to(L.dtype).T)  # L (X T⁻¹)
             new_l.addmm_(G, yt.to(L.dtype), alpha=-lr)
             ltl = torch.addmm(xt, cd, yt, alpha=-lr).T.to(L.dtype)
             ltg = torch.addmm(xt.T @ cd, yt.T, sd, alpha=-lr).to(L.dtype)
