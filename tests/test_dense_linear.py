@@ -12,6 +12,7 @@ from torch import nn
 from experiments import gemm
 from experiments.builders.variant import build_variant, train_step
 from experiments.configuration.schema import ConfigError
+from experiments.measurement import metrics
 from experiments.measurement.metrics import flop_counter
 from experiments.training.hardware import OneDNNLinear, set_dense_linears, use_onednn_linears
 from tests.helpers import QUICK, compose
@@ -83,6 +84,19 @@ def test_the_setting_converts_the_linears_the_method_left_dense():
     loss = train_step(v.model.train(), v.optimizer, torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)), None,
                       torch.autocast("cpu", enabled=False))
     assert torch.isfinite(torch.as_tensor(loss)).all()
+
+
+def test_the_setting_leaves_every_cost_figure_as_it_was():
+    """FLOPs (torch's counter for the step, fvcore's trace for inference) and memory of one step are nn.Linear's."""
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    rows = []
+    for dense in ("aten", "onednn"):
+        torch.manual_seed(0)
+        v = build_variant(compose(*QUICK, "method=wasi", f"hardware.dense_linear={dense}"), 10, [(x, y)],
+                          torch.device("cpu"))
+        rows.append(metrics.measure(v, x, y, grad_clip=None, amp=torch.autocast("cpu", enabled=False),
+                                    device=torch.device("cpu"), repeats=0))
+    assert rows[0] == rows[1] and rows[0]["flops/inference_per_image"] > 0
 
 
 def test_the_setting_refuses_what_onednn_cannot_run(monkeypatch):

@@ -112,10 +112,10 @@ def factor_product(x: Tensor, factor: Tensor, bias: Tensor | None = None) -> Ten
     1304 -> 1255 ms at ε = 0.4 (rank 61) and 1756 -> 1731 ms at ε = 0.8 (rank 246) with x Rᵀ, u Lᵀ + b and dy L
     through oneDNN; taking (dy L) R through it too gave no gain there, and on 2 cores of an AMD EPYC (dense
     linears through oneDNN as well) 1441 -> 1371 and 2282 -> 2187 ms. Elsewhere F.linear (CUDA adds the bias in
-    the product too), and under torch.compile, whose inductor takes this op only with constant weights and picks
-    its own kernels."""
+    the product too), under torch.compile, whose inductor takes this op only with constant weights and picks
+    its own kernels, and under torch.jit tracing (fvcore's FLOP count), which cannot record the op."""
     if (x.device.type == "cpu" and x.dtype == torch.float32 and torch._C._has_mkldnn
-            and not torch.compiler.is_compiling()):
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
         return torch.ops.mkldnn._linear_pointwise(x, factor, bias, "none", [], "")
     return F.linear(x, factor, bias)
 

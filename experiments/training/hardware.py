@@ -80,7 +80,9 @@ class OneDNNLinear(nn.Linear):
     """nn.Linear (same parameters, same state_dict) whose forward and backward products run through oneDNN."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return _OneDNNLinearFn.apply(x, self.weight, self.bias)
+        if torch.is_grad_enabled() and not torch.jit.is_tracing():  # a trace (fvcore) would see an opaque op
+            return _OneDNNLinearFn.apply(x, self.weight, self.bias)
+        return factor_product(x, self.weight, self.bias)
 
 
 def use_onednn_linears(model: nn.Module) -> int:
