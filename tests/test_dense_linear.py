@@ -115,10 +115,15 @@ def test_gemm_writes_each_product_of_each_backend_and_their_step_sum(tmp_path):
     products = [f"{kind} {a}→{b}" for a, b in ((8, 16), (16, 8)) for kind in ("forward", "input grad", "weight grad")]
     assert list(frame["product"]) == [p for p in products for _ in range(2)] + ["step (3 blocks)"] * 2
     one = frame[frame["product"] != "step (3 blocks)"]
-    assert set(one.flops) == {2 * 12 * 8 * 16}  # every product of both shapes: T · in · out multiply-adds
+    per_product = 2 * 12 * 8 * 16  # every product of both shapes: T · in · out multiply-adds, by hand
+    assert set(one.flops) == {per_product}
     for backend, rows in one.groupby("backend"):
         step = frame[(frame["product"] == "step (3 blocks)") & (frame.backend == backend)].iloc[0]
-        assert step.flops == 3 * rows.flops.sum() and step.median_s == pytest.approx(3 * rows.median_s.sum())
-    assert list(frame.gflop_s) == pytest.approx(list(frame.flops / frame.median_s / 1e9))
+        assert step.flops == 3 * 6 * per_product and step.median_s == pytest.approx(3 * rows.median_s.sum())
+    by_hand = [(3 * 6 if p.startswith("step") else 1) * per_product for p in frame["product"]]
+    assert list(frame.gflop_s) == pytest.approx([f / t / 1e9 for f, t in zip(by_hand, frame.median_s)])
+    aten = frame[frame.backend == "aten"].set_index("product").median_s
+    onednn = frame[frame.backend == "onednn"].set_index("product")
     assert (frame[frame.backend == "aten"]["aten_s / this"] == 1).all()
+    assert list(onednn["aten_s / this"]) == pytest.approx(list(aten[onednn.index] / onednn.median_s))
     assert (out / "summary.md").is_file() and (out / "run.json").is_file()
