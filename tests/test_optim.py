@@ -405,3 +405,23 @@ def test_drift_checks_follow_a_resumed_optimizer(monkeypatch):
     resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     step(resumed, resumed_opt, data[2])
     assert checks == ["check"] * len(wasi.factored_layers(model))
+
+
+def test_cpu_factors_take_the_steps_results_without_a_copy_and_equal_copied_ones(monkeypatch):
+    """On the CPU the step hands L and R the storage of its results (`set_`) instead of copying into the old one:
+    the same Parameter objects (optimizer state, param groups and the module still hold them), new storage, and
+    bit for bit the values of copying in place over momentum steps and a drift re-orthonormalisation."""
+    import wasi.optim
+    monkeypatch.setattr(wasi.optim, "DRIFT_CHECK_EVERY", 2)
+    model = _convert(_dense(), lambda l: WASILinear.from_linear(l, 0.6, [2, 3, 4]))
+    copied = copy.deepcopy(model)
+    params, ptrs = [model.fc1.L, model.fc1.R], [t.data_ptr() for t in (model.fc1.L, model.fc1.R)]
+    opt = SubspaceSGD(model, 0.1, weight_decay=0.01, momentum=0.9)
+    _train(model, opt, _batches(3))
+    assert [model.fc1.L, model.fc1.R] == params and opt.param_groups[-2]["params"] == params
+    assert all(t.data_ptr() != p for t, p in zip(params, ptrs))
+    monkeypatch.setattr(wasi.optim, "_store", lambda param, value: param.copy_(value))
+    _train(copied, SubspaceSGD(copied, 0.1, weight_decay=0.01, momentum=0.9), _batches(3))
+    for name in ("fc1", "fc2"):
+        for f in ("L", "R"):
+            assert torch.equal(getattr(getattr(model, name), f), getattr(getattr(copied, name), f))
