@@ -201,7 +201,7 @@ def _store(param: Tensor, value: Tensor) -> None:
     (torch.compile's mode="reduce-overhead") assume parameters keep their addresses."""
     value = value.to(param.dtype)
     if param.device.type == "cpu" and value.device == param.device and value.is_contiguous():
-        param.set_(value)
+        param.set_(value.untyped_storage(), value.storage_offset(), value.shape, value.stride())
     else:
         param.copy_(value)
 
