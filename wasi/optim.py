@@ -196,9 +196,9 @@ class SubspaceSGD(torch.optim.Optimizer):
 
 def _store(param: Tensor, value: Tensor) -> None:
     """param <- value, a fresh result of the step. On the CPU param takes value's storage (`set_`): copying the
-    (O, K) and (K, I) factors into the old storage cost about 8% of the factored update of ViT-B/32 at K = 246
-    (docs/results.md). Elsewhere it is copied in place, as torch's optimizers update, since CUDA graphs
-    (torch.compile's mode="reduce-overhead") assume parameters keep their addresses."""
+    (O, K) and (K, I) factors into the old storage cost about 10% of ViT-B/32's optimizer step at K = 246 on a
+    2-core CPU (docs/results.md, Which GEMM). Elsewhere it is copied in place, as torch's optimizers update, since
+    CUDA graphs (torch.compile's mode="reduce-overhead") assume parameters keep their addresses."""
     value = value.to(param.dtype)
     if param.device.type == "cpu" and value.device == param.device and value.is_contiguous():
         param.set_(value.untyped_storage(), value.storage_offset(), value.shape, value.stride())
