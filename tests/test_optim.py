@@ -425,3 +425,13 @@ def test_cpu_factors_take_the_steps_results_without_a_copy_and_equal_copied_ones
     for name in ("fc1", "fc2"):
         for f in ("L", "R"):
             assert torch.equal(getattr(getattr(model, name), f), getattr(getattr(copied, name), f))
+
+
+def test_factors_in_shared_memory_are_updated_in_place():
+    """After model.share_memory() (several processes training one model) the step writes into the shared storage."""
+    model = _convert(_dense(), lambda l: WASILinear.from_linear(l, 0.6, [2, 3, 4])).share_memory()
+    ptrs = [t.data_ptr() for t in (model.fc1.L, model.fc1.R)]
+    before = model.fc1.L.detach().clone()
+    _train(model, SubspaceSGD(model, 0.1), _batches(1))
+    assert [t.data_ptr() for t in (model.fc1.L, model.fc1.R)] == ptrs and model.fc1.L.is_shared()
+    assert not torch.equal(model.fc1.L, before)

@@ -197,10 +197,11 @@ class SubspaceSGD(torch.optim.Optimizer):
 def _store(param: Tensor, value: Tensor) -> None:
     """param <- value, a fresh result of the step. On the CPU param takes value's storage (`set_`): copying the
     (O, K) and (K, I) factors into the old storage cost about 10% of ViT-B/32's optimizer step at K = 246 on a
-    2-core CPU (docs/results.md, Which GEMM). Elsewhere it is copied in place, as torch's optimizers update, since
-    CUDA graphs (torch.compile's mode="reduce-overhead") assume parameters keep their addresses."""
+    2-core CPU (docs/results.md, Which GEMM). Elsewhere it is copied in place, as torch's optimizers update: CUDA
+    graphs (torch.compile's mode="reduce-overhead") assume parameters keep their addresses, and a parameter in shared
+    memory (`model.share_memory()`, for training from several processes) must stay there."""
     value = value.to(param.dtype)
-    if param.device.type == "cpu" and value.device == param.device and value.is_contiguous():
+    if param.device.type == "cpu" and not param.is_shared() and value.device == param.device and value.is_contiguous():
         param.set_(value.untyped_storage(), value.storage_offset(), value.shape, value.stride())
     else:
         param.copy_(value)
