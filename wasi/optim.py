@@ -201,7 +201,7 @@ def _store(param: Tensor, value: Tensor) -> None:
     graphs (torch.compile's mode="reduce-overhead") assume parameters keep their addresses, and a parameter in shared
     memory (`model.share_memory()`, for training from several processes) must stay there."""
     value = value.to(param.dtype)
-    if param.device.type == "cpu" and not param.is_shared() and value.device == param.device and value.is_contiguous():
+    if param.device.type == "cpu" and not param.is_shared():
         param.set_(value.untyped_storage(), value.storage_offset(), value.shape, value.stride())
     else:
         param.copy_(value)
