@@ -266,3 +266,32 @@ def test_factor_product_is_f_linear_through_onednn_on_the_cpu(bias):
     x64, f64 = x.double(), torch.randn(8, 16, dtype=torch.float64)
     assert "mkldnn._linear_pointwise" not in _ops_called(lambda: factor_product(x64, f64))
     assert torch.equal(factor_product(x64, f64), nn.functional.linear(x64, f64))
+
+
+def test_factor_product_gives_onednn_dense_operands():
+    """A factor with padded rows (a column slice) and an x that is a transposed view reach oneDNN's linear as
+    dense copies (its strided paths are far slower: wasi.functional.factor_product), with F.linear's result; a
+    transposed factor, as dy L passes, goes as it is."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from wasi.functional import factor_product
+
+    if not torch._C._has_mkldnn:
+        pytest.skip("this PyTorch has no oneDNN")
+    seen: list[tuple[bool, bool, bool]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if str(func.overloadpacket) == "mkldnn._linear_pointwise":
+                x, w = args[0], args[1]
+                seen.append((x.is_contiguous(), w.is_contiguous(), w.T.is_contiguous()))
+            return func(*args, **(kwargs or {}))
+
+    padded = torch.randn(8, 20)[:, :16]  # (8, 16), rows 20 apart
+    x_t = torch.randn(16, 12).T  # (12, 16), a transposed view
+    transposed = torch.randn(16, 8).T
+    for x, factor in ((torch.randn(12, 16), padded), (x_t, torch.randn(8, 16)), (x_t, transposed)):
+        with Record():
+            out = factor_product(x, factor)
+        assert torch.allclose(out, nn.functional.linear(x, factor), atol=1e-5)
+    assert seen == [(True, True, False), (True, True, False), (True, False, True)]
