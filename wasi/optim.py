@@ -170,7 +170,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         # A = alpha · a: without a momentum buffer, R scaled by 1 − ηλ inside the products (no (K, I) temporary)
         a, alpha = (r0, 1 - lr * wd) if c is None else ((1 - lr * wd) * r0 - lr * mu * c, 1.0)
         new_l, ltl, ltg, cholesky = subspace_step(l0, a, g, p, lr, alpha)
-        new_r = (alpha * ltl) @ a  # (K, K) @ (K, I)
+        new_r = (alpha * ltl) @ a  # (K, K) @ (K, I) through MKL: oneDNN, given a transposed factor, was slower
         new_r.addmm_(ltg, p.T, alpha=-lr)
         buf = None
         if mu:  # C <- L'ᵀ D, D = ∇W + λ L R + μ L C
