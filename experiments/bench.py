@@ -76,6 +76,7 @@ CONF = CONF_DIR
 PHASES = ("forward", "backward", "optimizer", "train_step", "inference")
 REGIONS = ("wasi.tucker", "wasi.compressed_grad", "wasi.factored_update")  # record_function labels in wasi/
 TOP_OPS = 15  # ops.csv: this many (op, input shapes) pairs per variant, by self time
+SHAPED_STEP = "step (shapes recorded)"  # profile.csv: the step of the profile that ops.csv comes from
 COST = ("memory/activation_bytes", "memory/peak_bytes", "memory/weight_bytes", "flops/train_step",
         "flops/inference_per_image", "flops/inference_per_sequence", "memory/layers_activation_bytes",
         "memory/layers_weight_bytes", "flops/layers_train_step", "flops/layers_inference")
@@ -272,30 +273,47 @@ def profile_regions(built: list[tuple[Spec, Variant, DictConfig]], x: Inputs, y:
                     ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Where a training step's time goes, by torch.profiler over `reps` steps after `warmup`, one variant at a
     time (CPU time, which is wall time on CPU; with CUDA the host time). Returns two frames:
-    regions, one row per (label, region) of ("step", *REGIONS): seconds and calls per step, share = region
-    time / step time; ops, the `top` (op, input shapes) pairs of each label by self time (time inside the op
-    itself, its children excluded, so the rows never count a time twice): seconds and calls per step, share."""
+    regions, one row per (label, region) of ("step", *REGIONS, SHAPED_STEP): seconds and calls per step, share =
+    region time / step time; ops, the `top` (op, input shapes) pairs of each label by self time (time inside the op
+    itself, its children excluded, so the rows never count a time twice): seconds and calls per step, share of the
+    step they were profiled in (SHAPED_STEP).
+
+    Each variant is profiled twice: the regions without recording input shapes, the ops with them. Recording shapes
+    slows some ops far more than others, which would skew every region's share: on 2 cores of an Intel Xeon a WASI
+    ViT-B/32 step at ε = 0.8 took 3.2-3.5 s with shapes recorded, 2.0-2.3 s without and 1.95-2.0 s unprofiled,
+    the extra time almost all in the two products that write a (1600, 3072) output, with 100 000-170 000 page faults
+    per step against a few (docs/results.md, Which GEMM)."""
     from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
-    regions, ops = [], []
-    for spec, variant, cfg in built:
-        variant.model.train()
+    def profiled(variant: Variant, cfg: DictConfig, record_shapes: bool) -> profile:
         window = schedule(wait=0, warmup=warmup, active=reps, repeat=1)  # warm-up steps run but are not counted
-        with profile(activities=[ProfilerActivity.CPU], schedule=window, record_shapes=True) as prof:
+        with profile(activities=[ProfilerActivity.CPU], schedule=window, record_shapes=record_shapes) as prof:
             for _ in range(warmup + reps):
                 with record_function("step"):
                     train_step(variant.model, variant.optimizer, x, y, cfg.trainer.grad_clip,
                                autocast(cfg.hardware, device))
                 prof.step()
-        events = {e.key: e for e in prof.key_averages()}
-        seconds = {key: e.cpu_time_total / reps / 1e6 for key, e in events.items()}
-        regions += [{"label": spec.label, "region": region, "seconds": seconds.get(region, 0.0),
-                     "calls": events[region].count / reps if region in events else 0,
-                     "share": seconds.get(region, 0.0) / seconds["step"]} for region in ("step", *REGIONS)]
-        by_shape = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+        return prof
+
+    def per_step(prof: profile) -> dict[str, tuple[float, float]]:
+        return {e.key: (e.cpu_time_total / reps / 1e6, e.count / reps) for e in prof.key_averages()}
+
+    regions, ops = [], []
+    for spec, variant, cfg in built:
+        variant.model.train()
+        events = per_step(profiled(variant, cfg, record_shapes=False))
+        step = events["step"][0]
+        regions += [{"label": spec.label, "region": region, "seconds": events.get(region, (0.0, 0))[0],
+                     "calls": events.get(region, (0.0, 0))[1], "share": events.get(region, (0.0, 0))[0] / step}
+                    for region in ("step", *REGIONS)]
+        shaped = profiled(variant, cfg, record_shapes=True)
+        shaped_step = per_step(shaped)["step"][0]
+        regions.append({"label": spec.label, "region": SHAPED_STEP, "seconds": shaped_step, "calls": 1.0,
+                        "share": shaped_step / step})
+        by_shape = sorted(shaped.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
         ops += [{"label": spec.label, "op": e.key, "shapes": " ".join(str(s) for s in e.input_shapes if s),
                  "seconds": e.self_cpu_time_total / reps / 1e6, "calls": e.count / reps,
-                 "share": e.self_cpu_time_total / reps / 1e6 / seconds["step"]} for e in by_shape[:top]]
+                 "share": e.self_cpu_time_total / reps / 1e6 / shaped_step} for e in by_shape[:top]]
         log.info("profiled %s", spec.label)
     return pd.DataFrame(regions), pd.DataFrame(ops)
 
@@ -415,11 +433,13 @@ def markdown(table: pd.DataFrame, breakdown: dict[str, dict[str, int]], header: 
         what = "; before → after, before from --profile-baseline" if baseline is not None else ""
         lines += ["", f"Time per step in the library's labelled regions (torch.profiler; % of the step{what}):", "",
                   profile_table(profiled, baseline).to_markdown()]
+    shaped = {} if profiled is None else profiled[profiled.region == SHAPED_STEP].set_index("label").seconds
     for label, rows in ([] if ops is None else ops.groupby("label", sort=False)):
         shown = pd.DataFrame({"op": rows.op, "input shapes": rows.shapes, "ms per step": (1e3 * rows.seconds).round(1),
                               "calls per step": rows.calls.round(1), "% of the step": (100 * rows.share).round(1)})
-        lines += ["", f"{label}: the ops with the most self time per step (their children excluded):", "",
-                  shown.to_markdown(index=False)]
+        lines += ["", f"{label}: the ops with the most self time per step (their children excluded), from a second "
+                  f"profile that records input shapes, whose step took {1e3 * shaped[label]:.1f} ms (recording "
+                  "them slows some ops more than others):", "", shown.to_markdown(index=False)]
     return "\n".join(lines) + "\n"
 
 
