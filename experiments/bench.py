@@ -281,8 +281,8 @@ def profile_regions(built: list[tuple[Spec, Variant, DictConfig]], x: Inputs, y:
     Each variant is profiled twice: the regions without recording input shapes, the ops with them. Recording shapes
     slows some ops far more than others, which would skew every region's share: on 2 cores of an Intel Xeon a WASI
     ViT-B/32 step at ε = 0.8 took 3.2-3.5 s with shapes recorded, 2.0-2.3 s without and 1.95-2.0 s unprofiled,
-    the extra time almost all in the two products that write a (1600, 3072) output, with 100 000-170 000 page faults
-    per step against a few (docs/results.md, Which GEMM)."""
+    the extra time almost all in the two products that write a (1600, 3072) output, with 98 000-173 000 page faults
+    per step against a few (docs/results.md, "Where a WASI step spends its time")."""
     from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
     def profiled(variant: Variant, cfg: DictConfig, record_shapes: bool) -> profile:
