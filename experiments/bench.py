@@ -302,14 +302,13 @@ def profile_regions(built: list[tuple[Spec, Variant, DictConfig]], x: Inputs, y:
     for spec, variant, cfg in built:
         variant.model.train()
         events = per_step(profiled(variant, cfg, record_shapes=False))
-        step = events["step"][0]
-        regions += [{"label": spec.label, "region": region, "seconds": events.get(region, (0.0, 0))[0],
-                     "calls": events.get(region, (0.0, 0))[1], "share": events.get(region, (0.0, 0))[0] / step}
-                    for region in ("step", *REGIONS)]
         shaped = profiled(variant, cfg, record_shapes=True)
-        shaped_step = per_step(shaped)["step"][0]
-        regions.append({"label": spec.label, "region": SHAPED_STEP, "seconds": shaped_step, "calls": 1.0,
-                        "share": shaped_step / step})
+        events[SHAPED_STEP] = per_step(shaped)["step"]
+        for region in ("step", *REGIONS, SHAPED_STEP):
+            seconds, calls = events.get(region, (0.0, 0.0))
+            regions.append({"label": spec.label, "region": region, "seconds": seconds, "calls": calls,
+                            "share": seconds / events["step"][0]})
+        shaped_step = events[SHAPED_STEP][0]
         by_shape = sorted(shaped.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
         ops += [{"label": spec.label, "op": e.key, "shapes": " ".join(str(s) for s in e.input_shapes if s),
                  "seconds": e.self_cpu_time_total / reps / 1e6, "calls": e.count / reps,

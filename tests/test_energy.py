@@ -133,8 +133,8 @@ def test_jetson_ina3221_rails_as_the_authors_read_them(no_sensors, monkeypatch, 
     end, elapsed = meter.read(), time.monotonic() - t0
     total, cpu = end["soc_total"] - start["soc_total"], end["soc_cpu"] - start["soc_cpu"]
     # Both rails are integrated over the same polls, but Zeus's poller queues its running measurement while it goes
-    # on adding to it, so a read may hold one rail a poll ahead of the other (0.1 s, more on a busy machine: 0.3 J
-    # of the 3 W rail). VDD_SOC (2 W) read as soc_cpu would be 0.1 * total >= 0.9 J off.
+    # on adding to it, so a read may hold one rail a poll ahead of the other (0.1 s, 0.3 J of the 3 W rail; longer
+    # on a busy machine). VDD_SOC (2 W) read as soc_cpu would be 0.1 * total >= 0.9 J off.
     assert abs(cpu - 0.3 * total) <= 0.5
     assert 0 < total <= 10 * (elapsed + 0.5)  # 10 W; Zeus's counter lags by up to one 0.1 s poll
 
