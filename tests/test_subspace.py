@@ -168,8 +168,10 @@ def test_mode_contractions_equal_unfolding_formulas(shape):
         torch.testing.assert_close(mode_cross(x, y, mode), _ref_unfold(x, mode) @ _ref_unfold(y, mode).T)
 
 
-@pytest.mark.parametrize("ranks", [[2, 3, 2, 4], [1, 2, 4, 2], [2, 6, 3, 5]])  # Gram and two-product paths
-def test_tucker_warm_start_equals_unfolding_formula(ranks):
+@pytest.mark.parametrize("pass_cost", [0, 24, 10**6])  # 0: the multiply-adds alone choose; 10**6: Gram everywhere
+@pytest.mark.parametrize("ranks", [[2, 3, 2, 4], [1, 2, 4, 2], [2, 6, 3, 5]])
+def test_tucker_warm_start_equals_unfolding_formula(ranks, pass_cost, monkeypatch):
+    monkeypatch.setattr(wasi.subspace, "PASS_COST", pass_cost)
     shape = (3, 6, 5, 9)
     x = torch.randn(*shape, dtype=torch.float64)
     prev = [orth(torch.randn(n, r, dtype=torch.float64)) if r < n else torch.eye(n, dtype=torch.float64)
@@ -180,6 +182,25 @@ def test_tucker_warm_start_equals_unfolding_formula(ranks):
         expected = orth(xm @ (xm.T @ u_prev)) if ranks[mode] < shape[mode] else torch.eye(shape[mode], dtype=x.dtype)
         torch.testing.assert_close(u, expected, atol=1e-10, rtol=1e-8)
     torch.testing.assert_close(core, _einsum_core(x, factors))
+
+
+def test_gram_route_is_taken_where_the_pass_count_says(monkeypatch):
+    """ViT-B/32's MLP inputs at batch 32: the batch mode (n = 32) goes through its Gram matrix at the ranks of
+    eps = 0.8 (7 to 9), where it measured faster, and as two products at r = 2 (eps = 0.4), where it measured
+    slower; the token and feature modes always as two products. tucker takes the route the rule names."""
+    from wasi.subspace import gram_is_cheaper
+    assert gram_is_cheaper(32, 7, 50 * 3072) and gram_is_cheaper(32, 9, 50 * 768)
+    assert not gram_is_cheaper(32, 2, 50 * 3072) and not gram_is_cheaper(32, 2, 50 * 768)
+    assert not gram_is_cheaper(50, 4, 32 * 3072) and not gram_is_cheaper(3072, 4, 32 * 50)
+    grams: list[int] = []
+    real = wasi.subspace.mode_gram
+    monkeypatch.setattr(wasi.subspace, "mode_gram", lambda x, mode: grams.append(mode) or real(x, mode))
+    x = torch.randn(32, 50, 768)
+    for ranks, expected in [([9, 4, 8], [0]), ([2, 1, 2], [])]:
+        _, prev = tucker(x, ranks, seed=0)
+        grams.clear()
+        tucker(x, ranks, prev)
+        assert grams == expected
 
 
 def test_tucker_random_start_is_orth_of_unfolding_times_documented_gaussian():

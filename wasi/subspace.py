@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-__all__ = ["cheapest_order", "explained_variance_rank", "mode_cross", "mode_gram", "mode_product", "mode_view", "orth",
-           "project", "seeded_normal",
-           "subspace_iteration", "svd", "truncated_hosvd", "tucker", "tucker_ranks", "tucker_reconstruct", "unfold"]
+__all__ = ["cheapest_order", "explained_variance_rank", "gram_is_cheaper", "mode_cross", "mode_gram", "mode_product",
+           "mode_view", "orth", "project", "seeded_normal", "subspace_iteration", "svd", "truncated_hosvd", "tucker",
+           "tucker_ranks", "tucker_reconstruct", "unfold"]
 
 
 def orth(m: Tensor) -> Tensor:
@@ -167,6 +167,24 @@ def tucker_ranks(shape: Sequence[int], ranks: Sequence[int]) -> list[int]:
     return [min(int(r), n, total // n) for n, r in zip(shape, ranks)]
 
 
+PASS_COST = 24
+"""One pass over a tensor costs about as much as this many multiply-adds per element, for `gram_is_cheaper`.
+
+Thin products such as X_(m) (r_m columns) are bound by memory, not arithmetic: on 2-core x86 CPUs (AMD EPYC and
+Intel Xeon, AVX-512) the batch mode of ViT-B/32's MLP inputs (n = 32) was faster through its Gram matrix at
+r = 7 to 9 and slower at r = 2, which puts the cost of a pass between 18 and 28 multiply-adds per element
+(docs/results.md, "The Tucker step's first mode")."""
+
+
+def gram_is_cheaper(n: int, r: int, rest: int) -> bool:
+    """Whether mode m (n_m = n, r_m = r, rest = ∏_{j≠m} n_j) takes its warm-started step through the Gram matrix,
+    `orth((X_(m) X_(m)ᵀ) U^prev)`, rather than as `orth(X_(m) (X_(m)ᵀ U^prev))`.
+
+    Multiply-adds plus `PASS_COST` per element for each pass over x: the Gram matrix, n² rest + n² r and one
+    pass, against 2 n r rest and two passes."""
+    return n * n * rest + n * n * r + PASS_COST * n * rest <= 2 * n * r * rest + 2 * PASS_COST * n * rest
+
+
 @record_function("wasi.tucker")
 def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None,
            generator: torch.Generator | None = None, seed: int | Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
@@ -177,10 +195,11 @@ def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None
     keeps that mode of x as is), so a square factor returned here is always I.
     Otherwise mode m warm-starts from `prev[m]` when given with shape (n_m, r_m):
     `U_m = orth(X_(m) (X_(m)ᵀ U_m^prev))`, computed as `orth((X_(m) X_(m)ᵀ) U_m^prev)` when the Gram
-    matrix is cheaper (n_m < 2 r_m, about); without a usable prev (first step, or a changed shape such as
-    a smaller last batch) it starts from a Gaussian `V: (∏_{j≠m} n_j, r_m)`: `U_m = orth(X_(m) V)`, V from
-    `seeded_normal(…, seed, stream=m)` when `seed` is given (what the layers use: compile-friendly, no RNG
-    state), else drawn from `generator` (torch's default generator when None). One QR per compressed mode.
+    matrix is cheaper (`gram_is_cheaper`: one pass over x instead of two). Without a usable prev (first
+    step, or a changed shape such as a smaller last batch) it starts from a Gaussian `V: (∏_{j≠m} n_j, r_m)`:
+    `U_m = orth(X_(m) V)`, V from `seeded_normal(…, seed, stream=m)` when `seed` is given (what the layers use:
+    compile-friendly, no RNG state), else drawn from `generator` (torch's default generator when None). One QR
+    per compressed mode.
     """
     shape = tuple(x.shape)
     r_all = tucker_ranks(shape, ranks)
@@ -193,8 +212,7 @@ def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None
         u_prev = None if prev is None else prev[mode]
         if u_prev is not None and tuple(u_prev.shape) == (n, r):
             u_prev = u_prev.to(x.device, x.dtype)
-            rest = x.numel() // n
-            if n * n * rest + n * n * r <= 2 * n * r * rest:
+            if gram_is_cheaper(n, r, x.numel() // n):
                 factors.append(orth(mode_gram(x, mode) @ u_prev))
             else:
                 factors.append(orth(mode_cross(x, mode_product(x, u_prev.T, mode), mode)))
