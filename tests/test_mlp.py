@@ -65,11 +65,18 @@ def test_other_activations_equal_recompute_none(act):
 
 @pytest.mark.parametrize("variant", ["wasi", "wsi"])
 @pytest.mark.parametrize("model_name", ["vit", "swin"])
-def test_weights_after_momentum_steps_equal_recompute_none(model_name, variant):
+def test_weights_after_momentum_steps_equal_recompute_none(model_name, variant, monkeypatch):
+    """From the second step on, WASI's fused MLP takes the output projection's Tucker product a U^prev of the
+    feature mode in its forward product (wasi.functional.linear_forward_with); WSI keeps no Tucker factors."""
     none, mlp = _pair(model_name, **VARIANTS[variant])
     data = batches(MODELS[model_name][1])
+    widened = []
+    real = wasi.mlp.linear_forward_with
+    monkeypatch.setattr(wasi.mlp, "linear_forward_with", lambda *a: widened.append(a[2].shape) or real(*a))
     for m in (none, mlp):
         train(m, data)
+    n_mlps = sum(is_fused(m) for m in mlp.modules())
+    assert len(widened) == (n_mlps * (len(data) - 1) if variant == "wasi" else 0)
     expected, got = none.state_dict(), mlp.state_dict()
     assert got.keys() == expected.keys()
     for k in expected:

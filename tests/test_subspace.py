@@ -203,6 +203,30 @@ def test_gram_route_is_taken_where_the_pass_count_says(monkeypatch):
         assert grams == expected
 
 
+def test_tucker_takes_the_last_modes_product_from_the_caller():
+    """`last` = x ×_d U_d^prevᵀ for the U_d^prev that last_mode_warm_start names: the same decomposition, the
+    given product used (a wrong one changes the factor). Refused where the last mode has no two-product step."""
+    from wasi.subspace import last_mode_warm_start, mode_product
+    x = torch.randn(4, 6, 40, dtype=torch.float64)
+    ranks = [2, 3, 4]
+    _, prev = tucker(x, ranks, seed=0)
+    u_prev = last_mode_warm_start(x.shape, ranks, prev)
+    assert u_prev is prev[2]
+    last = mode_product(x, u_prev.T, 2)
+    core, factors = tucker(x, ranks, prev)
+    core_l, factors_l = tucker(x, ranks, prev, last=last)
+    torch.testing.assert_close(core_l, core)
+    for u, v in zip(factors_l, factors):
+        torch.testing.assert_close(u, v)
+    assert not torch.allclose(tucker(x, ranks, prev, last=2 * last + 1)[1][2], factors[2])
+    assert last_mode_warm_start(x.shape, ranks, None) is None  # the first step: a Gaussian start
+    assert last_mode_warm_start(x.shape, [2, 3, 40], prev) is None  # a full-rank mode keeps I
+    assert last_mode_warm_start((4, 6, 5), [2, 3, 4], [orth(torch.randn(n, r)) for n, r in [(4, 2), (6, 3), (5, 4)]]
+                                ) is None  # n = 5 ≤ 2 r + PASS_COST: the Gram route, one pass already
+    with pytest.raises(ValueError, match="last_mode_warm_start"):
+        tucker(x, ranks, None, seed=0, last=last)
+
+
 def test_tucker_random_start_is_orth_of_unfolding_times_documented_gaussian():
     """V: the Gaussian drawn from the generator in x's layout with mode m of size r_m, i.e. V_(m)ᵀ."""
     shape, ranks = (3, 6, 5, 9), [2, 6, 3, 4]

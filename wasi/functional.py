@@ -25,7 +25,8 @@ from torch.profiler import record_function
 from wasi.subspace import cheapest_order, mode_product
 
 __all__ = ["LinearParams", "SubspaceLinearFn", "bias_grad", "compute_dtype", "dense_weight_grad", "factor_product",
-           "factored_carriers", "input_grad", "linear_forward", "tucker_weight_grad", "weight_grad"]
+           "factored_carriers", "input_grad", "linear_forward", "linear_forward_with",
+           "tucker_weight_grad", "weight_grad"]
 
 
 def factored_carriers(r: int, out_features: int, in_features: int, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -100,6 +101,20 @@ def linear_forward(x: Tensor, p: LinearParams) -> tuple[Tensor, Tensor | None]:
         assert p.R is not None
         u = factor_product(x, p.R.to(dtype))
         return factor_product(u, p.L.to(dtype), b), u
+
+
+def linear_forward_with(x: Tensor, p: LinearParams, extra: Tensor) -> tuple[Tensor, Tensor]:
+    """y = (x Rᵀ) Lᵀ + b of a low-rank weight, and x extraᵀ from the same product: x [R; extra]ᵀ, one pass over x.
+
+    x: (…, I), extra: (m, I) -> y: (…, O), x extraᵀ: (…, m) (a column slice of the product, not contiguous).
+    The fused MLP's output projection takes its Tucker step's feature-mode product a U^prev this way."""
+    assert p.L is not None and p.R is not None
+    dtype = x.dtype
+    b = None if p.bias is None else p.bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        both = factor_product(x, torch.cat([p.R.to(dtype), extra.to(dtype)]))
+        u, z = both.split([p.R.shape[0], extra.shape[0]], -1)
+        return factor_product(u, p.L.to(dtype), b), z
 
 
 def factor_product(x: Tensor, factor: Tensor, bias: Tensor | None = None) -> Tensor:

@@ -24,7 +24,7 @@ from wasi.config import WEIGHT_UPDATES
 from wasi.functional import SubspaceLinearFn, compute_dtype, factored_carriers
 from wasi.guard import register_factors
 from wasi.recompute import active_record
-from wasi.subspace import explained_variance_rank, svd, tucker, tucker_ranks
+from wasi.subspace import explained_variance_rank, last_mode_warm_start, svd, tucker, tucker_ranks
 
 __all__ = ["WEIGHT_UPDATES", "ASILinear", "WASILinear", "WSILinear", "low_rank_factors", "track_token_grid",
            "untrack_token_grid"]
@@ -127,9 +127,19 @@ class _SubspaceLinear(nn.Module, ABC):
             return None
         return record[0].take(self)
 
-    def _tucker(self, x: Tensor) -> tuple[Tensor | None, list[Tensor]]:
+    def feature_warm_start(self, shape: Sequence[int]) -> Tensor | None:
+        """U^prev: (I, r) of the feature mode when the next Tucker step of an input of `shape` (…, I) takes that
+        mode as two products (`wasi.subspace.last_mode_warm_start`); x U^prev may then be passed to `_tucker`."""
+        if self.act_ranks is None:
+            return None
+        if self.token_grid is not None:
+            shape = (shape[0], *self.token_grid, shape[-1])
+        return last_mode_warm_start(shape, self.act_ranks, self._factors)
+
+    def _tucker(self, x: Tensor, last: Tensor | None = None) -> tuple[Tensor | None, list[Tensor]]:
         """The Tucker step of `_compress` with no side effect (it reads the warm start, changes nothing), so it may
-        run inside an autograd Function's forward under torch.compile; (None, []) when x is saved dense."""
+        run inside an autograd Function's forward under torch.compile; (None, []) when x is saved dense. `last`:
+        x U^prev (…, r) for the U^prev that `feature_warm_start` gave, taken by the caller in its own pass over x."""
         if self.act_ranks is None:
             return None, []
         xt = grid_view(x, self.token_grid)
@@ -139,7 +149,8 @@ class _SubspaceLinear(nn.Module, ABC):
                              f"its input of shape {tuple(xt.shape)} as {layout}; give one rank per mode "
                              f"({xt.dim()} ranks), e.g. ranks={[8] * xt.dim()}, or use epsilon_act")
         with torch.no_grad():
-            return tucker(xt.detach(), self.act_ranks, self._factors, seed=self._seed)
+            last = None if last is None else grid_view(last, self.token_grid).detach()
+            return tucker(xt.detach(), self.act_ranks, self._factors, seed=self._seed, last=last)
 
     def _remember(self, input_bytes: int, core: Tensor | None, factors: list[Tensor]) -> None:
         """The side effects of `_compress`: the next step's warm start, the memory report of this forward (its

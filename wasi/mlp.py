@@ -35,6 +35,7 @@ from wasi.functional import (
     factor_product,
     input_grad,
     linear_forward,
+    linear_forward_with,
     weight_grad,
 )
 from wasi.layers import WSILinear
@@ -334,13 +335,21 @@ class _FusedMlpFn(torch.autograd.Function):
             a = plan.form.combine(plan.module, hs, inplace=True)
         del hs
         core_o: Tensor | None
+        # a U^prev of the output projection's Tucker step (feature mode), taken in the product that reads a anyway;
+        # not in bf16/fp16, where the wider product rounds differently from the layer's own (recompute=none) run
+        exact = a.dtype in (torch.float32, torch.float64)
+        warm = plan.layers[n].feature_warm_start(a.shape) if exact and len(counts) == n else None
+        last = None
+        if warm is None:
+            y, _ = linear_forward(a, ps[-1])
+        else:
+            y, last = linear_forward_with(a, ps[-1], warm.T)
         if len(counts) > n:
             core_o, factors_o = (given[0], given[1:]) if given else (None, [])
             out: list[Tensor] = []
         else:
-            core_o, factors_o = plan.layers[n]._tucker(a)
+            core_o, factors_o = plan.layers[n]._tucker(a, last)
             out = [] if core_o is None else [core_o, *factors_o]
-        y, _ = linear_forward(a, ps[-1])
         if core_o is not None:
             saved += [core_o, *factors_o]
         ctx.save_for_backward(*saved)

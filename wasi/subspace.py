@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 from torch.profiler import record_function
 
-__all__ = ["cheapest_order", "explained_variance_rank", "gram_is_cheaper", "mode_cross", "mode_gram", "mode_product",
-           "mode_view", "orth", "project", "seeded_normal", "subspace_iteration", "svd", "truncated_hosvd", "tucker",
-           "tucker_ranks", "tucker_reconstruct", "unfold"]
+__all__ = ["cheapest_order", "explained_variance_rank", "gram_is_cheaper", "last_mode_warm_start", "mode_cross",
+           "mode_gram", "mode_product", "mode_view", "orth", "project", "seeded_normal", "subspace_iteration", "svd",
+           "truncated_hosvd", "tucker", "tucker_ranks", "tucker_reconstruct", "unfold"]
 
 
 def orth(m: Tensor) -> Tensor:
@@ -185,9 +185,22 @@ def gram_is_cheaper(n: int, r: int, rest: int) -> bool:
     return n * n * rest + n * n * r + PASS_COST * n * rest <= 2 * n * r * rest + 2 * PASS_COST * n * rest
 
 
+def last_mode_warm_start(shape: Sequence[int], ranks: Sequence[int], prev: Sequence[Tensor] | None) -> Tensor | None:
+    """U_d^prev: (n_d, r_d) when `tucker(x, ranks, prev)` of an x of `shape` takes its last mode's step as two
+    products, `orth(X_(d) (X_(d)ᵀ U_d^prev))`, else None. A caller that reads x anyway can then take the first,
+    `x ×_d U_d^prevᵀ` (…, r_d), in the same pass and hand it to `tucker` as `last`."""
+    d = len(shape) - 1
+    n, r = shape[d], tucker_ranks(shape, ranks)[d]
+    u_prev = None if prev is None or len(prev) != len(shape) else prev[d]
+    if r == n or u_prev is None or tuple(u_prev.shape) != (n, r) or gram_is_cheaper(n, r, math.prod(shape) // n):
+        return None
+    return u_prev
+
+
 @record_function("wasi.tucker")
 def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None,
-           generator: torch.Generator | None = None, seed: int | Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+           generator: torch.Generator | None = None, seed: int | Tensor | None = None,
+           last: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
     """Tucker decomposition of x by one subspace-iteration step per mode.
 
     x: (n_1, …, n_d) -> core (r_1, …, r_d), factors [U_m: (n_m, r_m)], r_m from `tucker_ranks`.
@@ -199,10 +212,15 @@ def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None
     step, or a changed shape such as a smaller last batch) it starts from a Gaussian `V: (∏_{j≠m} n_j, r_m)`:
     `U_m = orth(X_(m) V)`, V from `seeded_normal(…, seed, stream=m)` when `seed` is given (what the layers use:
     compile-friendly, no RNG state), else drawn from `generator` (torch's default generator when None). One QR
-    per compressed mode.
+    per compressed mode. `last`: x ×_d U_d^prevᵀ, (n_1, …, n_{d-1}, r_d), computed by the caller for
+    the U_d^prev that `last_mode_warm_start` names; the last mode's step then reads x once instead of twice.
     """
     shape = tuple(x.shape)
     r_all = tucker_ranks(shape, ranks)
+    if last is not None:
+        if last_mode_warm_start(shape, ranks, prev) is None or tuple(last.shape) != (*shape[:-1], r_all[-1]):
+            raise ValueError(f"last of shape {tuple(last.shape)} given, but the last mode of this {shape} input "
+                             f"does not take a two-product warm start of rank {r_all[-1]} (last_mode_warm_start)")
     x = x.contiguous()
     factors = []
     for mode, (n, r) in enumerate(zip(shape, r_all)):
@@ -215,7 +233,8 @@ def tucker(x: Tensor, ranks: Sequence[int], prev: Sequence[Tensor] | None = None
             if gram_is_cheaper(n, r, x.numel() // n):
                 factors.append(orth(mode_gram(x, mode) @ u_prev))
             else:
-                factors.append(orth(mode_cross(x, mode_product(x, u_prev.T, mode), mode)))
+                y = last if last is not None and mode == len(shape) - 1 else mode_product(x, u_prev.T, mode)
+                factors.append(orth(mode_cross(x, y, mode)))
         else:
             v_shape = (*shape[:mode], r, *shape[mode + 1:])  # V_(m)ᵀ: the Gaussian V laid out as x, mode m of size r
             if seed is not None:
