@@ -173,7 +173,7 @@ PASS_COST = 24
 Thin products such as X_(m) (r_m columns) are bound by memory, not arithmetic: on 2-core x86 CPUs (AMD EPYC and
 Intel Xeon, AVX-512) the batch mode of ViT-B/32's MLP inputs (n = 32) was faster through its Gram matrix at
 r = 7 to 9 and slower at r = 2, which puts the cost of a pass between 18 and 28 multiply-adds per element
-(docs/results.md, "The Tucker step's first mode")."""
+(docs/results.md, "Fewer passes in the Tucker step")."""
 
 
 def gram_is_cheaper(n: int, r: int, rest: int) -> bool:
