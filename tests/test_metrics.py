@@ -295,7 +295,9 @@ def test_compressed_layers_bytes_matches_factor_shapes():
     assert compressed_layers_bytes(nn.Linear(2, 2)) == {}
 
 
-def test_the_environment_record_names_the_commit_and_the_openmp_wait_policy(monkeypatch):
+def test_the_environment_record_names_the_commit_the_cpu_and_the_openmp_wait_policy(monkeypatch):
+    """The CPU's family and model numbers against lscpu's, an independent reading of them."""
+    import shutil
     import subprocess
 
     from experiments.measurement.environment import environment
@@ -305,5 +307,11 @@ def test_the_environment_record_names_the_commit_and_the_openmp_wait_policy(monk
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert record["code"]["commit"] == (head or None)
     assert record["machine"]["omp_wait_policy"] == "PASSIVE"
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout if shutil.which("lscpu") else ""
+    numbers = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    if "CPU family" in numbers:  # x86
+        expected = f"family {numbers['CPU family'].strip()} model {numbers['Model'].strip()}"
+        assert record["machine"]["cpu_id"] == expected
+    assert record["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     monkeypatch.delenv("OMP_WAIT_POLICY")
     assert environment()["machine"]["omp_wait_policy"] is None

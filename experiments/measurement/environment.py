@@ -30,14 +30,21 @@ def revision() -> dict[str, Any]:
 
 def environment(device: torch.device | None = None) -> dict[str, dict[str, Any]]:
     """{"code": `revision()`, "versions": Python's and each of LIBRARIES', "machine": architecture, CPU model,
-    logical CPUs, torch threads, OMP_WAIT_POLICY (None: OpenMP's default) and the device (with the GPU's name on
-    CUDA)}."""
+    its family and model numbers (x86: "family 26 model 2"; a model name such as "AMD EPYC" can stand for several
+    generations), the vector instructions torch's CPU kernels use, logical CPUs, torch threads, OMP_WAIT_POLICY
+    (None: OpenMP's default) and the device (with the GPU's name on CUDA)}."""
     versions = {"python": platform.python_version(), **{name: version(name) for name in LIBRARIES}}
     info = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith(("model name", "Model"))),
-               platform.processor())
-    machine: dict[str, Any] = {"architecture": platform.machine(), "cpu": cpu, "logical_cpus": os.cpu_count(),
-                               "torch_threads": torch.get_num_threads(),
+
+    def field(*names: str) -> str | None:
+        return next((line.split(":", 1)[1].strip() for line in info if line.split(":", 1)[0].strip() in names), None)
+
+    cpu = field("model name", "Model") or platform.processor()
+    family, model = field("cpu family"), field("model")
+    machine: dict[str, Any] = {"architecture": platform.machine(), "cpu": cpu,
+                               "cpu_id": None if family is None else f"family {family} model {model}",
+                               "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                               "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if device is not None:
         machine["device"] = str(device)
