@@ -170,10 +170,10 @@ def tucker_ranks(shape: Sequence[int], ranks: Sequence[int]) -> list[int]:
 PASS_COST = 24
 """One pass over a tensor costs about as much as this many multiply-adds per element, for `gram_is_cheaper`.
 
-Thin products such as X_(m) (r_m columns) are bound by memory, not arithmetic: on 2-core x86 CPUs (AMD EPYC and
-Intel Xeon, AVX-512) the batch mode of ViT-B/32's MLP inputs (n = 32) was faster through its Gram matrix at
-r = 7 to 9 and slower at r = 2, which puts the cost of a pass between 18 and 28 multiply-adds per element
-(docs/results.md, "Fewer passes in the Tucker step")."""
+Thin products such as X_(m) U (r_m columns) are bound by memory, not arithmetic. The batch mode of ViT-B/32's MLP
+inputs (n = 32) was faster through its Gram matrix at r = 7 to 9 on 2-core x86 CPUs (an AMD EPYC and an Intel
+Xeon, AVX-512) and slower at r = 2 (the EPYC), which puts the cost of a pass between 18 and 28 multiply-adds per
+element (docs/results.md, "Fewer passes in the Tucker step")."""
 
 
 def gram_is_cheaper(n: int, r: int, rest: int) -> bool:
