@@ -105,9 +105,11 @@ class _SubspaceLinear(nn.Module, ABC):
         ∏ shape[:-1] when x is saved dense."""
         if self.act_ranks is None:
             return math.prod(shape[:-1])
-        if self.token_grid is not None:
-            shape = (shape[0], *self.token_grid, shape[-1])
-        return tucker_ranks(shape, self.act_ranks)[-1]
+        return tucker_ranks(self._compressed_shape(shape), self.act_ranks)[-1]
+
+    def _compressed_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The shape the Tucker step sees for an input of `shape` (…, I): (B, H, W, I) under a token grid."""
+        return tuple(shape) if self.token_grid is None else (shape[0], *self.token_grid, shape[-1])
 
     def _compress(self, x: Tensor) -> tuple[Tensor | None, list[Tensor]]:
         """What the backward keeps of the input x: (…, I): (None, []) when x is saved dense, else the Tucker core
@@ -132,9 +134,7 @@ class _SubspaceLinear(nn.Module, ABC):
         mode as two products (`wasi.subspace.last_mode_warm_start`); x U^prev may then be passed to `_tucker`."""
         if self.act_ranks is None:
             return None
-        if self.token_grid is not None:
-            shape = (shape[0], *self.token_grid, shape[-1])
-        return last_mode_warm_start(shape, self.act_ranks, self._factors)
+        return last_mode_warm_start(self._compressed_shape(shape), self.act_ranks, self._factors)
 
     def _tucker(self, x: Tensor, last: Tensor | None = None) -> tuple[Tensor | None, list[Tensor]]:
         """The Tucker step of `_compress` with no side effect (it reads the warm start, changes nothing), so it may
