@@ -435,3 +435,91 @@ def test_factors_in_shared_memory_are_updated_in_place():
     _train(model, SubspaceSGD(model, 0.1), _batches(1))
     assert [t.data_ptr() for t in (model.fc1.L, model.fc1.R)] == ptrs and model.fc1.L.is_shared()
     assert not torch.equal(model.fc1.L, before)
+
+
+def test_next_row_gram_is_the_gram_of_the_new_r():
+    """R' R'ᵀ from A Aᵀ and small products, for R' = M A − η N Pᵀ (float64, exact up to rounding)."""
+    from wasi.optim import next_row_gram
+    g = torch.Generator().manual_seed(0)
+    k, i, r, lr = 5, 40, 3, 0.3
+    m, a, n, p = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((k, k), (k, i), (k, r), (i, r)))
+    new_r = m @ a - lr * n @ p.T
+    carried = next_row_gram(a @ a.T, m, n, a @ p, p.T @ p, lr)
+    torch.testing.assert_close(carried, new_r @ new_r.T, atol=1e-12, rtol=1e-12)
+
+
+class WideNet(Net):
+    """As Net with a 64-wide hidden layer: fc2's R is (K, 64), so it keeps R Rᵀ (`keeps_row_gram`)."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.fc1, self.fc2, self.head = nn.Linear(I, 64), nn.Linear(64, I), nn.Linear(I, C)
+
+
+def _wide_wasi(seed=0) -> Net:
+    torch.manual_seed(seed)
+    return _convert(WideNet(), lambda l: WASILinear.from_linear(l, 0.7, [2, 3, 4]))
+
+
+def test_kept_row_gram_steps_equal_steps_that_form_it(monkeypatch):
+    """Steps that carry R Rᵀ over (`next_row_gram`) take the weights the steps forming it afresh take, to float
+    rounding, over 10 steps with weight decay and a refresh every 4th; the kept Gram stays R Rᵀ."""
+    import wasi.optim
+    monkeypatch.setattr(wasi.optim, "ROW_GRAM_REFRESH_EVERY", 4)
+    kept, formed, batches = _wide_wasi(), _wide_wasi(), _batches(10)
+    assert wasi.optim.keeps_row_gram(*kept.fc2.R.shape) and not wasi.optim.keeps_row_gram(*kept.fc1.R.shape)
+    opt = SubspaceSGD(kept, 0.05, weight_decay=0.01)
+    for batch in batches:
+        _train(kept, opt, [batch])
+        gram = opt.state[kept.fc2.R]["row_gram"]
+        torch.testing.assert_close(gram, kept.fc2.R @ kept.fc2.R.T, atol=1e-5, rtol=1e-5)
+    assert "row_gram" not in opt.state[kept.fc1.R]
+    monkeypatch.setattr(wasi.optim, "keeps_row_gram", lambda k, i: False)
+    _train(formed, SubspaceSGD(formed, 0.05, weight_decay=0.01), batches)
+    for name in ("fc1", "fc2"):
+        a, b = getattr(kept, name), getattr(formed, name)
+        torch.testing.assert_close(a.L @ a.R, b.L @ b.R, atol=1e-6, rtol=1e-5)
+
+
+def test_row_gram_is_formed_afresh_when_due_or_when_r_changed(monkeypatch):
+    """A kept Gram that is wrong is never used at a refresh step (every step here), nor after R changed in place:
+    both steps equal, bit for bit, those of an optimizer that always forms R Rᵀ."""
+    import wasi.optim
+    fresh_rule = lambda k, i: False  # noqa: E731
+    for refresh_every, edit in ((1, False), (100, True)):
+        monkeypatch.setattr(wasi.optim, "ROW_GRAM_REFRESH_EVERY", refresh_every)
+        monkeypatch.setattr(wasi.optim, "next_row_gram", lambda gram, *args: torch.zeros_like(gram))
+        kept, formed = _wide_wasi(), _wide_wasi()
+        opts = [SubspaceSGD(m, 0.05, weight_decay=0.01) for m in (kept, formed)]
+        for batch in _batches(3):
+            for model, opt, rule in ((kept, opts[0], wasi.optim.keeps_row_gram), (formed, opts[1], fresh_rule)):
+                with monkeypatch.context() as m:
+                    if rule is fresh_rule:
+                        m.setattr(wasi.optim, "keeps_row_gram", rule)
+                    if edit:
+                        with torch.no_grad():
+                            model.fc2.R.mul_(1.5)
+                    _train(model, opt, [batch])
+            assert torch.equal(kept.fc2.R, formed.fc2.R) and torch.equal(kept.fc2.L, formed.fc2.L)
+
+
+def test_kept_row_gram_follows_a_resumed_optimizer():
+    """An optimizer loaded from `state_dict()` (model first) carries on with the kept Gram and the refresh count:
+    bit for bit the weights of the uninterrupted one."""
+    model, batches = _wide_wasi(), _batches(6)
+    opt = SubspaceSGD(model, 0.05, weight_decay=0.01)
+    _train(model, opt, batches[:3])
+    resumed = copy.deepcopy(model)
+    resumed_opt = SubspaceSGD(resumed, 0.05, weight_decay=0.01)
+    resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert "row_gram" in resumed_opt.state[resumed.fc2.R]
+    _train(model, opt, batches[3:])
+    _train(resumed, resumed_opt, batches[3:])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+
+
+def test_momentum_keeps_no_row_gram():
+    model = _wide_wasi()
+    opt = SubspaceSGD(model, 0.05, momentum=0.9)
+    _train(model, opt, _batches(2))
+    assert all("row_gram" not in opt.state[layer.R] for layer in (model.fc1, model.fc2))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -13,12 +14,20 @@ from wasi.layers import WSILinear, low_rank_factors
 from wasi.model import factored_layers
 from wasi.subspace import orth
 
-__all__ = ["SubspaceSGD", "clip_grad_norm_", "factored_sq_norm", "reorthonormalise", "subspace_step"]
+__all__ = ["SubspaceSGD", "clip_grad_norm_", "factored_sq_norm", "keeps_row_gram", "next_row_gram",
+           "reorthonormalise", "subspace_step"]
 
 CHOLESKY_MIN_PIVOT = 1e-5  # smallest T_ii / largest T_ii (about 1/κ(W'Q)) for the float64 Cholesky-QR, whose
 # orthogonality error grows as ε₆₄ κ²: up to about 1e-6 here; below it, Householder QR
 ORTH_TOL = 1e-5  # largest |‖L[:, j]‖² − 1| the Cholesky-QR steps may accumulate before L is re-orthonormalised
 DRIFT_CHECK_EVERY = 16  # Cholesky-QR steps of a layer between two checks of its column norms
+ROW_GRAM_REFRESH_EVERY = 16  # steps of a layer between two exact recomputations of the R Rᵀ it keeps
+
+
+def keeps_row_gram(k: int, i: int) -> bool:
+    """Whether a momentum-free layer with R: (K, I) keeps R Rᵀ from step to step: carrying it over,
+    H' = M H Mᵀ + low-rank terms, costs two K×K×K products against K×I×K for R Rᵀ afresh."""
+    return 4 * k <= i
 
 
 def factored_sq_norm(g: Tensor, p: Tensor) -> Tensor:
@@ -81,7 +90,9 @@ class SubspaceSGD(torch.optim.Optimizer):
     subspace is dropped. With μ = 0 these are the formulas of docs/method.md, Factored update, verbatim.
     `subspace_step` takes orth by a Cholesky-QR in the coordinates of [L, G] (two (O, K)-sized products in
     all; Householder QR when that is ill-conditioned or r > K), and every DRIFT_CHECK_EVERY such steps
-    `reorthonormalise` restores LᵀL = I if rounding has moved it by more than ORTH_TOL.
+    `reorthonormalise` restores LᵀL = I if rounding has moved it by more than ORTH_TOL. Without momentum, a layer
+    with `keeps_row_gram` keeps R Rᵀ as state["row_gram"] of R and carries it to the next step (`next_row_gram`)
+    instead of forming it, afresh every ROW_GRAM_REFRESH_EVERY steps and after R changed outside the optimizer.
 
     Dense-weight layers (weight_update="reference" or "svd"): the dense `weight` takes the plain SGD
     step W' = (1-ηλ) W − η ∇W (dense momentum buffer included), then "reference": Q = W'ᵀ L,
@@ -117,6 +128,7 @@ class SubspaceSGD(torch.optim.Optimizer):
         groups = ([{"params": plain}] if plain else []) + [
             {"params": [l.L, l.R], "layer": i} for i, l in enumerate(self._factored)]
         super().__init__(groups, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "layer": None})
+        self._row_gram_versions: dict[Tensor, int] = {}  # R -> its version counter when its row_gram was kept
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]
@@ -169,20 +181,51 @@ class SubspaceSGD(torch.optim.Optimizer):
         c = state.get("momentum_buffer")
         # A = alpha · a: without a momentum buffer, R scaled by 1 − ηλ inside the products (no (K, I) temporary)
         a, alpha = (r0, 1 - lr * wd) if c is None else ((1 - lr * wd) * r0 - lr * mu * c, 1.0)
-        new_l, ltl, ltg, cholesky = subspace_step(l0, a, g, p, lr, alpha)
-        new_r = (alpha * ltl) @ a  # (K, K) @ (K, I) through MKL: oneDNN, given a transposed factor, was slower
+        keep = c is None and mu == 0 and R.dtype == work and keeps_row_gram(*R.shape)  # then a = R
+        gram = self._row_gram(R, r0, group) if keep else None
+        step = _subspace_step(l0, a, g, p, lr, alpha, gram)
+        new_l, ltl, ltg, cholesky = step.L, step.ltl, step.ltg, step.cholesky
+        m = alpha * ltl
+        new_r = m @ a  # (K, K) @ (K, I) through MKL: oneDNN, given a transposed factor, was slower
         new_r.addmm_(ltg, p.T, alpha=-lr)
+        state.pop("row_gram", None)
+        if gram is not None and step.ap is not None and step.ptp is not None:
+            state["row_gram"] = next_row_gram(gram, m, ltg, step.ap, step.ptp, lr)
         buf = None
         if mu:  # C <- L'ᵀ D, D = ∇W + λ L R + μ L C
             buf = ltl @ (wd * r0 if c is None else wd * r0 + mu * c)
             buf.addmm_(ltg, p.T)
         if cholesky and self._drift_check_due(group):
+            kept = new_r
             new_l, new_r, buf = reorthonormalise(new_l, new_r, buf)
+            if new_r is not kept:
+                state.pop("row_gram", None)
         if buf is not None:
             state["momentum_buffer"] = buf
         _store(R, new_r)
         _store(L, new_l)
+        if "row_gram" in state:
+            self._row_gram_versions[R] = R._version
         layer.factored_grad_stale = True
+
+    def _row_gram(self, R: Tensor, r0: Tensor, group: dict) -> Tensor:
+        """R Rᵀ: (K, K) for the step of R (r0: R in the working dtype). The one the last step kept (`row_gram` in
+        R's optimizer state), or formed afresh: every ROW_GRAM_REFRESH_EVERY-th step of the layer (rounding
+        accumulates in the kept one; the count is kept in its param group, so a resumed run refreshes at the
+        same steps), when none is kept, and when R has changed since the step that kept it (its version counter
+        moved: an in-place edit, a `load_state_dict` of the model after the optimizer's)."""
+        n = group.get("row_gram_steps", 0)
+        group["row_gram_steps"] = (n + 1) % ROW_GRAM_REFRESH_EVERY
+        kept = self.state[R].get("row_gram")
+        if kept is None or n == 0 or self._row_gram_versions.get(R) != R._version:
+            return factor_product(r0, r0)
+        return kept
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, and the kept R Rᵀ of each layer is taken to belong to its R as it is now: load the model's
+        weights first (as experiments.training.checkpoint does); R changed after this is caught by its version."""
+        super().load_state_dict(state_dict)
+        self._row_gram_versions = {l.R: l.R._version for l in self._factored if "row_gram" in self.state[l.R]}
 
     @staticmethod
     def _drift_check_due(group: dict) -> bool:
@@ -207,8 +250,17 @@ def _store(param: Tensor, value: Tensor) -> None:
         param.copy_(value)
 
 
-def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: float = 1.0
-                  ) -> tuple[Tensor, Tensor, Tensor, bool]:
+class _Step(NamedTuple):
+    L: Tensor  # L' (O, K)
+    ltl: Tensor  # L'ᵀL (K, K)
+    ltg: Tensor  # L'ᵀG (K, r)
+    cholesky: bool
+    ap: Tensor | None  # A P (K, r), when the step formed it (r ≤ K)
+    ptp: Tensor | None  # Pᵀ P (r, r), likewise
+
+
+def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: float = 1.0,
+                  gram: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, bool]:
     """One warm-started subspace-iteration step for W' = L A − η G Pᵀ without any (O, I) tensor.
 
     L: (O, K) orthonormal, A: (K, I) (the step's A is `scale` · A, so a decayed R needs no scaled copy), G: (O, r),
@@ -226,16 +278,24 @@ def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: 
     (`reorthonormalise`). When r > K (a dense saved input: one column per token), or when the Gram is not
     numerically positive definite (W'Q rank-deficient, min Tᵢᵢ < CHOLESKY_MIN_PIVOT · max Tᵢᵢ), W'Q is formed
     and orthonormalised by Householder QR instead; for r > K, X and Y come from Q (no (r, r) product PᵀP).
+    gram: A Aᵀ (K, K) when the caller has it (`next_row_gram`), else it is formed (r ≤ K).
     """
+    return _subspace_step(L, A, G, P, lr, scale, gram)[:4]  # type: ignore[return-value]
+
+
+def _subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: float = 1.0,
+                   gram: Tensor | None = None) -> _Step:
+    """`subspace_step`, with the A P and PᵀP it formed (for `next_row_gram`)."""
     k, r = L.shape[1], G.shape[1]
     c = (G.T @ L).T  # skinny products with r first: 2-3x faster on a 2-core CPU than L.T @ G, A @ P (ViT-B/32 shapes)
     if r > k:  # X, Y through Q itself: (PᵀP) would be an (r, r) product, r·r·I multiply-adds
         q = torch.addmm(A.T, P, c.T, beta=scale, alpha=-lr)
         x, y = scale * (A @ q), P.T @ q
     else:
-        ap = (P.T @ A.T).T
-        x = torch.addmm(factor_product(A, A), ap, c.T, beta=scale * scale, alpha=-lr * scale)  # A Aᵀ
-        y = torch.addmm(ap.T, P.T @ P, c.T, beta=scale, alpha=-lr)
+        ap, ptp = (P.T @ A.T).T, P.T @ P
+        x = torch.addmm(factor_product(A, A) if gram is None else gram, ap, c.T, beta=scale * scale,
+                        alpha=-lr * scale)
+        y = torch.addmm(ap.T, ptp, c.T, beta=scale, alpha=-lr)
         xd, yd, cd, sd = x.double(), y.double(), c.double(), (G.T @ G).double()
         # Gram = Xᵀ(X − η C Y) + Yᵀ(η² S Y − η Cᵀ X): one (K, K, K) product and two of inner size r
         u = torch.addmm(xd, cd, yd, alpha=-lr)
@@ -249,11 +309,19 @@ def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: 
             new_l.addmm_(G, yt.to(L.dtype), alpha=-lr)
             ltl = torch.addmm(xt, cd, yt, alpha=-lr).T.to(L.dtype)
             ltg = torch.addmm(xt.T @ cd, yt.T, sd, alpha=-lr).to(L.dtype)
-            return new_l, ltl, ltg, True
+            return _Step(new_l, ltl, ltg, True, ap, ptp)
     wq = L @ x  # W'Q, orthonormalised by Householder QR
     wq.addmm_(G, y, alpha=-lr)
     new_l = orth(wq)
-    return new_l, new_l.T @ L, new_l.T @ G, False
+    return _Step(new_l, new_l.T @ L, new_l.T @ G, False, None, None)
+
+
+def next_row_gram(gram: Tensor, m: Tensor, n: Tensor, ap: Tensor, ptp: Tensor, lr: float) -> Tensor:
+    """R' R'ᵀ for R' = M A − η N Pᵀ without R': gram = A Aᵀ (K, K), m = M (K, K), n = N (K, r), ap = A P (K, r),
+    ptp = Pᵀ P (r, r) -> M (A Aᵀ) Mᵀ − η (F Nᵀ + N Fᵀ) with F = M (A P) − (η/2) N (Pᵀ P): (K, K)."""
+    f = torch.addmm(m @ ap, n, ptp, alpha=-lr / 2)
+    h = (m @ gram) @ m.T
+    return h.addmm_(f, n.T, alpha=-lr).addmm_(n, f.T, alpha=-lr)
 
 
 def reorthonormalise(L: Tensor, R: Tensor, momentum: Tensor | None, tol: float = ORTH_TOL
