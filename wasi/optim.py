@@ -196,9 +196,9 @@ class SubspaceSGD(torch.optim.Optimizer):
             buf = ltl @ (wd * r0 if c is None else wd * r0 + mu * c)
             buf.addmm_(ltg, p.T)
         if cholesky and self._drift_check_due(group):
-            kept = new_r
+            before = new_r
             new_l, new_r, buf = reorthonormalise(new_l, new_r, buf)
-            if new_r is not kept:
+            if new_r is not before:  # R ← T R: the carried R Rᵀ no longer holds
                 state.pop("row_gram", None)
         if buf is not None:
             state["momentum_buffer"] = buf
@@ -280,7 +280,8 @@ def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: 
     and orthonormalised by Householder QR instead; for r > K, X and Y come from Q (no (r, r) product PᵀP).
     gram: A Aᵀ (K, K) when the caller has it (`next_row_gram`), else it is formed (r ≤ K).
     """
-    return _subspace_step(L, A, G, P, lr, scale, gram)[:4]  # type: ignore[return-value]
+    step = _subspace_step(L, A, G, P, lr, scale, gram)
+    return step.L, step.ltl, step.ltg, step.cholesky
 
 
 def _subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: float = 1.0,
