@@ -523,3 +523,20 @@ def test_momentum_keeps_no_row_gram():
     opt = SubspaceSGD(model, 0.05, momentum=0.9)
     _train(model, opt, _batches(2))
     assert all("row_gram" not in opt.state[layer.R] for layer in (model.fc1, model.fc2))
+
+
+def test_re_orthonormalisation_drops_the_kept_row_gram(monkeypatch):
+    """R ← T R when L is re-orthonormalised: that step keeps no R Rᵀ, and the next forms it afresh."""
+    import wasi.optim
+    monkeypatch.setattr(wasi.optim, "DRIFT_CHECK_EVERY", 1)
+    model, batches = _wide_wasi(), _batches(3)
+    opt = SubspaceSGD(model, 0.05, weight_decay=0.01)
+    _train(model, opt, batches[:1])
+    assert "row_gram" in opt.state[model.fc2.R]
+    with torch.no_grad():
+        model.fc2.L.mul_(1 + 1e-3)  # drifted columns: the next step's check re-orthonormalises
+    _train(model, opt, batches[1:2])
+    torch.testing.assert_close(model.fc2.L.T @ model.fc2.L, torch.eye(model.fc2.rank), atol=1e-6, rtol=0)
+    assert "row_gram" not in opt.state[model.fc2.R]
+    _train(model, opt, batches[2:])
+    torch.testing.assert_close(opt.state[model.fc2.R]["row_gram"], model.fc2.R @ model.fc2.R.T, atol=1e-5, rtol=1e-5)
