@@ -259,8 +259,8 @@ class _Step(NamedTuple):
     ptp: Tensor | None  # Pᵀ P (r, r), likewise
 
 
-def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: float = 1.0,
-                  gram: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, bool]:
+def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: float = 1.0
+                  ) -> tuple[Tensor, Tensor, Tensor, bool]:
     """One warm-started subspace-iteration step for W' = L A − η G Pᵀ without any (O, I) tensor.
 
     L: (O, K) orthonormal, A: (K, I) (the step's A is `scale` · A, so a decayed R needs no scaled copy), G: (O, r),
@@ -278,15 +278,15 @@ def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: 
     (`reorthonormalise`). When r > K (a dense saved input: one column per token), or when the Gram is not
     numerically positive definite (W'Q rank-deficient, min Tᵢᵢ < CHOLESKY_MIN_PIVOT · max Tᵢᵢ), W'Q is formed
     and orthonormalised by Householder QR instead; for r > K, X and Y come from Q (no (r, r) product PᵀP).
-    gram: A Aᵀ (K, K) when the caller has it (`next_row_gram`), else it is formed (r ≤ K).
     """
-    step = _subspace_step(L, A, G, P, lr, scale, gram)
+    step = _subspace_step(L, A, G, P, lr, scale)
     return step.L, step.ltl, step.ltg, step.cholesky
 
 
 def _subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: float = 1.0,
                    gram: Tensor | None = None) -> _Step:
-    """`subspace_step`, with the A P and PᵀP it formed (for `next_row_gram`)."""
+    """`subspace_step`, taking A Aᵀ (K, K) as `gram` when the caller keeps it (else it is formed, r ≤ K), and
+    returning the A P and PᵀP it formed (for `next_row_gram`)."""
     k, r = L.shape[1], G.shape[1]
     c = (G.T @ L).T  # skinny products with r first: 2-3x faster on a 2-core CPU than L.T @ G, A @ P (ViT-B/32 shapes)
     if r > k:  # X, Y through Q itself: (PᵀP) would be an (r, r) product, r·r·I multiply-adds
