@@ -120,6 +120,8 @@ def test_methods_instantiate(make_cfg, method):
     (["method=wasi", "method.targets=all"], "method.targets=all: must be one of mlp, mlp+attn. "
      "Fix: method.targets=mlp"),
     (["method=wasi", "method.recompute=all"], "method.recompute=all: must be one of none, mlp, attn, block"),
+    (["method=wasi", "method.basis=householder"], "method.basis=householder: must be one of qr, nearest. "
+     "Fix: method.basis=qr"),
     (["method=asi", "method.recompute=mlp"], "method.recompute=mlp: recomputes fc1's output from the low-rank x Rᵀ"),
     (["method=wasi", "method.target_modules=[]"], "method.target_modules=[]: names no module"),
     (["method=wasi", "method.budget_mib=-4"], "method.budget_mib=-4.0: must be a number > 0"),

@@ -4,6 +4,7 @@ import functools
 import logging
 import math
 
+import hydra
 import pytest
 import torch
 from torch import nn
@@ -180,6 +181,15 @@ def test_subspace_options_are_wasi_configs_fields():
         Subspace(name="wasi", epsilon=2.0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'epsilonn'"):
         Subspace(name="wasi", epsilonn=0.5)
+
+
+@pytest.mark.parametrize("basis", ["qr", "nearest"])
+def test_the_method_s_basis_is_the_optimizer_s(make_cfg, basis):
+    cfg = make_cfg("method=wasi", f"method.basis={basis}")
+    method = hydra.utils.instantiate(cfg.method)
+    model = tiny_vit()
+    method.apply(model, batches(), DEVICE)
+    assert method.build_optimizer(model, hydra.utils.instantiate(cfg.optimizer)).basis == basis
 
 
 def test_pretraining_decays_only_matrices_and_clips_as_torch_does():

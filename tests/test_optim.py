@@ -540,3 +540,152 @@ def test_re_orthonormalisation_drops_the_kept_row_gram(monkeypatch):
     assert "row_gram" not in opt.state[model.fc2.R]
     _train(model, opt, batches[2:])
     torch.testing.assert_close(opt.state[model.fc2.R]["row_gram"], model.fc2.R @ model.fc2.R.T, atol=1e-5, rtol=1e-5)
+
+
+# --- the nearest basis (basis="nearest") ---
+
+
+def _nearest_step_of(L, A, G, P, lr, scale=1.0, gram=None):
+    from wasi.optim import _nearest_step
+    before = L.clone()
+    return before, _nearest_step(L, A, G, P, lr, scale, gram)
+
+
+@pytest.mark.parametrize("o,i,k,r,kept", [(60, 24, 12, 3, False), (24, 60, 12, 2, True), (40, 40, 16, 1, False)])
+def test_nearest_step_spans_what_the_qr_step_spans(o, i, k, r, kept):
+    """The same new subspace (hence the same W' = L'R') as the materialised step, an orthonormal L' written into L,
+    and the basis nearest the old L: L'ᵀL symmetric positive definite (the QR basis's is not)."""
+    lr, scale = 0.3, 0.9
+    L, A, G, P = _subspace_problem(o, i, k, r, dtype=torch.float32)
+    before, step = _nearest_step_of(L, A, G, P, lr, scale, (A @ A.T) if kept else None)
+    assert step.v is not None and step.L is L and step.drifts
+    ref, w = _dense_subspace_step(before.double(), scale * A.double(), G.double(), P.double(), lr)
+    torch.testing.assert_close(L.double() @ L.double().T, ref @ ref.T, atol=2e-5, rtol=0)
+    torch.testing.assert_close(L.T @ L, torch.eye(k), atol=2e-6, rtol=0)
+    ltl = L.T @ before
+    torch.testing.assert_close(step.ltl_times(torch.eye(k)), ltl, atol=2e-6, rtol=0)
+    torch.testing.assert_close(ltl, ltl.T, atol=2e-6, rtol=0)
+    assert float(torch.linalg.eigvalsh(ltl.double()).min()) > 0
+    qr_ltl = ref.T @ before.double()
+    assert float((qr_ltl - qr_ltl.T).abs().max()) > 1e-3  # the QR basis is a different one
+    torch.testing.assert_close(step.ltg, L.T @ G, atol=2e-5, rtol=1e-5)
+    new_r = step.new_r(A.clone(), scale, P, lr)  # R' = L'ᵀ W'
+    torch.testing.assert_close(L.double() @ new_r.double(), ref @ (ref.T @ w), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spread,nearest", [(1e2, True), (1e3, True), (1e4, False)])
+def test_nearest_step_of_an_ill_conditioned_weight(spread, nearest):
+    """κ(A) = 1e2 and 1e3 (κ(B₁) ≈ 1e4, 1e6): the nearest basis, orthonormal, and the whole new subspace to 1e-5,
+    where the QR basis at κ(A) = 1e3 (Householder QR of W'Q in float32) is off by 5e-3 in the weakest directions.
+    κ(A) = 1e4: past NEAREST_MIN_PIVOT, the QR basis, and L is left as it was."""
+    L, A, G, P = _subspace_problem(60, 20, 8, 2, spread=spread, dtype=torch.float32)
+    before, step = _nearest_step_of(L, A, G * 1e-3, P, 0.1)
+    assert (step.v is not None) == nearest
+    torch.testing.assert_close(step.L.T @ step.L, torch.eye(8), atol=2e-6, rtol=0)
+    if not nearest:
+        assert torch.equal(L, before) and step.L is not L
+        return
+    ref, _ = _dense_subspace_step(before.double(), A.double(), (G * 1e-3).double(), P.double(), 0.1)
+    torch.testing.assert_close(step.L.double() @ step.L.double().T, ref @ ref.T, atol=1e-5, rtol=0)
+
+
+def test_next_row_gram_in_the_nearest_basis_is_the_gram_of_the_new_r():
+    """R' R'ᵀ in O(K² r) for M = α (I − V diag(d) Vᵀ), against the dense formula (float64)."""
+    from wasi.optim import _next_row_gram_nearest
+    g = torch.Generator().manual_seed(0)
+    k, i, r, lr, alpha = 9, 40, 3, 0.3, 0.95
+    v = torch.linalg.qr(torch.randn(k, r, generator=g, dtype=torch.float64)).Q
+    d = torch.rand(r, generator=g, dtype=torch.float64)
+    a, n, p = (torch.randn(*s, generator=g, dtype=torch.float64) for s in ((k, i), (k, r), (i, r)))
+    new_r = alpha * (a - v @ (d[:, None] * (v.T @ a))) - lr * n @ p.T
+    carried = _next_row_gram_nearest(a @ a.T, alpha, v, d, n, a @ p, p.T @ p, lr)
+    torch.testing.assert_close(carried, new_r @ new_r.T, atol=1e-12, rtol=1e-12)
+
+
+class NearNet(Net):
+    """16 features, 48 hidden: K = 10 at ε = 0.8 and gradient rank r = 2, so both layers take the nearest basis."""
+
+    def __init__(self):
+        nn.Module.__init__(self)
+        self.fc1, self.fc2, self.head = nn.Linear(16, 48), nn.Linear(48, 16), nn.Linear(16, C)
+
+
+def _near_wasi() -> Net:
+    torch.manual_seed(0)
+    return _convert(NearNet(), lambda l: WASILinear.from_linear(l, 0.8, [2, 3, 2]))
+
+
+def _near_batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(3, 5, 16, generator=g), torch.randint(0, C, (3,), generator=g)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_nearest_basis_trains_the_weights_of_the_qr_basis(momentum, monkeypatch):
+    """10 steps with weight decay (and momentum): the same W = L R as the QR basis to float rounding, each step's L'ᵀL
+    symmetric (the nearest basis), L updated in its own storage, and without momentum R too, and every layer keeps
+    R Rᵀ (refreshed every 4th step here)."""
+    import wasi.optim
+    monkeypatch.setattr(wasi.optim, "ROW_GRAM_REFRESH_EVERY", 4)
+    near, qr, batches = _near_wasi(), _near_wasi(), _near_batches(10)
+    layers = (near.fc1, near.fc2)
+    assert all(wasi.optim.takes_nearest_basis(l.rank, 2) for l in layers)
+    opt = SubspaceSGD(near, 0.05, weight_decay=0.01, momentum=momentum, basis="nearest")
+    ptrs = [(l.L.data_ptr(), l.R.data_ptr()) for l in layers]
+    for batch in batches:
+        before = [l.L.detach().clone() for l in layers]
+        _train(near, opt, [batch])
+        for layer, old in zip(layers, before):
+            ltl = layer.L.T @ old
+            torch.testing.assert_close(ltl, ltl.T, atol=1e-6, rtol=0)
+            torch.testing.assert_close(layer.L.T @ layer.L, torch.eye(layer.rank), atol=2e-6, rtol=0)
+            gram = opt.state[layer.R].get("row_gram")
+            assert (gram is None) == bool(momentum)
+            if gram is not None:
+                torch.testing.assert_close(gram, layer.R @ layer.R.T, atol=1e-5, rtol=1e-5)
+    assert [(l.L.data_ptr(), l.R.data_ptr()) for l in layers] == ptrs or momentum  # A = (1-ηλ)R − ημC: new
+    assert [l.L.data_ptr() for l in layers] == [ptr for ptr, _ in ptrs]
+    _train(qr, SubspaceSGD(qr, 0.05, weight_decay=0.01, momentum=momentum), batches)
+    for name in ("fc1", "fc2"):
+        a, b = getattr(near, name), getattr(qr, name)
+        torch.testing.assert_close(a.L @ a.R, b.L @ b.R, atol=1e-6, rtol=1e-5)
+
+
+def test_nearest_basis_resumes_bit_for_bit():
+    model, batches = _near_wasi(), _near_batches(6)
+    opt = SubspaceSGD(model, 0.05, weight_decay=0.01, basis="nearest")
+    _train(model, opt, batches[:3])
+    resumed = copy.deepcopy(model)
+    resumed_opt = SubspaceSGD(resumed, 0.05, weight_decay=0.01, basis="nearest")
+    resumed_opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _train(model, opt, batches[3:])
+    _train(resumed, resumed_opt, batches[3:])
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), resumed.parameters()))
+
+
+def test_nearest_basis_re_orthonormalises_a_drifted_l(monkeypatch):
+    import wasi.optim
+    monkeypatch.setattr(wasi.optim, "DRIFT_CHECK_EVERY", 1)
+    model = _near_wasi()
+    opt = SubspaceSGD(model, 0.05, basis="nearest")
+    with torch.no_grad():
+        model.fc1.L.mul_(1 + 1e-3)
+    w = model.fc1.L @ model.fc1.R
+    _train(model, opt, _near_batches(1))
+    torch.testing.assert_close(model.fc1.L.T @ model.fc1.L, torch.eye(model.fc1.rank), atol=1e-6, rtol=0)
+    torch.testing.assert_close(model.fc1.L @ model.fc1.R, w, atol=0.05, rtol=0)  # one small step from W
+    assert "row_gram" not in opt.state[model.fc1.R]
+
+
+def test_a_wide_gradient_keeps_the_qr_basis():
+    """r > K/4 (here ranks [2, 3, 4] at K = 10): the nearest basis would cost more, so the QR basis, new storage."""
+    torch.manual_seed(0)
+    model = _convert(NearNet(), lambda l: WASILinear.from_linear(l, 0.8, [2, 3, 4]))
+    ptr = model.fc1.L.data_ptr()
+    _train(model, SubspaceSGD(model, 0.05, basis="nearest"), _near_batches(1))
+    assert model.fc1.L.data_ptr() != ptr
+
+
+def test_an_unknown_basis_is_refused():
+    with pytest.raises(ValueError, match="basis must be one of .*'qr', 'nearest'.*got 'householder'"):
+        SubspaceSGD(_near_wasi(), 0.05, basis="householder")  # type: ignore[arg-type]

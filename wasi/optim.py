@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor, nn
@@ -14,12 +14,19 @@ from wasi.layers import WSILinear, low_rank_factors
 from wasi.model import factored_layers
 from wasi.subspace import orth
 
-__all__ = ["SubspaceSGD", "clip_grad_norm_", "factored_sq_norm", "keeps_row_gram", "next_row_gram",
-           "reorthonormalise", "subspace_step"]
+__all__ = ["BASES", "Basis", "SubspaceSGD", "clip_grad_norm_", "factored_sq_norm", "keeps_row_gram",
+           "next_row_gram", "reorthonormalise", "subspace_step", "takes_nearest_basis"]
+
+#: The orthonormal basis of span(W'Q) a factored step takes as L' (the weights W = L R are the same either way):
+#: "qr" the Q factor of QR(W'Q), as docs/method.md defines orth; "nearest" the one closest to L (`_nearest_step`)
+Basis = Literal["qr", "nearest"]
+BASES: tuple[str, ...] = get_args(Basis)
 
 CHOLESKY_MIN_PIVOT = 1e-5  # smallest T_ii / largest T_ii (about 1/κ(W'Q)) for the float64 Cholesky-QR, whose
 # orthogonality error grows as ε₆₄ κ²: up to about 1e-6 here; below it, Householder QR
 ORTH_TOL = 1e-5  # largest |‖L[:, j]‖² − 1| the Cholesky-QR steps may accumulate before L is re-orthonormalised
+NEAREST_MIN_PIVOT = 3e-3  # smallest / largest pivot of the float32 Cholesky factor of B₁ in the nearest basis
+# (κ(B₁) ≤ about 1e5, as the Cholesky-QR's bound on κ(W'Q)); below it, the QR basis
 DRIFT_CHECK_EVERY = 16  # Cholesky-QR steps of a layer between two checks of its column norms
 ROW_GRAM_REFRESH_EVERY = 16  # steps of a layer between two exact recomputations of the R Rᵀ it keeps
 
@@ -28,6 +35,12 @@ def keeps_row_gram(k: int, i: int) -> bool:
     """Whether a momentum-free layer with R: (K, I) keeps R Rᵀ from step to step: carrying it over,
     H' = M H Mᵀ + low-rank terms, costs two K×K×K products against K×I×K for R Rᵀ afresh."""
     return 4 * k <= i
+
+
+def takes_nearest_basis(k: int, r: int) -> bool:
+    """Whether a layer with rank K and factored gradient rank r takes the nearest basis under basis="nearest": its
+    products cost about 4r(O+I)K multiply-adds against (K + 2r)(O+I)K for the QR basis."""
+    return 4 * r <= k
 
 
 def factored_sq_norm(g: Tensor, p: Tensor) -> Tensor:
@@ -94,6 +107,15 @@ class SubspaceSGD(torch.optim.Optimizer):
     with `keeps_row_gram` keeps R Rᵀ as state["row_gram"] of R and carries it to the next step (`next_row_gram`)
     instead of forming it, afresh every ROW_GRAM_REFRESH_EVERY steps and after R changed outside the optimizer.
 
+    basis: which orthonormal basis of span(W'Q) becomes L' (`Basis`); W' = L'R' is the same in exact arithmetic, and
+    so is every later step, which depends on span(L) only. "qr" (default): the Q factor of QR(W'Q), as above and
+    as docs/method.md defines orth. "nearest": in a layer with `takes_nearest_basis` (gradient rank r at most K/4),
+    the basis of that span closest to L, which differs from L by a rank-r update: L (and R, without momentum) is
+    updated in place, in
+    O(K r (O + I)) multiply-adds, without the (O, K)×(K, K) and (K, K)×(K, I) products of the QR basis, and every
+    momentum-free layer keeps R Rᵀ, whose carry then costs O(K² r) (`_nearest_step`, docs/method.md, Factored
+    update). Its L drifts from orthonormal as the Cholesky-QR's does and takes the same checks.
+
     Dense-weight layers (weight_update="reference" or "svd"): the dense `weight` takes the plain SGD
     step W' = (1-ηλ) W − η ∇W (dense momentum buffer included), then "reference": Q = W'ᵀ L,
     L' = orth(W' Q), R' = L'ᵀ W', W ← L' R'; "svd": L' = U_K, R' = Σ_K V_Kᵀ from a fresh truncated
@@ -113,12 +135,14 @@ class SubspaceSGD(torch.optim.Optimizer):
     steps_factored_layers = True  # wasi.guard lets this optimizer step WSI/WASI layers
 
     def __init__(self, model: nn.Module, lr: float, weight_decay: float = 0.0, momentum: float = 0.0,
-                 max_grad_norm: float | None = None):
+                 max_grad_norm: float | None = None, basis: Basis = "qr"):
         if lr < 0 or weight_decay < 0 or momentum < 0:
             raise ValueError(f"lr, weight_decay, momentum must be >= 0, got {lr}, {weight_decay}, {momentum}")
         if max_grad_norm is not None and max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
-        self.max_grad_norm = max_grad_norm
+        if basis not in BASES:
+            raise ValueError(f"basis must be one of {BASES}, got {basis!r}: basis='qr' (the method's) or 'nearest'")
+        self.max_grad_norm, self.basis = max_grad_norm, basis
         self._model = model
         layers = [layer for _, layer in factored_layers(model)]
         self._factored = [l for l in layers if l.weight_update == "factored" and l.L.requires_grad]
@@ -181,25 +205,25 @@ class SubspaceSGD(torch.optim.Optimizer):
         c = state.get("momentum_buffer")
         # A = alpha · a: without a momentum buffer, R scaled by 1 − ηλ inside the products (no (K, I) temporary)
         a, alpha = (r0, 1 - lr * wd) if c is None else ((1 - lr * wd) * r0 - lr * mu * c, 1.0)
-        keep = c is None and mu == 0 and R.dtype == work and keeps_row_gram(*R.shape)  # then a = R
+        nearest = self.basis == "nearest" and takes_nearest_basis(L.shape[1], g.shape[1])
+        keep = c is None and mu == 0 and R.dtype == work and (nearest or keeps_row_gram(*R.shape))  # then a = R
         gram = self._row_gram(R, r0, group) if keep else None
-        step = _subspace_step(l0, a, g, p, lr, alpha, gram)
-        new_l, ltl, ltg, cholesky = step.L, step.ltl, step.ltg, step.cholesky
-        m = alpha * ltl
-        new_r = m @ a  # (K, K) @ (K, I) through MKL: oneDNN, given a transposed factor, was slower
-        new_r.addmm_(ltg, p.T, alpha=-lr)
-        state.pop("row_gram", None)
-        if gram is not None and step.ap is not None and step.ptp is not None:
-            state["row_gram"] = next_row_gram(gram, m, ltg, step.ap, step.ptp, lr)
+        step = (_nearest_step if nearest else _subspace_step)(l0, a, g, p, lr, alpha, gram)  # nearest: L in place
         buf = None
         if mu:  # C <- L'ᵀ D, D = ∇W + λ L R + μ L C
-            buf = ltl @ (wd * r0 if c is None else wd * r0 + mu * c)
-            buf.addmm_(ltg, p.T)
-        if cholesky and self._drift_check_due(group):
+            buf = step.ltl_times(wd * r0 if c is None else wd * r0 + mu * c)
+            buf.addmm_(step.ltg, p.T)
+        state.pop("row_gram", None)
+        if gram is not None and step.ap is not None and step.ptp is not None:
+            state["row_gram"] = step.next_row_gram(gram, alpha, lr)
+        new_r = step.new_r(a, alpha, p, lr)  # nearest: in place on a
+        if step.drifts and self._drift_check_due(group):
             before = new_r
-            new_l, new_r, buf = reorthonormalise(new_l, new_r, buf)
+            new_l, new_r, buf = reorthonormalise(step.L, new_r, buf)
             if new_r is not before:  # R ← T R: the carried R Rᵀ no longer holds
                 state.pop("row_gram", None)
+        else:
+            new_l = step.L
         if buf is not None:
             state["momentum_buffer"] = buf
         _store(R, new_r)
@@ -229,9 +253,9 @@ class SubspaceSGD(torch.optim.Optimizer):
 
     @staticmethod
     def _drift_check_due(group: dict) -> bool:
-        """True every DRIFT_CHECK_EVERY-th Cholesky-QR step of the layer of `group`. The count since the last check
-        is kept in the layer's param group (`cholesky_steps`), so a run resumed from `state_dict()` checks at the
-        same steps."""
+        """True every DRIFT_CHECK_EVERY-th step of the layer of `group` whose L' can drift (a Cholesky-QR or the
+        nearest basis). The count since the last check is kept in the layer's param group (`cholesky_steps`), so a
+        run resumed from `state_dict()` checks at the same steps."""
         n = group.get("cholesky_steps", 0) + 1
         group["cholesky_steps"] = n % DRIFT_CHECK_EVERY
         return n == DRIFT_CHECK_EVERY
@@ -243,6 +267,8 @@ def _store(param: Tensor, value: Tensor) -> None:
     2-core CPU (docs/results.md, Which GEMM). Elsewhere it is copied in place, as torch's optimizers update: CUDA
     graphs (torch.compile's mode="reduce-overhead") assume parameters keep their addresses, and a parameter in shared
     memory (`model.share_memory()`, for training from several processes) must stay there."""
+    if value is param:  # updated in place
+        return
     value = value.to(param.dtype)
     if param.device.type == "cpu" and not param.is_shared():
         param.set_(value.untyped_storage(), value.storage_offset(), value.shape, value.stride())
@@ -251,12 +277,40 @@ def _store(param: Tensor, value: Tensor) -> None:
 
 
 class _Step(NamedTuple):
+    """One layer's subspace step: L' and what R', the momentum buffer and the kept R Rᵀ are formed from."""
     L: Tensor  # L' (O, K)
-    ltl: Tensor  # L'ᵀL (K, K)
+    ltl: Tensor | None  # L'ᵀL (K, K); None in the nearest basis, where it is I − V diag(d) Vᵀ
     ltg: Tensor  # L'ᵀG (K, r)
-    cholesky: bool
+    drifts: bool  # L' came from a Cholesky-QR or the nearest basis: its orthonormality drifts with rounding
     ap: Tensor | None  # A P (K, r), when the step formed it (r ≤ K)
     ptp: Tensor | None  # Pᵀ P (r, r), likewise
+    v: Tensor | None = None  # nearest basis: V (K, r), orthonormal columns
+    d: Tensor | None = None  # nearest basis: d (r,), 1 − cos of the angles L turned by, in [0, 1)
+
+    def ltl_times(self, x: Tensor) -> Tensor:
+        """L'ᵀL x for x: (K, n)."""
+        if self.v is None or self.d is None:
+            assert self.ltl is not None
+            return self.ltl @ x
+        return torch.addmm(x, self.v, (self.v.T @ x) * -self.d[:, None])
+
+    def new_r(self, a: Tensor, alpha: float, p: Tensor, lr: float) -> Tensor:
+        """R' = α L'ᵀL A − η L'ᵀG Pᵀ: (K, I) for a = A (K, I), p = P (I, r). Nearest basis: in place on a, one
+        pass over it (one product of inner size 2r)."""
+        if self.v is None or self.d is None:
+            assert self.ltl is not None
+            new_r = (alpha * self.ltl) @ a  # (K, K) @ (K, I) through MKL: oneDNN, given a transposed factor, was slower
+            return new_r.addmm_(self.ltg, p.T, alpha=-lr)
+        turned = (self.v.T @ a) * (-alpha * self.d)[:, None]
+        return a.addmm_(torch.cat([self.v, self.ltg], 1), torch.cat([turned, p.T * -lr]), beta=alpha)
+
+    def next_row_gram(self, gram: Tensor, alpha: float, lr: float) -> Tensor:
+        """R' R'ᵀ (K, K) for gram = A Aᵀ, A the a of `new_r` (`next_row_gram`)."""
+        assert self.ap is not None and self.ptp is not None
+        if self.v is None or self.d is None:
+            assert self.ltl is not None
+            return next_row_gram(gram, alpha * self.ltl, self.ltg, self.ap, self.ptp, lr)
+        return _next_row_gram_nearest(gram, alpha, self.v, self.d, self.ltg, self.ap, self.ptp, lr)
 
 
 def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: float = 1.0
@@ -280,7 +334,8 @@ def subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: 
     and orthonormalised by Householder QR instead; for r > K, X and Y come from Q (no (r, r) product PᵀP).
     """
     step = _subspace_step(L, A, G, P, lr, scale)
-    return step.L, step.ltl, step.ltg, step.cholesky
+    assert step.ltl is not None
+    return step.L, step.ltl, step.ltg, step.drifts
 
 
 def _subspace_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: float = 1.0,
@@ -323,6 +378,60 @@ def next_row_gram(gram: Tensor, m: Tensor, n: Tensor, ap: Tensor, ptp: Tensor, l
     f = torch.addmm(m @ ap, n, ptp, alpha=-lr / 2)
     h = (m @ gram) @ m.T
     return h.addmm_(f, n.T, alpha=-lr).addmm_(n, f.T, alpha=-lr)
+
+
+def _nearest_step(L: Tensor, A: Tensor, G: Tensor, P: Tensor, lr: float, scale: float = 1.0,
+                  gram: Tensor | None = None) -> _Step:
+    """`_subspace_step` in the nearest basis: L' is the orthonormal basis of span(W'Q) closest to L, written into L
+    in place; shapes as there, and L'ᵀL is returned as V (K, r), d (r,) with L'ᵀL = I − V diag(d) Vᵀ.
+
+    G = L C + Q₂ R₂ (C = LᵀG, Q₂ R₂ the QR of G − L C: (O, r), (r, r)) makes [L, Q₂] orthonormal, and in its
+    coordinates W'Q = [L, Q₂] [B₁; B₂] with B₁ = LᵀW'Q = X − η C Y = QᵀQ (K, K, symmetric positive definite) and
+    B₂ = Q₂ᵀW'Q = −η R₂ Y (r, K), X, Y as in `subspace_step`. So span(W'Q) = span(L + Q₂ T), T = B₂ B₁⁻¹ (r, K).
+    With T = U diag(τ) Vᵀ (τ = tan θ, θ the angles between span L and the new span), the basis of the new span
+    nearest L (L'ᵀL symmetric positive definite) is
+
+        L' = [L, Q₂] [I; T] (I + TᵀT)^(-1/2) = L + (Q₂ U diag(sin θ) − L V diag(1 − cos θ)) Vᵀ,
+
+    a rank-r update of L; L'ᵀL = I − V diag(1 − cos θ) Vᵀ and L'ᵀG = C − V diag(1 − cos θ) VᵀC + V diag(sin θ) UᵀR₂.
+    That is O((O + I) K r) multiply-adds besides A Aᵀ (`gram`) and a (K, K) Cholesky, against the QR basis's (O, K)
+    ×(K, K) product for L' and (K, K)×(K, I) for R'. The Cholesky is taken in float32: B₁ itself carries float32
+    rounding, which already bounds T's accuracy by about ε₃₂ κ(B₁) relative to T, as it bounds the QR route's.
+    When B₁ is not numerically positive definite or κ(B₁) > 1/NEAREST_MIN_PIVOT², the step is `_subspace_step`'s
+    (the QR basis), and L is left as it was.
+    """
+    c = (G.T @ L).T  # (K, r), r first as in _subspace_step
+    q2, r2 = torch.linalg.qr(torch.addmm(G, L, c, alpha=-1))
+    ap, ptp = (P.T @ A.T).T, P.T @ P
+    x = torch.addmm(factor_product(A, A) if gram is None else gram, ap, c.T, beta=scale * scale, alpha=-lr * scale)
+    y = torch.addmm(ap.T, ptp, c.T, beta=scale, alpha=-lr)
+    b1 = x.addmm_(c, y, alpha=-lr)
+    chol, info = torch.linalg.cholesky_ex(b1)
+    low, high = torch.aminmax(chol.diagonal())
+    if not bool((info == 0) & (low > NEAREST_MIN_PIVOT * high)):
+        return _subspace_step(L, A, G, P, lr, scale, gram)
+    t = torch.cholesky_solve((r2 @ y).T, chol).T * -lr  # T = B₂ B₁⁻¹
+    u, tau, vh = torch.linalg.svd(t, full_matrices=False)
+    sec = (1 + tau * tau).sqrt()
+    sin, d = tau / sec, tau * tau / (sec * (1 + sec))  # sin θ, 1 − cos θ (without cancellation)
+    v = vh.T
+    ltg = torch.addmm(torch.addmm(c, v * d, v.T @ c, alpha=-1), v * sin, u.T @ r2)
+    turn = (v.T @ L.T).T * -d  # −L V diag(1 − cos θ): (O, r)
+    turn.addmm_(q2, u * sin)
+    L.addmm_(turn, v.T)
+    return _Step(L, None, ltg, True, ap, ptp, v, d)
+
+
+def _next_row_gram_nearest(gram: Tensor, alpha: float, v: Tensor, d: Tensor, n: Tensor, ap: Tensor, ptp: Tensor,
+                           lr: float) -> Tensor:
+    """`next_row_gram` for M = α (I − E Vᵀ), E = V diag(d) (the nearest basis), in O(K² r): with Z = H V,
+    Y = Z − ½ E (VᵀZ), M H Mᵀ = α² (H − E Yᵀ − Y Eᵀ), so H' = α² H − S − Sᵀ, S = [E, F] [α² Y, η N]ᵀ (K, K)."""
+    e = v * d
+    z = gram @ v
+    y = z.addmm_(e, v.T @ z, alpha=-0.5)
+    f = torch.addmm(ap, e, v.T @ ap, alpha=-1).mul_(alpha).addmm_(n, ptp, alpha=-lr / 2)
+    s = torch.cat([e, f], 1) @ torch.cat([(alpha * alpha) * y, lr * n], 1).T
+    return ((alpha * alpha) * gram).sub_(s).sub_(s.T)
 
 
 def reorthonormalise(L: Tensor, R: Tensor, momentum: Tensor | None, tol: float = ORTH_TOL

@@ -32,6 +32,7 @@ from experiments.configuration.schema import invalid
 from experiments.data.loaders import Batch, first_batch
 from experiments.measurement.units import MIB, bytes_to_mib_ceil, mib_to_bytes
 from wasi import svd_llm
+from wasi.optim import Basis
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -122,7 +123,8 @@ class Subspace(Vanilla):
     Activation ranks come from at most one of `ranks`, `epsilon_act` or `budget_mib` (docs/method.md, Rank
     selection under a budget; the table is cached as JSON at `rank_table` so a sweep computes it once); with
     none of them, from `epsilon_act` = `epsilon`. `budget_mib` is the config's unit for the library's
-    `budget_bytes` (callers that have bytes pass `budget_bytes` instead).
+    `budget_bytes` (callers that have bytes pass `budget_bytes` instead). `basis` is the optimizer's
+    (wasi.SubspaceSGD): the orthonormal basis of the new weight subspace its factored step takes.
     """
 
     NAMES: ClassVar[dict[tuple[bool, bool], str]] = {(True, True): "wasi", (True, False): "wsi", (False, True): "asi"}
@@ -134,7 +136,8 @@ class Subspace(Vanilla):
         return (cls.NAMES.get((weight, activation), "nothing"),
                 f" with method.weight={str(weight).lower()} and method.activation={str(activation).lower()}")
 
-    def __init__(self, name: str, budget_mib: float | None = None, rank_table: str | None = None, **options: Any):
+    def __init__(self, name: str, budget_mib: float | None = None, rank_table: str | None = None,
+                 basis: Basis = "qr", **options: Any):
         if budget_mib is not None:
             options["budget_bytes"] = mib_to_bytes(budget_mib)
         self.config = wasi.WASIConfig(**options)
@@ -142,6 +145,7 @@ class Subspace(Vanilla):
         self.train_rest, self.recompute = self.config.train_rest, self.config.recompute_mode
         self.recomputes = tuple(m for m in wasi.config.RECOMPUTE if self.config.weight or m != "mlp")  # mlp: L, R
         self.rank_table_path = Path(rank_table) if rank_table else None
+        self.basis = basis
         budget = self.config.budget_bytes
         self.budget_mib = budget_mib if budget_mib is not None or budget is None else budget / MIB  # for messages
 
@@ -176,7 +180,7 @@ class Subspace(Vanilla):
                 f"method={self.name} updates its weight factors with the subspace SGD step (docs/method.md, "
                 f"Factored update), so it needs optimizer=sgd (got {optimizer.func.__name__})."
             )
-        return wasi.SubspaceSGD(model, **optimizer.keywords)
+        return wasi.SubspaceSGD(model, basis=self.basis, **optimizer.keywords)
 
 
 class Lora(Vanilla):

@@ -56,6 +56,7 @@ from experiments.configuration.choices import (
 from experiments.configuration.overrides import as_override
 from experiments.measurement.units import mib_to_bytes
 from wasi.config import TARGETS
+from wasi.optim import Basis
 
 
 class ConfigError(ValueError):
@@ -490,7 +491,7 @@ def _subspace_post_init(self: Any) -> None:
 
 #: conf/method/wasi.yaml (asi.yaml and wsi.yaml extend it): every wasi.WASIConfig field (`library_fields`) between
 #: the suite's keys. The activation budget is `budget_mib` (MiB); the library's `budget_bytes` is derived from it
-#: and is not a setting.
+#: and is not a setting. `basis` is wasi.SubspaceSGD's (the orthonormal basis its factored step takes).
 SubspaceMethod = make_dataclass(
     "SubspaceMethod",
     [("_target_", str, field(default=MISSING)),
@@ -498,6 +499,7 @@ SubspaceMethod = make_dataclass(
      ("name", str, field(default=MISSING)),
      *library_fields(wasi.WASIConfig, "method"),
      ("budget_mib", Optional[float], setting(POSITIVE, "method.budget_mib=64, or null")),  # noqa: UP045
+     ("basis", str, setting(one_of_literal(Basis), "method.basis=qr (the method's) or method.basis=nearest")),
      ("rank_table", Optional[str], field(default=MISSING))],  # noqa: UP045
     bases=(Checked,), namespace={"key": "method", "__post_init__": _subspace_post_init,
                                  "__module__": __name__, "__doc__": "wasi.WASIConfig's fields and the suite's keys."})
