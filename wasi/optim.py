@@ -27,7 +27,7 @@ CHOLESKY_MIN_PIVOT = 1e-5  # smallest T_ii / largest T_ii (about 1/κ(W'Q)) for 
 ORTH_TOL = 1e-5  # largest |‖L[:, j]‖² − 1| the Cholesky-QR steps may accumulate before L is re-orthonormalised
 NEAREST_MIN_PIVOT = 3e-3  # smallest / largest pivot of the float32 Cholesky factor of B₁ in the nearest basis
 # (κ(B₁) ≤ about 1e5, as the Cholesky-QR's bound on κ(W'Q)); below it, the QR basis
-DRIFT_CHECK_EVERY = 16  # Cholesky-QR steps of a layer between two checks of its column norms
+DRIFT_CHECK_EVERY = 16  # Cholesky-QR or nearest-basis steps of a layer between two checks of its column norms
 ROW_GRAM_REFRESH_EVERY = 16  # steps of a layer between two exact recomputations of the R Rᵀ it keeps
 
 
@@ -110,11 +110,11 @@ class SubspaceSGD(torch.optim.Optimizer):
     basis: which orthonormal basis of span(W'Q) becomes L' (`Basis`); W' = L'R' is the same in exact arithmetic, and
     so is every later step, which depends on span(L) only. "qr" (default): the Q factor of QR(W'Q), as above and
     as docs/method.md defines orth. "nearest": in a layer with `takes_nearest_basis` (gradient rank r at most K/4),
-    the basis of that span closest to L, which differs from L by a rank-r update: L (and R, without momentum) is
-    updated in place, in
-    O(K r (O + I)) multiply-adds, without the (O, K)×(K, K) and (K, K)×(K, I) products of the QR basis, and every
-    momentum-free layer keeps R Rᵀ, whose carry then costs O(K² r) (`_nearest_step`, docs/method.md, Factored
-    update). Its L drifts from orthonormal as the Cholesky-QR's does and takes the same checks.
+    the basis of that span closest to L, which differs from L by a rank-r update. L (and R, without momentum) is
+    updated in place in O(K r (O + I)) multiply-adds, without the (O, K)×(K, K) and (K, K)×(K, I) products of the
+    QR basis, and every momentum-free layer keeps R Rᵀ, whose carry then costs O(K² r) (`_nearest_step`;
+    docs/method.md, The nearest basis). Its L drifts from orthonormal as the Cholesky-QR's does, and takes the
+    same checks.
 
     Dense-weight layers (weight_update="reference" or "svd"): the dense `weight` takes the plain SGD
     step W' = (1-ηλ) W − η ∇W (dense momentum buffer included), then "reference": Q = W'ᵀ L,
