@@ -33,7 +33,8 @@ PARTNERS = {("model", "tinyllama"): ["dataset=yesno"], ("model", "llama_tiny"): 
             ("model", "hf"): ["model.name=google/vit-base-patch16-224"]}
 #: The name a choice gives its node where it is not the file's (paper/wasi_tinyllama is WASI as the authors ran it,
 #: wasi_nearest WASI with method.basis=nearest).
-NAMES = {"paper/wasi_tinyllama": "wasi", "wasi_nearest": "wasi", "timm": "deit_tiny_patch16_224", "hf": "google/vit-base-patch16-224"}
+NAMES = {"paper/wasi_tinyllama": "wasi", "wasi_nearest": "wasi", "timm": "deit_tiny_patch16_224",
+         "hf": "google/vit-base-patch16-224"}
 
 
 @pytest.mark.parametrize("group,choice", [(g, c) for g in GROUPS for c in choices(g)])

@@ -589,6 +589,31 @@ def test_nearest_step_of_an_ill_conditioned_weight(spread, nearest):
     torch.testing.assert_close(step.L.double() @ step.L.double().T, ref @ ref.T, atol=1e-5, rtol=0)
 
 
+def test_nearest_step_costs_no_k_by_k_product_of_o_or_i():
+    """The nearest basis's multiply-adds, counted by hand: linear in O and I (times K r), quadratic in K only in
+    the small (K, K) products. Step: C = LᵀG, G − L C, A P, PᵀP, X, Y, B₁ = X − η C Y, R₂ Y, L'ᵀG (three products),
+    L V, the turn's Q₂ (U sin θ), L += turn Vᵀ (QR, Cholesky, SVD uncounted). R': VᵀA and one product of inner
+    size 2r. The carried R Rᵀ: H V, Vᵀ Z, Y, Vᵀ (A P), F (two), S."""
+    from experiments.measurement.metrics import flop_counter
+    o, i, k, r = 48, 40, 12, 3
+    L, A, G, P = _subspace_problem(o, i, k, r, dtype=torch.float64)
+    gram, counted = A @ A.T, []
+    for part in ("step", "new_r", "gram"):
+        counter = flop_counter()
+        with counter:
+            if part == "step":
+                _, step = _nearest_step_of(L, A, G, P, 0.1, 0.9, gram)
+            elif part == "new_r":
+                step.new_r(A.clone(), 0.9, P, 0.1)
+            else:
+                step.next_row_gram(gram, 0.9, 0.1)
+        counted.append(counter.get_total_flops())
+    assert step.v is not None
+    step_macs = (4 * o * k * r + i * r * k + i * r * r + 2 * k * k * r + 2 * r * r * k + 3 * k * r * r + r ** 3
+                 + o * r * r)
+    assert counted == [2 * step_macs, 2 * 3 * k * r * i, 2 * (3 * k * k * r + 5 * k * r * r)]
+
+
 def test_next_row_gram_in_the_nearest_basis_is_the_gram_of_the_new_r():
     """R' R'ᵀ in O(K² r) for M = α (I − V diag(d) Vᵀ), against the dense formula (float64)."""
     from wasi.optim import _next_row_gram_nearest
