@@ -28,6 +28,7 @@ CASES = [
     ("wsi_reference", {"activation": False, "weight_update": "reference"}, True),  # dense W: DDP reduces its grad
     ("wasi_lossless", {"activation": True, "ranks": [512, 512, 512]}, True),  # clipped to every mode size
     ("wasi", {"activation": True, "ranks": [2, 4, 6]}, False),
+    ("wasi_nearest", {"activation": True, "ranks": [2, 2, 2], "basis": "nearest"}, False),  # gathered r = 4 ≤ K/4
 ]
 
 
@@ -39,11 +40,15 @@ def free_port() -> int:
 
 def tiny_vit_steps(kwargs: dict, ctx: distributed.Context, steps: int = STEPS) -> dict:
     """`steps` steps of SubspaceSGD (momentum, weight decay, clipping) on a 1-block ViT; this rank trains on
-    its share [rank::N] of each fixed global batch. Returns the weights and optimizer state."""
+    its share [rank::N] of each fixed global batch (kwargs: WASIConfig's, and the optimizer's `basis`). Returns the
+    weights and optimizer state."""
+    options = dict(kwargs)
+    basis = options.pop("basis", "qr")
     model = vit(0, image_size=16, width=32, depth=1)
     calibration = (torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2)), None)
-    wasi.inject(model, wasi.WASIConfig(weight=True, epsilon=0.9, targets="mlp+attn", **kwargs), calibration)
-    optimizer = wasi.SubspaceSGD(model, lr=0.5, momentum=0.9, weight_decay=1e-3)
+    wasi.inject(model, wasi.WASIConfig(weight=True, epsilon=0.9, targets="mlp+attn", **options), calibration)
+    optimizer = wasi.SubspaceSGD(model, lr=0.5, momentum=0.9, weight_decay=1e-3, basis=basis)
+    storage = [layer.L.data_ptr() for _, layer in wasi.factored_layers(model)]
     ddp_model = distributed.wrap(model, ctx)
     data = torch.Generator().manual_seed(1)
     for _ in range(steps):
@@ -52,6 +57,8 @@ def tiny_vit_steps(kwargs: dict, ctx: distributed.Context, steps: int = STEPS) -
         x, y = x[ctx.rank::ctx.world_size], y[ctx.rank::ctx.world_size]
         train_step(ddp_model, optimizer, x, y, 0.5, contextlib.nullcontext())
     distributed.check_replicas_equal(model, ctx)
+    if basis == "nearest":  # every layer took the nearest basis: L changed in place
+        assert [layer.L.data_ptr() for _, layer in wasi.factored_layers(model)] == storage
     state = {f"model.{k}": v.clone() for k, v in model.state_dict().items()}
     state.update({f"momentum.{i}": s["momentum_buffer"].clone() for i, s in enumerate(optimizer.state.values())})
     return state
